@@ -1,0 +1,182 @@
+"""The FastAPI application: one ``POST /<operation>`` route per entry of ``OPERATIONS``, plus ``/healthz``.
+
+Each route takes either a JSON body (the operation's spec; paths under the data directory) or the upload
+form (``multipart/form-data`` with ``file`` and ``spec``) and only translates to and from the core.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from adapter_surgery import __version__
+from adapter_surgery.api import problems
+from adapter_surgery.api.uploads import pack_output, unpack_upload
+from adapter_surgery.errors import InvalidSpec, PayloadTooLarge
+from adapter_surgery.ops import OPERATIONS, Operation
+from adapter_surgery.ops.common import RunContext
+from adapter_surgery.settings import Settings
+
+RESULT_HEADER = "X-Adapter-Surgery-Result"
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    device: str
+    data_dir: str
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the application; ``settings`` default to the environment (``ADAPTER_SURGERY_*``)."""
+    settings = settings or Settings()
+    app = FastAPI(title="adapter-surgery", version=__version__,
+                  description="Add new tokens, LoRA adapters and classification heads to pretrained checkpoints, "
+                              "initialized correctly, at a cost that grows with what changes.")
+    problems.install(app)
+
+    @app.get("/healthz", response_model=Health)
+    def healthz() -> Health:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return Health(status="ok", version=__version__, device=device, data_dir=str(settings.data_dir))
+
+    for op in OPERATIONS.values():
+        _add_route(app, op, settings)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _add_route(app: FastAPI, op: Operation, settings: Settings) -> None:
+    async def handler(request: Request) -> Response:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "application/json":
+            return await _run_json(op, await request.body(), settings)
+        if ctype == "multipart/form-data":
+            return await _run_upload(op, request, settings)
+        return problems.problem(415, "Unsupported media type",
+                                f"POST /{op.name} takes application/json or multipart/form-data, not {ctype!r}",
+                                fix="Send the spec as JSON, or upload the checkpoint as multipart form data.")
+
+    handler.__name__ = op.name.replace("-", "_")
+    app.add_api_route(f"/{op.name}", handler, methods=["POST"], summary=op.summary, response_model=op.result,
+                      responses=_responses(op), openapi_extra=_request_body(op))
+
+
+def _with_default_device(spec: BaseModel, settings: Settings) -> BaseModel:
+    if getattr(spec, "device", None) == "auto" and settings.device != "auto":
+        return spec.model_copy(update={"device": settings.device})
+    return spec
+
+
+async def _run_json(op: Operation, body: bytes, settings: Settings) -> Response:
+    try:
+        spec = op.spec.model_validate_json(body)
+    except ValidationError as exc:
+        return problems.validation_problem(list(exc.errors()))
+    spec = _with_default_device(spec, settings)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    result = await run_in_threadpool(op.run, spec, RunContext(settings.data_dir))
+    return JSONResponse(result.model_dump(mode="json"))
+
+
+async def _run_upload(op: Operation, request: Request, settings: Settings) -> Response:
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > settings.max_upload_bytes:
+        raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {settings.max_upload_bytes}",
+                              field="file", fix="Use the JSON form with a checkpoint under the data directory.")
+    form = await request.form(max_files=1, max_fields=4)
+    upload, raw_spec = form.get("file"), form.get("spec") or "{}"
+    if not isinstance(upload, UploadFile):
+        raise InvalidSpec("the form has no file part", field="file",
+                          fix="Send the checkpoint as the 'file' part (.safetensors, .zip or .tar).")
+    if not isinstance(raw_spec, str):
+        raise InvalidSpec("the spec part must be a JSON text field, not a file", field="spec")
+    try:
+        options = op.options.model_validate_json(raw_spec)
+    except ValidationError as exc:
+        return problems.validation_problem(list(exc.errors()), prefix=("spec",))
+    with tempfile.TemporaryDirectory(prefix="adapter-surgery-") as tmp:
+        work = Path(tmp)
+        saved = work / "upload.bin"
+        with saved.open("wb") as fh:
+            await run_in_threadpool(shutil.copyfileobj, upload.file, fh, 1 << 20)
+        if saved.stat().st_size > settings.max_upload_bytes:
+            raise PayloadTooLarge(f"the upload exceeds {settings.max_upload_bytes} bytes", field="file")
+        filename = upload.filename or ""
+        checkpoint = unpack_upload(filename, saved, work, settings.max_upload_bytes)
+        spec = op.spec.model_validate({**options.model_dump(), "checkpoint": checkpoint, "output": "output"})
+        spec = _with_default_device(spec, settings)
+        result = await run_in_threadpool(op.run, spec, RunContext(work))
+        body, media, name = pack_output(work / "output", filename)
+    header = json.dumps(result.model_dump(mode="json"), ensure_ascii=True, separators=(",", ":"))
+    return Response(body, media_type=media, headers={RESULT_HEADER: header,
+                                                     "Content-Disposition": f'attachment; filename="{name}"'})
+
+
+# -- OpenAPI -------------------------------------------------------------------------------------------------
+def _request_body(op: Operation) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{op.spec.__name__}"}},
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {
+                "file": {"type": "string", "format": "binary",
+                         "description": "A .safetensors file, or a .zip/.tar of a model directory."},
+                "spec": {"type": "string", "description": f"JSON of {op.options.__name__} (the spec without "
+                                                          "checkpoint/output)."}}}}}}}
+
+
+def _responses(op: Operation) -> dict[int | str, dict[str, Any]]:
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    return {
+        200: {"description": f"JSON: the result. Upload form: the patched file or archive, the result JSON in the "
+                             f"{RESULT_HEADER} header.",
+              "content": {"application/octet-stream": {}, "application/zip": {}, "application/x-tar": {}}},
+        403: {"description": "A path resolves outside the data directory.", "content": problem},
+        404: {"description": "The checkpoint does not exist.", "content": problem},
+        409: {"description": "The output exists and overwrite is false.", "content": problem},
+        413: {"description": "The upload is too large.", "content": problem},
+        415: {"description": "Neither JSON nor multipart form data.", "content": problem},
+        422: {"description": "Invalid request or checkpoint; names the field and the fix.", "content": problem},
+    }
+
+
+PROBLEM_SCHEMA = {
+    "type": "object", "title": "Problem",
+    "description": "RFC 9457 problem details; field names the request field at fault, fix says what to change.",
+    "properties": {k: {"type": t} for k, t in [("type", "string"), ("title", "string"), ("status", "integer"),
+                                                ("detail", "string"), ("field", "string"), ("fix", "string")]}
+    | {"errors": {"type": "array", "items": {"type": "object"}}},
+    "required": ["title", "status", "detail"],
+}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for op in OPERATIONS.values():
+        for model in (op.spec, op.options):
+            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(js.pop("$defs", {}))
+            components[model.__name__] = js
+    components["Problem"] = PROBLEM_SCHEMA
+    app.openapi_schema = schema
+    return schema
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory adapter_surgery.api.app:app_from_env``."""
+    return create_app()

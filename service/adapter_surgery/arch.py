@@ -1,0 +1,214 @@
+"""Architecture resolution: which checkpoint tensors play which role, learned without loading weights.
+
+With a usable ``config.json`` the model class named in ``architectures`` is built on the ``meta`` device
+(``transformers`` allocates no storage there), and the roles come from the model itself:
+``get_input_embeddings()``, ``get_output_embeddings()`` (and its bias, e.g. BERT's ``cls.predictions.bias``),
+parameter identity for tying (``tie_word_embeddings`` of the text config decides it, as in ``transformers``),
+and every ``nn.Linear``/``Conv1D`` with its in/out features. Without one, roles are guessed from tensor names
+and shapes in the safetensors headers, and ``source`` says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from adapter_surgery.errors import InvalidCheckpoint
+from adapter_surgery.io.checkpoint import Checkpoint
+
+EMBED_PATTERN = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|shared|"
+                           r"token_embedding|embeddings)\.weight$")
+HEAD_PATTERN = re.compile(r"(^|\.)(lm_head|embed_out|output|decoder)\.weight$")
+
+
+@dataclass(frozen=True)
+class LinearModule:
+    """A Linear-like module: ``kind`` is ``linear`` (weight ``(out, in)``) or ``conv1d`` (GPT-2, ``(in, out)``)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    kind: Literal["linear", "conv1d"]
+    bias: bool
+
+
+@dataclass
+class Architecture:
+    """The roles of a checkpoint's tensors.
+
+    Attributes:
+        source: ``"config"`` (built from ``config.json`` on the meta device) or ``"headers"`` (names/shapes).
+        model_class: the ``transformers`` class used, when ``source == "config"``.
+        input_embedding: checkpoint key of the input embedding, shape ``(vocab_rows, hidden)``.
+        output_head: checkpoint key of the output head, ``None`` when tied or absent.
+        head_param: the head's parameter name in the model (``lm_head.weight``), even when tied.
+        tied: the head shares the input embedding (written once, as ``transformers`` saves it).
+        output_bias: checkpoint key of a vocabulary-sized output bias (MLM heads), else ``None``.
+        redundant_keys: checkpoint keys ``transformers`` ignores (a tied head stored anyway).
+        vocab_rows: rows of the input embedding.
+        config_vocab_size: ``vocab_size`` of the text config (``None`` without config).
+        text_config_key: ``None`` if ``vocab_size`` sits at the top of ``config.json``, else the sub-config key.
+        linear_modules: every Linear/Conv1D module by its full name (``source == "config"`` only).
+    """
+
+    source: Literal["config", "headers"]
+    model_class: str | None
+    input_embedding: str
+    output_head: str | None
+    head_param: str | None
+    tied: bool
+    output_bias: str | None
+    vocab_rows: int
+    config_vocab_size: int | None
+    text_config_key: str | None
+    hidden_size: int
+    linear_modules: dict[str, LinearModule] = field(default_factory=dict)
+    redundant_keys: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def vocab_tensors(self) -> list[str]:
+        """Checkpoint keys of every tensor indexed by vocabulary id (dimension 0)."""
+        keys = [self.input_embedding]
+        keys += [k for k in (self.output_head, self.output_bias) if k is not None]
+        return keys
+
+
+def resolve_architecture(ckpt: Checkpoint) -> Architecture:
+    """Resolve tensor roles for ``ckpt``: from its config on the meta device, else from headers.
+
+    Raises:
+        InvalidCheckpoint: no input embedding can be found, or the config says the head is untied but the
+            checkpoint has no head tensor.
+    """
+    if ckpt.config is not None:
+        model, problem = build_meta_model(ckpt)
+        if model is not None:
+            return _from_model(ckpt, model)
+        arch = _from_headers(ckpt)
+        arch.notes.append(f"config.json could not be used ({problem}); roles were taken from tensor names")
+        return arch
+    arch = _from_headers(ckpt)
+    arch.notes.append(f"roles were taken from tensor names ({ckpt.config_problem})")
+    return arch
+
+
+def build_meta_model(ckpt: Checkpoint) -> tuple[nn.Module | None, str | None]:
+    """Build the checkpoint's ``transformers`` model on the ``meta`` device; ``(None, why)`` if impossible."""
+    import transformers
+
+    quiet = logging.getLogger("transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            config = transformers.AutoConfig.from_pretrained(str(ckpt.root), local_files_only=True)
+        names = list(getattr(config, "architectures", None) or [])
+        classes = [getattr(transformers, n) for n in names if hasattr(transformers, n)]
+        with torch.device("meta"):
+            for cls in classes:
+                return cls(config), None
+            for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+                try:
+                    return auto.from_config(config), None
+                except ValueError:
+                    continue
+        return None, f"no transformers class for model_type {config.model_type!r}"
+    except Exception as exc:  # transformers raises many kinds for unknown or broken configs
+        return None, f"{type(exc).__name__}: {exc}"
+    finally:
+        quiet.setLevel(level)
+
+
+def _checkpoint_key(ckpt: Checkpoint, param: str, prefix: str) -> str | None:
+    """The checkpoint key of model parameter ``param`` (with or without the base model prefix)."""
+    candidates = [param]
+    if prefix and param.startswith(prefix + "."):
+        candidates.append(param[len(prefix) + 1:])
+    elif prefix:
+        candidates.append(f"{prefix}.{param}")
+    return next((c for c in candidates if c in ckpt), None)
+
+
+def _param_names(model: nn.Module, tensor: torch.Tensor | None) -> list[str]:
+    if tensor is None:
+        return []
+    return [n for n, p in model.named_parameters(remove_duplicate=False) if p is tensor]
+
+
+def _from_model(ckpt: Checkpoint, model: nn.Module) -> Architecture:
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    cfg = model.config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    text_key = next((k for k in ("text_config", "llm_config", "language_config")
+                     if isinstance((ckpt.config or {}).get(k), dict)
+                     and "vocab_size" in ckpt.config[k]), None)  # type: ignore[index]
+    embed_mod = model.get_input_embeddings()
+    embed_names = _param_names(model, embed_mod.weight)
+    embed_key = next((k for n in embed_names if (k := _checkpoint_key(ckpt, n, prefix))), None)
+    if embed_key is None:
+        raise InvalidCheckpoint(f"the checkpoint has no input embedding tensor (expected one of {embed_names})",
+                                field="checkpoint", fix="Check that config.json belongs to these weights.")
+    head_mod = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_w = getattr(head_mod, "weight", None)
+    tied = head_w is not None and head_w is embed_mod.weight
+    head_names = [n for n in _param_names(model, head_w) if n not in embed_names]
+    head_key = next((k for n in head_names if (k := _checkpoint_key(ckpt, n, prefix))), None)
+    rows = ckpt.info(embed_key).shape[0]
+    bias_key = None
+    head_b = getattr(head_mod, "bias", None)
+    if head_b is not None and head_b.shape == (rows,):
+        bias_key = next((k for n in _param_names(model, head_b) if (k := _checkpoint_key(ckpt, n, prefix))), None)
+    arch = Architecture(
+        source="config", model_class=type(model).__name__, input_embedding=embed_key,
+        output_head=None if tied else head_key, head_param=head_names[0] if head_names else None, tied=tied,
+        output_bias=bias_key, vocab_rows=rows, config_vocab_size=getattr(text_cfg, "vocab_size", None),
+        text_config_key=text_key, hidden_size=ckpt.info(embed_key).shape[1],
+        linear_modules=_linear_modules(model))
+    if tied and head_key is not None:
+        arch.redundant_keys.append(head_key)
+    if head_w is not None and not tied and head_key is None:
+        raise InvalidCheckpoint(
+            f"config.json says the output head is not tied (tie_word_embeddings false) but the checkpoint has "
+            f"no {head_names[0] if head_names else 'output head'} tensor",
+            field="checkpoint", fix="Set tie_word_embeddings to true in config.json, or add the head's weights.")
+    return arch
+
+
+def _linear_modules(model: nn.Module) -> dict[str, LinearModule]:
+    from transformers.pytorch_utils import Conv1D
+
+    found = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            found[name] = LinearModule(name, mod.in_features, mod.out_features, "linear", mod.bias is not None)
+        elif isinstance(mod, Conv1D):
+            n_in, n_out = mod.weight.shape
+            found[name] = LinearModule(name, n_in, n_out, "conv1d", mod.bias is not None)
+    return found
+
+
+def _from_headers(ckpt: Checkpoint) -> Architecture:
+    shapes = ckpt.shapes()
+    embeds = [k for k, s in shapes.items() if len(s) == 2 and EMBED_PATTERN.search(k)
+              and "position" not in k and "token_type" not in k]
+    if not embeds:
+        raise InvalidCheckpoint(
+            "no input embedding found: without a usable config.json, a 2-D tensor named like "
+            "'embed_tokens.weight', 'wte.weight' or 'word_embeddings.weight' is needed",
+            field="checkpoint", fix="Send the model directory with its config.json.")
+    embed = max(embeds, key=lambda k: shapes[k][0])
+    rows, hidden = shapes[embed]
+    heads = [k for k, s in shapes.items() if k != embed and s == (rows, hidden) and HEAD_PATTERN.search(k)]
+    head = heads[0] if heads else None
+    biases = [k for k, s in shapes.items() if s == (rows,) and k.endswith("bias")]
+    return Architecture(source="headers", model_class=None, input_embedding=embed, output_head=head,
+                        head_param=head, tied=head is None, output_bias=biases[0] if biases else None,
+                        vocab_rows=rows, config_vocab_size=None, text_config_key=None, hidden_size=hidden)

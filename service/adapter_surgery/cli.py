@@ -1,0 +1,96 @@
+"""The command line: ``adapter-surgery <operation> --spec FILE|-``, ``serve`` and ``openapi``.
+
+Operation commands take the same JSON as the endpoints (paths relative to ``--data-dir``), print the same
+result JSON on stdout, report progress on stderr, and print a problem JSON on stderr with exit code 2 for
+bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from adapter_surgery.errors import SurgeryError
+from adapter_surgery.ops import OPERATIONS
+from adapter_surgery.ops.common import RunContext
+
+
+def _progress() -> tuple[object, object]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit=" step", file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
+
+    def say(message: str) -> None:
+        bar.set_description_str(message)
+        bar.update(1)
+
+    return say, bar
+
+
+def _run_operation(name: str, args: argparse.Namespace) -> int:
+    op = OPERATIONS[name]
+    raw = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text(encoding="utf-8")
+    try:
+        spec = op.spec.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = [{"field": ".".join(str(p) for p in e["loc"]) or "spec", "message": e["msg"]}
+                  for e in exc.errors()]
+        _problem({"title": "Invalid request", "status": 422, "detail": "; ".join(
+            f"{e['field']}: {e['message']}" for e in errors), "errors": errors})
+        return 2
+    say, bar = _progress()
+    try:
+        result = op.run(spec, RunContext(Path(args.data_dir), say))
+    except SurgeryError as exc:
+        _problem(exc.to_problem())
+        return 2
+    finally:
+        bar.close()  # type: ignore[attr-defined]
+    print(result.model_dump_json(indent=2))
+    return 0
+
+
+def _problem(body: dict[str, object]) -> None:
+    print(json.dumps(body, indent=2), file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adapter-surgery", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for op in OPERATIONS.values():
+        p = sub.add_parser(op.name, help=op.summary, description=op.summary)
+        p.add_argument("--spec", required=True, help="JSON spec file, or - for standard input")
+        p.add_argument("--data-dir", default=".", help="directory the spec's paths are relative to (default: .)")
+    serve = sub.add_parser("serve", help="start the HTTP service")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data-dir", default=None, help="overrides ADAPTER_SURGERY_DATA_DIR")
+    sub.add_parser("openapi", help="print the OpenAPI spec (JSON) that the service serves")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        import uvicorn
+
+        from adapter_surgery.api.app import create_app
+        from adapter_surgery.settings import Settings
+
+        settings = Settings(data_dir=Path(args.data_dir)) if args.data_dir else Settings()
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, timeout_graceful_shutdown=30)
+        return 0
+    if args.command == "openapi":
+        from adapter_surgery.api.app import create_app
+
+        print(json.dumps(create_app().openapi(), indent=2, sort_keys=True))
+        return 0
+    return _run_operation(args.command, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Errors the core raises for bad input; the API turns each into an RFC 9457 problem+json answer."""
+
+from __future__ import annotations
+
+
+class SurgeryError(Exception):
+    """A request the service refuses, with what is wrong and how to fix it.
+
+    Attributes:
+        status: the HTTP status the API answers with (4xx for bad input).
+        title: a short, fixed summary of the kind of problem.
+        detail: what exactly is wrong, naming the file, tensor or value.
+        field: the request field at fault (dotted path), when one is.
+        fix: what the caller should change.
+    """
+
+    status = 422
+    title = "Unprocessable request"
+
+    def __init__(self, detail: str, *, field: str | None = None, fix: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.field = field
+        self.fix = fix
+
+    def to_problem(self) -> dict[str, object]:
+        problem: dict[str, object] = {
+            "type": f"https://adapter-surgery.dev/problems/{type(self).__name__}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if self.field is not None:
+            problem["field"] = self.field
+        if self.fix is not None:
+            problem["fix"] = self.fix
+        return problem
+
+
+class InvalidCheckpoint(SurgeryError):
+    """The checkpoint is malformed: bad header, bad index, missing shard, unsupported format."""
+
+    title = "Invalid checkpoint"
+
+
+class InvalidSpec(SurgeryError):
+    """The request's values are inconsistent with each other or with the checkpoint."""
+
+    title = "Invalid request"
+
+
+class NotFound(SurgeryError):
+    status = 404
+    title = "Not found"
+
+
+class OutputExists(SurgeryError):
+    status = 409
+    title = "Output exists"
+
+
+class PathOutsideDataDir(SurgeryError):
+    status = 403
+    title = "Path outside the data directory"
+
+
+class PayloadTooLarge(SurgeryError):
+    status = 413
+    title = "Upload too large"

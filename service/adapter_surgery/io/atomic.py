@@ -1,0 +1,66 @@
+"""Atomic outputs: build beside the destination, then rename into place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from adapter_surgery.errors import InvalidSpec, OutputExists
+
+
+def check_output_path(output: Path, checkpoint: Path, overwrite: bool, field: str = "output") -> None:
+    """Refuse an output that exists (unless ``overwrite``) or that overlaps the input checkpoint.
+
+    Raises:
+        OutputExists: ``output`` exists and ``overwrite`` is false.
+        InvalidSpec: ``output`` is the checkpoint, lies inside it, or contains it.
+    """
+    out, src = output.resolve(), checkpoint.resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise InvalidSpec(f"output {output.name!r} overlaps the input checkpoint {checkpoint.name!r}",
+                          field=field, fix="Choose an output path outside the checkpoint; the input is never modified.")
+    if output.exists() and not overwrite:
+        raise OutputExists(f"output {output.name!r} already exists", field=field,
+                           fix='Choose another output path, or send "overwrite": true to replace it.')
+
+
+@contextmanager
+def atomic_output(dest: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``dest``; on success rename it to ``dest``.
+
+    The temporary path is in the same directory, so the final ``os.replace`` is atomic. On any exception
+    the temporary path is removed and ``dest`` is left as it was. With ``overwrite`` an existing ``dest``
+    is swapped out after the new output is complete, then removed.
+
+    Raises:
+        OutputExists: ``dest`` exists and ``overwrite`` is false.
+    """
+    if dest.exists() and not overwrite:
+        raise OutputExists(f"output {dest.name!r} already exists", field="output",
+                           fix='Choose another output path, or send "overwrite": true to replace it.')
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:12]
+    tmp = dest.parent / f".{dest.name}.tmp-{tag}"
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.old-{tag}"
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            _remove(old)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,317 @@
+"""The streaming writer: rewrite only the shards that change, byte-copying every unchanged tensor.
+
+An operation describes its result as a set of changes (tensors replaced, added or removed); the writer
+then builds the output directory: unchanged shards are hard-linked (or copied, byte-identical), changed
+shards are rewritten with each unchanged tensor copied file-to-file by the kernel (``os.copy_file_range``)
+without passing through Python objects, the index is regenerated, and ``__metadata__`` is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from adapter_surgery.errors import InvalidSpec
+from adapter_surgery.io.checkpoint import INDEX_NAME, Checkpoint
+from adapter_surgery.io.header import DTYPES, TORCH_TO_SAFETENSORS, ShardHeader, TensorInfo
+
+Progress = Callable[[str], None]
+
+
+class TensorSource(Protocol):
+    """Something the writer can write as one tensor: its header entry and a way to stream its bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def write(self, fd: int) -> None:
+        """Write exactly ``nbytes`` bytes at ``fd``'s current position."""
+
+
+def _copy_range(src: Path, begin: int, length: int, fd: int) -> None:
+    """Copy ``length`` bytes at ``begin`` of ``src`` to ``fd``: ``copy_file_range``, else ``sendfile``."""
+    if length == 0:
+        return
+    with src.open("rb", buffering=0) as fh:
+        offset, left = begin, length
+        try:
+            while left:
+                n = os.copy_file_range(fh.fileno(), fd, left, offset)
+                if n == 0:
+                    break
+                offset, left = offset + n, left - n
+        except OSError:
+            pass
+        while left:  # the kernel could not copy between these files: stream through a bounded buffer
+            n = os.sendfile(fd, fh.fileno(), offset, min(left, 1 << 26)) if hasattr(os, "sendfile") else 0
+            if n <= 0:
+                chunk = os.pread(fh.fileno(), min(left, 1 << 24), offset)
+                n = _write_all(fd, chunk)
+            offset, left = offset + n, left - n
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> int:
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.write(fd, view[done:])
+    return done
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of ``t`` in its own dtype (a reinterpreting view, no dtype conversion)."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+@dataclass
+class CopiedTensor:
+    """An unchanged tensor, copied byte for byte from its source file."""
+
+    info: TensorInfo
+    path: Path
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    def write(self, fd: int) -> None:
+        _copy_range(self.path, self.info.begin, self.info.nbytes, fd)
+
+
+@dataclass
+class NewTensor:
+    """A tensor computed in memory, written in its own dtype."""
+
+    tensor: torch.Tensor
+
+    @property
+    def dtype(self) -> str:
+        return TORCH_TO_SAFETENSORS[self.tensor.dtype]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def write(self, fd: int) -> None:
+        _write_all(fd, tensor_bytes(self.tensor))
+
+
+@dataclass
+class RowPatchedTensor:
+    """A source tensor with some rows replaced and rows appended (dimension 0).
+
+    Unchanged rows are copied by the kernel in contiguous runs; only ``overrides`` and ``appended`` are
+    written from memory, so the cost grows with the rows that change.
+
+    Attributes:
+        info, path: the source tensor.
+        overrides: row index -> new row (shape ``info.shape[1:]``, same dtype).
+        appended: rows added after the last source row, shape ``(n, *info.shape[1:])``, same dtype.
+    """
+
+    info: TensorInfo
+    path: Path
+    overrides: dict[int, torch.Tensor] = field(default_factory=dict)
+    appended: torch.Tensor | None = None
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        extra = 0 if self.appended is None else self.appended.shape[0]
+        return (self.info.shape[0] + extra, *self.info.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.appended is None else self.appended.numel() * self.appended.element_size()
+        return self.info.nbytes + extra
+
+    def write(self, fd: int) -> None:
+        rows = self.info.shape[0]
+        row_bytes = self.info.nbytes // rows if rows else 0
+        cursor = 0
+        for row in sorted(self.overrides):
+            _copy_range(self.path, self.info.begin + cursor * row_bytes, (row - cursor) * row_bytes, fd)
+            _write_all(fd, tensor_bytes(self.overrides[row]))
+            cursor = row + 1
+        _copy_range(self.path, self.info.begin + cursor * row_bytes, (rows - cursor) * row_bytes, fd)
+        if self.appended is not None:
+            _write_all(fd, tensor_bytes(self.appended))
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """A file of the output: path relative to the output root, size in bytes, sha256 (hex)."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Changes:
+    """What an operation changes in a checkpoint's tensors.
+
+    Attributes:
+        replace: tensor name -> its new content (same name, any shape).
+        add: new tensor name -> (content, name of an existing tensor whose shard receives it).
+        remove: names of tensors dropped from the output.
+    """
+
+    replace: dict[str, TensorSource] = field(default_factory=dict)
+    add: dict[str, tuple[TensorSource, str]] = field(default_factory=dict)
+    remove: set[str] = field(default_factory=set)
+
+    def changed_shards(self, ckpt: Checkpoint) -> set[str]:
+        names = set(self.replace) | self.remove | {anchor for _, anchor in self.add.values()}
+        return {ckpt.weight_map[n] for n in names if n in ckpt.weight_map}
+
+
+def write_shard(path: Path, entries: Iterable[tuple[str, TensorSource]], metadata: dict[str, str] | None) -> int:
+    """Write a safetensors file at ``path`` from ``(name, source)`` pairs, in that order; return data bytes.
+
+    The header JSON is padded with spaces to a multiple of 8 bytes, as the reference writer does.
+    """
+    entries = list(entries)
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, src in entries:
+        if src.dtype not in DTYPES:
+            raise InvalidSpec(f"tensor {name!r} has unknown dtype {src.dtype!r}")
+        header[name] = {"dtype": src.dtype, "shape": list(src.shape), "data_offsets": [offset, offset + src.nbytes]}
+        offset += src.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with path.open("wb", buffering=0) as fh:
+        fd = fh.fileno()
+        _write_all(fd, len(raw).to_bytes(8, "little") + raw)
+        for _, src in entries:
+            before = os.lseek(fd, 0, os.SEEK_CUR)
+            src.write(fd)
+            if os.lseek(fd, 0, os.SEEK_CUR) - before != src.nbytes:
+                raise RuntimeError(f"writer produced the wrong byte count for tensor {_!r}")
+        os.fsync(fd)
+    return offset
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst`` when on the same filesystem, else copy it byte for byte."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _shard_entries(header: ShardHeader, names: list[str], changes: Changes,
+                   additions: list[str]) -> list[tuple[str, TensorSource]]:
+    """The tensors of one output shard, in the source's order, with changes applied and additions last."""
+    entries: list[tuple[str, TensorSource]] = []
+    for n in names:
+        if n in changes.remove:
+            continue
+        entries.append((n, changes.replace.get(n) or CopiedTensor(header.tensors[n], header.path)))
+    return entries + [(n, changes.add[n][0]) for n in additions]
+
+
+def write_single_file(ckpt: Checkpoint, path: Path, changes: Changes) -> None:
+    """Write a single-shard ``ckpt`` with ``changes`` as one safetensors file at ``path``."""
+    (shard, header), = ckpt.shards.items()
+    names = [n for n in header.order if ckpt.weight_map.get(n) == shard]
+    write_shard(path, _shard_entries(header, names, changes, list(changes.add)), header.metadata)
+
+
+def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Progress | None = None,
+                     shard_name: str | None = None) -> list[str]:
+    """Write ``ckpt`` with ``changes`` applied as safetensors shards into directory ``out``.
+
+    Shards that hold no changed tensor are linked or copied; the others are rewritten in the source's
+    tensor order, new tensors appended to their anchor's shard. With an index, the index is regenerated:
+    ``weight_map`` is exactly the tensors of each shard, ``metadata.total_size`` their byte sum, other
+    metadata kept. ``shard_name`` renames a bare file's single shard (e.g. to ``model.safetensors``).
+    Returns the names of the shards that were rewritten.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    changed = changes.changed_shards(ckpt)
+    additions: dict[str, list[str]] = {}
+    for name, (_, anchor) in changes.add.items():
+        additions.setdefault(ckpt.weight_map[anchor], []).append(name)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for shard, header in ckpt.shards.items():
+        target = out / (shard_name or shard)
+        names = [n for n in header.order if ckpt.weight_map.get(n) == shard]
+        if shard in changed:
+            if progress:
+                progress(f"write {shard}")
+            entries = _shard_entries(header, names, changes, additions.get(shard, []))
+            total += write_shard(target, entries, header.metadata)
+            kept = [n for n, _ in entries]
+        elif names == header.order:
+            if progress:
+                progress(f"link {shard}")
+            link_or_copy(header.path, target)
+            total += sum(header.tensors[n].nbytes for n in names)
+            kept = names
+        else:  # the shard holds tensors the index does not map to it: drop them, as transformers would
+            entries = _shard_entries(header, names, changes, [])
+            total += write_shard(target, entries, header.metadata)
+            kept = names
+        weight_map.update(dict.fromkeys(kept, target.name))
+    if ckpt.has_index:
+        metadata = dict(ckpt.index_metadata or {})
+        metadata["total_size"] = total
+        if "total_parameters" in metadata:
+            metadata["total_parameters"] = _total_parameters(ckpt, changes, weight_map)
+        index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return sorted(changed)
+
+
+def _total_parameters(ckpt: Checkpoint, changes: Changes, weight_map: dict[str, str]) -> int:
+    total = 0
+    for name in weight_map:
+        src = changes.replace.get(name) or (changes.add[name][0] if name in changes.add else None)
+        shape = src.shape if src is not None else ckpt.info(name).shape
+        total += int(torch.Size(shape).numel())
+    return total
+
+
+def describe_files(root: Path) -> list[WrittenFile]:
+    """Every file under ``root`` (or ``root`` itself if a file), with size and sha256, sorted by path."""
+    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    files = []
+    for p in paths:
+        digest = hashlib.sha256()
+        with p.open("rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(block)
+        rel = p.name if root.is_file() else str(p.relative_to(root))
+        files.append(WrittenFile(rel, p.stat().st_size, digest.hexdigest()))
+    return files

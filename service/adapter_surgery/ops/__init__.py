@@ -1,0 +1,39 @@
+"""Operations: one module each, with its pydantic spec and one function that does the work.
+
+``OPERATIONS`` describes each one as data, so that the HTTP routes and CLI commands are generated from it and
+only translate: a request body or ``--spec`` file becomes the spec model, the result model becomes JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from adapter_surgery.ops.common import PathFields, RunContext
+from adapter_surgery.ops.extend_vocab import ExtendVocabOptions, ExtendVocabResult, ExtendVocabSpec, extend_vocab
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One operation: its name (the URL path and CLI command), request models, result model, function.
+
+    ``options`` is the spec without the path fields: the body of the upload form's ``spec`` part.
+    """
+
+    name: str
+    summary: str
+    spec: type[PathFields]
+    options: type[BaseModel]
+    result: type[BaseModel]
+    run: Callable[[PathFields, RunContext], BaseModel]
+
+
+OPERATIONS: dict[str, Operation] = {
+    op.name: op
+    for op in [
+        Operation("extend-vocab", "Add tokens: tokenizer updated, new rows of every vocabulary tensor initialized.",
+                  ExtendVocabSpec, ExtendVocabOptions, ExtendVocabResult, extend_vocab),  # type: ignore[arg-type]
+    ]
+}

@@ -1,0 +1,58 @@
+"""Pieces every operation shares: the path fields of a spec, result parts, run context."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapter_surgery.io.writer import WrittenFile
+
+Progress = Callable[[str], None]
+
+
+class StrictModel(BaseModel):
+    """A request model that refuses unknown fields, so a typo gets a 422 naming it instead of being ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PathFields(StrictModel):
+    """Where to read and write, relative to the data directory."""
+
+    checkpoint: str = Field(description="Model directory or .safetensors file, relative to the data directory.")
+    output: str = Field(description="Output directory (or .safetensors file for a bare-file checkpoint), relative "
+                                    "to the data directory; built beside it and renamed into place.")
+    overwrite: bool = Field(
+        False, description="Replace an existing output (atomically, after the new one is complete)."
+    )
+
+
+class FileInfo(BaseModel):
+    path: str = Field(description="Relative to the output.")
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def of(cls, f: WrittenFile) -> FileInfo:
+        return cls(path=f.path, bytes=f.bytes, sha256=f.sha256)
+
+
+class ChangedTensor(BaseModel):
+    name: str
+    shape_before: list[int] | None = Field(description="None for a tensor the output adds.")
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """How an operation is run: the data directory that request paths resolve under, a progress callback."""
+
+    data_dir: Path
+    progress: Progress | None = None
+
+    def say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)

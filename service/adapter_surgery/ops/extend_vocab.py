@@ -1,0 +1,400 @@
+"""Extend the vocabulary: add tokens to the tokenizer and rows to every vocabulary-indexed tensor.
+
+Only the tensors indexed by vocabulary id change (input embedding, untied output head, MLM output bias);
+every other tensor is copied byte for byte and shards without a changed tensor are linked. The tokenizer is
+updated with ``transformers`` (``add_tokens`` / ``add_special_tokens``) and saved with the output.
+Initialization strategies and their sources are in :mod:`adapter_surgery.initializers`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, Field, StringConstraints
+
+from adapter_surgery.arch import Architecture, resolve_architecture
+from adapter_surgery.devices import DeviceName, pick_device
+from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
+from adapter_surgery.initializers import ROW_INITS, RowContext, RowStats, row_stats
+from adapter_surgery.io import Checkpoint, atomic_output, describe_files
+from adapter_surgery.io.atomic import check_output_path
+from adapter_surgery.io.writer import (
+    Changes,
+    RowPatchedTensor,
+    TensorSource,
+    write_checkpoint,
+    write_single_file,
+)
+from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, RunContext, StrictModel
+from adapter_surgery.paths import resolve_under
+
+NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+RowStrategy = Literal["mean", "subword_mean", "hewitt", "normal", "zeros"]
+
+
+class CopyInit(StrictModel):
+    """Copy the row(s) of an existing token."""
+
+    strategy: Literal["copy"]
+    source: str | int = Field(description="An existing token's text, or a row id (for checkpoints without tokenizer).")
+
+
+InitSpec = Annotated[
+    RowStrategy | CopyInit, Field(description="A strategy name, or {'strategy': 'copy', 'source': ...}.")
+]
+
+
+class TokenSpec(StrictModel):
+    content: str = Field(min_length=1, description="The token's text.")
+    special: bool = Field(False, description="Add as a special token (never split, skipped when decoding).")
+    description: str | None = Field(None, description="Text whose subword pieces define the row for subword_mean.")
+    init: InitSpec | None = Field(None, description="Overrides the request's init for this token.")
+
+
+class ExtendVocabOptions(StrictModel):
+    """What to add and how to initialize it (everything but the paths)."""
+
+    tokens: list[NonEmpty | TokenSpec] = Field(default_factory=list, description="Tokens to add, in id order.")
+    num_new_tokens: int | None = Field(None, ge=0, description="Rows to add to a checkpoint that has no tokenizer "
+                                                               "(instead of tokens).")
+    init: InitSpec = "mean"
+    pad_to_multiple_of: int | None = Field(None, ge=1, description="Round the row count up to a multiple of this.")
+    reinit_existing: bool = Field(False, description="Re-initialize existing tokens whose rows are all zero.")
+    untie: bool = Field(False, description="Write the output head as its own tensor and set tie_word_embeddings false.")
+    seed: int = Field(0, ge=0, description="Seeds the random strategies; the same seed gives byte-identical output.")
+    device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
+
+
+class ExtendVocabSpec(PathFields, ExtendVocabOptions):
+    """The full ``POST /extend-vocab`` request."""
+
+
+class TokenId(BaseModel):
+    token: str | None
+    id: int
+
+
+class ExtendVocabResult(BaseModel):
+    output: str
+    architecture_source: Literal["config", "headers"]
+    vocab_size_before: int
+    vocab_size_after: int
+    tokenizer_size_before: int | None
+    tokenizer_size_after: int | None
+    added: list[TokenId]
+    existing: list[TokenId]
+    untrained_existing: list[TokenId] = Field(description="Existing tokens whose rows are all zero.")
+    reinitialized: list[TokenId]
+    padding_rows: list[int] = Field(description="New rows with no tokenizer entry (from pad_to_multiple_of).")
+    rows_without_token: list[int] = Field(description="All rows of the output with no tokenizer entry; "
+                                                      "serving can mask them.")
+    changed_tensors: list[ChangedTensor]
+    files: list[FileInfo]
+    warnings: list[str]
+    seconds: float
+
+
+@dataclass
+class _Row:
+    """One row to write: its id, strategy, and source ids (copy / subword pieces)."""
+
+    id: int
+    strategy: str
+    sources: list[int] = field(default_factory=list)
+
+
+def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
+    """Run ``spec``: add its tokens and rows, write the output atomically, return what changed.
+
+    Shapes: every vocabulary tensor grows from ``(V, ...)`` to ``(V', ...)`` with ``V' = max(V, len(tokenizer))``
+    rounded up to ``pad_to_multiple_of``; new ids take spare rows (ids past the tokenizer's length) first;
+    tensors never shrink. Dtypes are kept; arithmetic is float32 on ``spec.device``.
+
+    Raises:
+        NotFound, PathOutsideDataDir, OutputExists: path problems.
+        InvalidCheckpoint: the checkpoint is malformed.
+        InvalidSpec: the request does not fit the checkpoint (no tokenizer for ``tokens``, unknown copy source...).
+    """
+    started = time.perf_counter()
+    checkpoint = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
+    output = resolve_under(ctx.data_dir, spec.output, "output")
+    check_output_path(output, checkpoint, spec.overwrite)
+    device = pick_device(spec.device)
+    ckpt = Checkpoint.open(checkpoint)
+    arch = resolve_architecture(ckpt)
+    warnings = list(ckpt.warnings) + arch.notes
+    tok = _load_tokenizer(ckpt, spec)
+    plan = _plan(spec, ckpt, arch, tok)
+    ctx.say(f"planned {len(plan.added)} new tokens, {arch.vocab_rows} -> {plan.rows_after} rows")
+    changes, changed = _changes(spec, ckpt, arch, plan, device, warnings)
+    single_file = output.suffix == ".safetensors"
+    if single_file and not ckpt.is_file:
+        raise InvalidSpec("a .safetensors output needs a bare .safetensors checkpoint", field="output",
+                          fix="Give a directory as output for a model directory.")
+    with atomic_output(output, spec.overwrite) as tmp:
+        if single_file:
+            ctx.say("write single file")
+            write_single_file(ckpt, tmp, changes)
+        else:
+            write_checkpoint(ckpt, tmp, changes, ctx.say, shard_name="model.safetensors" if ckpt.is_file else None)
+            _write_side_files(ckpt, tmp, arch, plan, spec, tok)
+        files = describe_files(tmp)
+    return ExtendVocabResult(
+        output=spec.output, architecture_source=arch.source,
+        vocab_size_before=arch.config_vocab_size or arch.vocab_rows, vocab_size_after=plan.rows_after,
+        tokenizer_size_before=plan.tok_before, tokenizer_size_after=None if tok is None else len(tok),
+        added=plan.added, existing=plan.existing, untrained_existing=plan.untrained, reinitialized=plan.reinit,
+        padding_rows=plan.padding_rows, rows_without_token=plan.rows_without_token, changed_tensors=changed,
+        files=[FileInfo.of(f) for f in files], warnings=warnings, seconds=round(time.perf_counter() - started, 4))
+
+
+# -- planning ------------------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    rows_after: int
+    rows: list[_Row]
+    added: list[TokenId]
+    existing: list[TokenId]
+    untrained: list[TokenId]
+    reinit: list[TokenId]
+    padding_rows: list[int]
+    rows_without_token: list[int]
+    tok_before: int | None
+    has_entry: torch.Tensor  # bool (V,): rows with a tokenizer entry in the base
+
+
+def _load_tokenizer(ckpt: Checkpoint, spec: ExtendVocabSpec):  # -> PreTrainedTokenizerBase | None
+    if not ckpt.has_tokenizer:
+        if spec.tokens:
+            raise InvalidSpec("the checkpoint has no tokenizer files, so tokens cannot be added by text",
+                              field="tokens", fix="Send num_new_tokens instead, or include the tokenizer files.")
+        return None
+    if spec.num_new_tokens:
+        raise InvalidSpec("num_new_tokens is for checkpoints without a tokenizer; this one has one",
+                          field="num_new_tokens", fix="List the new tokens in tokens.")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(ckpt.directory), local_files_only=True)
+    except Exception as exc:  # transformers raises many kinds for broken tokenizer files
+        raise InvalidCheckpoint(f"the tokenizer files could not be loaded ({type(exc).__name__}: {exc})",
+                                field="checkpoint", fix="Re-save the tokenizer with save_pretrained.") from None
+
+
+def _plan(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok) -> _Plan:
+    rows_before = arch.vocab_rows
+    default = spec.init
+    added: list[TokenId] = []
+    existing: list[TokenId] = []
+    rows: list[_Row] = []
+    if tok is None:
+        has_entry = torch.ones(rows_before, dtype=torch.bool)
+        n_new = spec.num_new_tokens or 0
+        for i in range(n_new):
+            rows.append(_row_for(rows_before + i, default, None, None, tok, f"num_new_tokens[{i}]", rows_before))
+            added.append(TokenId(token=None, id=rows_before + i))
+        needed, tok_before = rows_before + n_new, None
+    else:
+        vocab = tok.get_vocab()
+        tok_before = len(tok)
+        has_entry = torch.zeros(max(rows_before, 1), dtype=torch.bool)
+        ids = torch.tensor([i for i in vocab.values() if i < rows_before], dtype=torch.long)
+        has_entry[ids] = True
+        seen: set[str] = set()
+        pending: list[tuple[TokenSpec, str]] = []
+        for i, raw in enumerate(spec.tokens):
+            t = TokenSpec(content=raw) if isinstance(raw, str) else raw
+            if t.content in seen:
+                continue
+            seen.add(t.content)
+            if t.content in vocab:
+                existing.append(TokenId(token=t.content, id=vocab[t.content]))
+            else:
+                pending.append((t, f"tokens[{i}]"))
+        specs = [(t, where, _row_for(-1, t.init or default, t.description or t.content, vocab, tok, where,
+                                     rows_before)) for t, where in pending]
+        _add_to_tokenizer(tok, [t for t, _ in pending])
+        for t, _where, row in specs:
+            row.id = tok.convert_tokens_to_ids(t.content)
+            rows.append(row)
+            added.append(TokenId(token=t.content, id=row.id))
+        needed = max(rows_before, len(tok))
+    rows_after = needed
+    if spec.pad_to_multiple_of:
+        rows_after = math.ceil(needed / spec.pad_to_multiple_of) * spec.pad_to_multiple_of
+    rows_after = max(rows_after, rows_before)
+    pad_strategy = "mean" if default == "subword_mean" else default
+    taken = {r.id for r in rows}
+    padding = [i for i in range(rows_before, rows_after) if i not in taken]
+    for r in padding:
+        rows.append(_row_for(r, pad_strategy, None, None, tok, "init", rows_before))
+    with_token = set(range(rows_after)) if tok is None else set(tok.get_vocab().values())
+    return _Plan(rows_after=rows_after, rows=rows, added=added, existing=existing, untrained=[], reinit=[],
+                 padding_rows=padding, rows_without_token=[i for i in range(rows_after) if i not in with_token],
+                 tok_before=tok_before, has_entry=has_entry)
+
+
+def _row_for(row_id: int, init, text: str | None, vocab: dict[str, int] | None, tok, where: str,
+             rows_before: int) -> _Row:
+    if isinstance(init, CopyInit):
+        src = init.source
+        if isinstance(src, int):
+            if not 0 <= src < rows_before:
+                raise InvalidSpec(f"copy source row {src} is not a row of the checkpoint (0..{rows_before - 1})",
+                                  field=f"{where}.init.source", fix="Name an existing row id or token.")
+            return _Row(row_id, "copy", [src])
+        if vocab is None or src not in vocab:
+            raise InvalidSpec(f"copy source {src!r} is not a token of the base tokenizer",
+                              field=f"{where}.init.source", fix="Name a token that exists before this request.")
+        return _Row(row_id, "copy", [vocab[src]])
+    if init == "subword_mean":
+        if tok is None:
+            raise InvalidSpec("subword_mean needs a tokenizer to split the token's text",
+                              field=f"{where}.init", fix="Use mean, or include the tokenizer files.")
+        if text is None:
+            return _Row(row_id, "mean")
+        pieces = [i for i in tok(text, add_special_tokens=False)["input_ids"] if i < rows_before]
+        return _Row(row_id, "subword_mean", pieces)
+    return _Row(row_id, init)
+
+
+def _add_to_tokenizer(tok, tokens: list[TokenSpec]) -> None:
+    from transformers import AddedToken
+
+    for t in tokens:  # one at a time, so ids follow the request's order
+        if t.special:
+            tok.add_special_tokens({"extra_special_tokens": [AddedToken(t.content, special=True, normalized=False)]},
+                                   replace_extra_special_tokens=False)
+        else:
+            tok.add_tokens([AddedToken(t.content, special=False, normalized=False)])
+
+
+# -- values ---------------------------------------------------------------------------------------------------
+def _changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, plan: _Plan, device: torch.device,
+             warnings: list[str]) -> tuple[Changes, list[ChangedTensor]]:
+    changes = Changes()
+    for key in arch.redundant_keys:
+        changes.remove.add(key)
+        warnings.append(f"dropped {key!r}: the config ties it to {arch.input_embedding!r}, so transformers "
+                        "ignores the stored copy")
+    need_cov = any(r.strategy == "hewitt" for r in plan.rows) or (spec.reinit_existing and spec.init == "hewitt")
+    stats = {k: _stats(ckpt, k, plan, device, need_cov) for k in arch.vocab_tensors}
+    zero = sorted(set().union(*(set(s.zero_rows) for s in stats.values())))
+    id_to_tok = _id_to_token(plan, ckpt, zero)
+    plan.untrained = [TokenId(token=id_to_tok.get(i), id=i) for i in zero]
+    if zero:
+        warnings.append(f"{len(zero)} existing token(s) have all-zero rows (reserved or untrained), e.g. id {zero[0]}"
+                        + ("; re-initialized" if spec.reinit_existing else "; send reinit_existing: true to "
+                           "initialize them"))
+    if spec.reinit_existing:
+        strategy = spec.init if spec.init != "subword_mean" else "mean"
+        for i in zero:
+            plan.rows.append(_row_for(i, strategy, None, None, None, "init", arch.vocab_rows))
+        plan.reinit = list(plan.untrained)
+    changed: list[ChangedTensor] = []
+    if plan.rows or plan.rows_after != arch.vocab_rows:
+        for key in arch.vocab_tensors:
+            src = _patched(ckpt, key, stats[key], plan, spec, device, arch)
+            changes.replace[key] = src
+            changed.append(ChangedTensor(name=key, shape_before=list(ckpt.info(key).shape), shape=list(src.shape)))
+    if spec.untie:
+        _untie(changes, changed, ckpt, arch, warnings)
+    return changes, changed
+
+
+def _untie(changes: Changes, changed: list[ChangedTensor], ckpt: Checkpoint, arch: Architecture,
+           warnings: list[str]) -> None:
+    if not arch.tied:
+        warnings.append("untie: the output head is already untied; nothing to do")
+        return
+    if arch.head_param is None:
+        raise InvalidSpec("untie: this model has no output head to untie", field="untie", fix="Send untie: false.")
+    embed = changes.replace.get(arch.input_embedding) or RowPatchedTensor(ckpt.info(arch.input_embedding),
+                                                                        ckpt.path_of(arch.input_embedding))
+    changes.add[arch.head_param] = (embed, arch.input_embedding)
+    changed.append(ChangedTensor(name=arch.head_param, shape_before=None, shape=list(embed.shape)))
+
+
+def _id_to_token(plan: _Plan, ckpt: Checkpoint, ids: list[int]) -> dict[int, str]:
+    if not ids or not ckpt.has_tokenizer:
+        return {}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ckpt.directory), local_files_only=True)
+    return {i: t for t, i in tok.get_vocab().items() if i in set(ids)}
+
+
+def _stats(ckpt: Checkpoint, key: str, plan: _Plan, device: torch.device, covariance: bool) -> RowStats:
+    rows = ckpt.info(key).shape[0]
+    entry = plan.has_entry
+
+    def trained(first: int, count: int) -> torch.Tensor:
+        mask = torch.zeros(count, dtype=torch.bool)
+        hi = min(first + count, entry.numel(), rows)
+        if hi > first:
+            mask[: hi - first] = entry[first:hi]
+        return mask
+
+    try:
+        return row_stats(ckpt.iter_rows(key), trained, device, covariance)
+    except ValueError:
+        raise InvalidCheckpoint(f"tensor {key!r} has no trained rows (every row with a token is all zero)",
+                                field="checkpoint", fix="Use init 'normal' or 'zeros', which need no trained rows.") \
+            from None
+
+
+def _patched(ckpt: Checkpoint, key: str, stats: RowStats, plan: _Plan, spec: ExtendVocabSpec,
+             device: torch.device, arch: Architecture) -> TensorSource:
+    info = ckpt.info(key)
+    dtype = info.torch_dtype
+    row_shape = tuple(info.shape[1:])
+
+    def read_rows(ids: list[int]) -> torch.Tensor:
+        return torch.cat([ckpt.read_rows(key, i, i + 1) for i in ids]).to(device).float()
+
+    values: dict[int, torch.Tensor] = {}
+    by_strategy: dict[str, list[_Row]] = {}
+    for row in plan.rows:
+        by_strategy.setdefault(row.strategy, []).append(row)
+    init_range = float((ckpt.config or {}).get("initializer_range", 0.02) or 0.02)
+    for strategy, group in by_strategy.items():
+        rctx = RowContext(name=key, stats=stats, row_shape=row_shape, read_rows=read_rows,
+                          initializer_range=init_range, seed=spec.seed, device=device,
+                          source_ids=[r.sources for r in group])
+        out = ROW_INITS[strategy](rctx, len(group)).to(dtype).cpu()
+        for r, v in zip(group, out, strict=True):
+            values[r.id] = v
+    rows_before = info.shape[0]
+    overrides = {i: v for i, v in values.items() if i < rows_before}
+    appended = None
+    if plan.rows_after > rows_before:
+        appended = torch.stack([values[i] for i in range(rows_before, plan.rows_after)])
+    return RowPatchedTensor(info, ckpt.path_of(key), overrides, appended)
+
+
+# -- side files -----------------------------------------------------------------------------------------------
+def _write_side_files(ckpt: Checkpoint, out: Path, arch: Architecture, plan: _Plan, spec: ExtendVocabSpec,
+                      tok) -> None:
+    for path in ckpt.other_files():  # small files, copied (never linked) since some are rewritten below
+        shutil.copyfile(path, out / path.name)
+    if ckpt.config is not None and arch.source == "config":
+        config = json.loads(json.dumps(ckpt.config))
+        target = config[arch.text_config_key] if arch.text_config_key else config
+        target["vocab_size"] = plan.rows_after
+        if spec.untie and arch.tied:
+            config["tie_word_embeddings"] = False
+            if arch.text_config_key and "tie_word_embeddings" in target:
+                target["tie_word_embeddings"] = False
+        if config != ckpt.config:
+            (out / "config.json").unlink(missing_ok=True)
+            (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if tok is not None and plan.added:
+        tok.save_pretrained(str(out))
+
