@@ -160,6 +160,8 @@ def _from_model(ckpt: Checkpoint, model: nn.Module) -> Architecture:
     head_w = getattr(head_mod, "weight", None)
     tied = head_w is not None and head_w is embed_mod.weight
     head_names = [n for n in _param_names(model, head_w) if n not in embed_names]
+    if head_mod is not None and not head_names:
+        head_names = [f"{n}.weight" for n, m in model.named_modules(remove_duplicate=False) if m is head_mod]
     head_key = next((k for n in head_names if (k := _checkpoint_key(ckpt, n, prefix))), None)
     rows = ckpt.info(embed_key).shape[0]
     bias_key = None

@@ -1,0 +1,35 @@
+# Every target sets up what it needs: a fresh clone runs `make demo` or `make test` directly.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo test lint openapi bench
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 first: on the project's machines it is a local CPU build (pip would otherwise pull a CUDA build).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/python -m adapter_surgery.demo
+
+test: setup
+	$(BIN)/python -m adapter_surgery.demo.checkpoints all
+	$(BIN)/ruff check service tests bench
+	$(BIN)/python -m adapter_surgery.cli openapi | diff -q - openapi/openapi.json \
+		|| (echo "openapi/openapi.json is stale: run 'make openapi'" && exit 1)
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check service tests bench
+
+openapi: setup
+	$(BIN)/python -m adapter_surgery.cli openapi > openapi/openapi.json
+
+bench: setup
+	$(BIN)/python bench/bench_extend_vocab.py

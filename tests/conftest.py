@@ -1,0 +1,49 @@
+"""Shared test helpers: a data directory with fixtures built in it, tensor loading, sha256 of trees."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.fixtures import make
+
+
+def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory (all shards) or a single file."""
+    files = [model_dir] if model_dir.is_file() else sorted(model_dir.glob("*.safetensors"))
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``: proves an input was not modified."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def config(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text())
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def build(data_dir: Path):
+    """``build("FX-B")`` builds a fixture inside the data directory and returns its directory name."""
+
+    def _build(name: str) -> str:
+        return make(name, data_dir).name
+
+    return _build

@@ -1,0 +1,90 @@
+"""The streaming writer: byte-exact copies, row patches, index regeneration, atomic outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from adapter_surgery.errors import OutputExists
+from adapter_surgery.io import Changes, Checkpoint, NewTensor, RowPatchedTensor, atomic_output, write_checkpoint
+from adapter_surgery.io.writer import write_single_file
+
+
+def _two_shards(root: Path) -> Path:
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    a = {"emb": torch.randn(10, 4, generator=g).bfloat16(), "fp8": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn)}
+    b = {"w": torch.randn(3, 3, generator=g), "i": torch.arange(5)}
+    save_file(a, str(root / "s1.safetensors"), metadata={"format": "pt", "note": "kept"})
+    save_file(b, str(root / "s2.safetensors"), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": 0}, "weight_map": {**dict.fromkeys(a, "s1.safetensors"),
+                                                           **dict.fromkeys(b, "s2.safetensors")}}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    return root
+
+
+def test_row_patch_copies_untouched_rows_and_appends(tmp_path: Path) -> None:
+    ckpt = Checkpoint.open(_two_shards(tmp_path / "in"))
+    new_row = torch.full((4,), 7.0).bfloat16()
+    appended = torch.full((2, 4), -1.0).bfloat16()
+    changes = Changes(replace={"emb": RowPatchedTensor(ckpt.info("emb"), ckpt.path_of("emb"), {3: new_row}, appended)})
+    rewritten = write_checkpoint(ckpt, tmp_path / "out", changes)
+    assert rewritten == ["s1.safetensors"]
+    before, after = load_file(str(tmp_path / "in/s1.safetensors")), load_file(str(tmp_path / "out/s1.safetensors"))
+    assert after["emb"].shape == (12, 4) and after["emb"].dtype == torch.bfloat16
+    assert torch.equal(after["emb"][:3], before["emb"][:3]) and torch.equal(after["emb"][4:10], before["emb"][4:10])
+    assert torch.equal(after["emb"][3], new_row) and torch.equal(after["emb"][10:], appended)
+    # fp8 passes through untouched, byte for byte
+    assert after["fp8"].dtype == torch.float8_e4m3fn
+    assert torch.equal(after["fp8"].view(torch.uint8), before["fp8"].view(torch.uint8))
+    with safe_open(str(tmp_path / "out/s1.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "kept"}
+    # the untouched shard is the same bytes (hard link on one filesystem)
+    assert (tmp_path / "out/s2.safetensors").read_bytes() == (tmp_path / "in/s2.safetensors").read_bytes()
+    index = json.loads((tmp_path / "out/model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"emb": "s1.safetensors", "fp8": "s1.safetensors", "w": "s2.safetensors",
+                                   "i": "s2.safetensors"}
+    assert index["metadata"]["total_size"] == 12 * 4 * 2 + 16 + 9 * 4 + 5 * 8
+
+
+def test_add_and_remove_tensors(tmp_path: Path) -> None:
+    ckpt = Checkpoint.open(_two_shards(tmp_path / "in"))
+    changes = Changes(add={"new": (NewTensor(torch.ones(2, 2, dtype=torch.float16)), "w")}, remove={"i"})
+    write_checkpoint(ckpt, tmp_path / "out", changes)
+    out = load_file(str(tmp_path / "out/s2.safetensors"))
+    assert set(out) == {"w", "new"} and out["new"].dtype == torch.float16
+    index = json.loads((tmp_path / "out/model.safetensors.index.json").read_text())
+    assert "i" not in index["weight_map"] and index["weight_map"]["new"] == "s2.safetensors"
+
+
+def test_single_file(tmp_path: Path) -> None:
+    save_file({"x": torch.arange(6, dtype=torch.float32).reshape(3, 2)}, str(tmp_path / "m.safetensors"))
+    ckpt = Checkpoint.open(tmp_path / "m.safetensors")
+    info = ckpt.info("x")
+    write_single_file(ckpt, tmp_path / "o.safetensors",
+                      Changes(replace={"x": RowPatchedTensor(info, ckpt.path_of("x"), {}, torch.zeros(1, 2))}))
+    assert load_file(str(tmp_path / "o.safetensors"))["x"].tolist() == [[0, 1], [2, 3], [4, 5], [0, 0]]
+
+
+def test_atomic_output_leaves_nothing_on_error(tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    with pytest.raises(RuntimeError), atomic_output(dest) as tmp:
+        tmp.mkdir()
+        (tmp / "half").write_text("x")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_output(dest) as tmp:
+        tmp.mkdir()
+        (tmp / "a").write_text("1")
+    with pytest.raises(OutputExists), atomic_output(dest) as tmp:
+        pass
+    with atomic_output(dest, overwrite=True) as tmp:
+        tmp.mkdir()
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in dest.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
