@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,6 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapter_surgery.errors import SurgeryError
 
 PROBLEM = "application/problem+json"
+#: Pydantic puts the tag of the union member it tried into ``loc`` (``str``, ``TokenSpec``, ``literal['a']``).
+UNION_TAG = re.compile(r"^(str|int|float|bool|constrained-\w+|[A-Z]\w*|.*\[.*\])$")
 log = logging.getLogger("adapter_surgery")
 
 
@@ -25,7 +28,7 @@ def validation_problem(errors: list[dict], prefix: tuple[str, ...] = ()) -> JSON
     """A 422 naming each invalid field (dotted path) with pydantic's message."""
     items = []
     for e in errors:
-        loc = [str(p) for p in e.get("loc", ()) if p not in ("body",)]
+        loc = [str(p) for p in e.get("loc", ()) if p != "body" and not (isinstance(p, str) and UNION_TAG.match(p))]
         items.append({"field": ".".join([*prefix, *loc]) or "body", "message": e.get("msg", "invalid"),
                       "type": e.get("type")})
     first = items[0] if items else {"field": "body", "message": "invalid"}
