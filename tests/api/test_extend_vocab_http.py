@@ -73,7 +73,8 @@ def test_upload_archive_returns_an_archive(client: TestClient, data_dir: Path, b
     if kind == "zip":
         names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
     else:
-        names = tarfile.open(fileobj=io.BytesIO(r.content)).getnames()
+        with tarfile.open(fileobj=io.BytesIO(r.content)) as tf:
+            names = tf.getnames()
     assert "config.json" in names and "model.safetensors.index.json" in names
 
 

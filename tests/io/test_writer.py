@@ -18,7 +18,8 @@ from adapter_surgery.io.writer import write_single_file
 def _two_shards(root: Path) -> Path:
     root.mkdir()
     g = torch.Generator().manual_seed(0)
-    a = {"emb": torch.randn(10, 4, generator=g).bfloat16(), "fp8": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn)}
+    a = {"emb": torch.randn(10, 4, generator=g).bfloat16(),
+         "fp8": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn)}
     b = {"w": torch.randn(3, 3, generator=g), "i": torch.arange(5)}
     save_file(a, str(root / "s1.safetensors"), metadata={"format": "pt", "note": "kept"})
     save_file(b, str(root / "s2.safetensors"), metadata={"format": "pt"})

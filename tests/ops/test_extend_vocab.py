@@ -174,7 +174,7 @@ def test_b07_index_naming_a_missing_shard_is_refused(data_dir: Path, build) -> N
     index = json.loads(index_path.read_text())
     index["weight_map"]["extra.weight"] = "model-00003-of-00003.safetensors"
     index_path.write_text(json.dumps(index))
-    with pytest.raises(InvalidCheckpoint, match="model-00003-of-00003.safetensors"):
+    with pytest.raises(InvalidCheckpoint, match=r"model-00003-of-00003\.safetensors"):
         run(data_dir, src, tokens=["<a>"])
     assert not (data_dir / "out").exists()
 

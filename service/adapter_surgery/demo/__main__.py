@@ -101,7 +101,8 @@ def main() -> int:
         enc = tok(item["token"], add_special_tokens=False).input_ids
         good = got == item["id"] and enc == [item["id"]]
         ok &= good
-        print(f"token {item['token']!r}: reported id {item['id']}, tokenizer encodes {enc} -> {'ok' if good else 'FAIL'}")
+        verdict = "ok" if good else "FAIL"
+        print(f"token {item['token']!r}: reported id {item['id']}, tokenizer encodes {enc} -> {verdict}")
     before, p_before, logits_before = _next_token(base, PROMPT)
     after, p_after, logits_after = _next_token(patched, PROMPT)
     v = logits_before.shape[0]
