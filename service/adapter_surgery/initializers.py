@@ -169,11 +169,11 @@ def row_stats(chunks: list[tuple[int, torch.Tensor]] | object, trained: Callable
         x = rows.to(device).float()
         flat = x.reshape(x.shape[0], -1)
         has_entry = trained(first, x.shape[0]).to(device)
-        nonzero = flat.ne(0).any(dim=1)
-        zero_rows += (torch.nonzero(has_entry & ~nonzero).flatten() + first).tolist()
-        sel = x[has_entry & nonzero]
+        keep = has_entry & flat.ne(0).any(dim=1)
+        zero_rows += (torch.nonzero(has_entry & ~keep).flatten() + first).tolist()
+        sel = x if bool(keep.all()) else x[keep]
         single = sel if pieces == 1 else None
-        s = sel.double().sum(dim=0)
+        s = sel.sum(dim=0).double()  # float32 within a chunk, float64 across chunks
         total = s if total is None else total + s
         if covariance:
             f = sel.reshape(sel.shape[0], -1).double()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,15 +304,21 @@ def _total_parameters(ckpt: Checkpoint, changes: Changes, weight_map: dict[str, 
     return total
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb", buffering=0) as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)  # hashlib releases the GIL on large buffers: files hash in parallel
+    return digest.hexdigest()
+
+
 def describe_files(root: Path) -> list[WrittenFile]:
-    """Every file under ``root`` (or ``root`` itself if a file), with size and sha256, sorted by path."""
+    """Every file under ``root`` (or ``root`` itself if a file), with size and sha256, sorted by path.
+
+    Files are hashed on a thread per core.
+    """
     paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    files = []
-    for p in paths:
-        digest = hashlib.sha256()
-        with p.open("rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                digest.update(block)
-        rel = p.name if root.is_file() else str(p.relative_to(root))
-        files.append(WrittenFile(rel, p.stat().st_size, digest.hexdigest()))
-    return files
+    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(_sha256, paths))
+    return [WrittenFile(p.name if root.is_file() else str(p.relative_to(root)), p.stat().st_size, d)
+            for p, d in zip(paths, digests, strict=True)]
