@@ -89,3 +89,6 @@ def test_atomic_output_leaves_nothing_on_error(tmp_path: Path) -> None:
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in dest.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(RuntimeError), atomic_output(tmp_path / "new" / "deeper" / "out") as tmp:
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -42,9 +43,11 @@ def atomic_output(dest: Path, overwrite: bool = False) -> Iterator[Path]:
     if dest.exists() and not overwrite:
         raise OutputExists(f"output {dest.name!r} already exists", field="output",
                            fix='Choose another output path, or send "overwrite": true to replace it.')
+    created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]
     tmp = dest.parent / f".{dest.name}.tmp-{tag}"
+    done = False
     try:
         yield tmp
         if dest.exists():
@@ -54,9 +57,14 @@ def atomic_output(dest: Path, overwrite: bool = False) -> Iterator[Path]:
             _remove(old)
         else:
             os.replace(tmp, dest)
+        done = True
     finally:
         if tmp.exists() or tmp.is_symlink():
             _remove(tmp)
+        if not done:  # leave no directory behind that this call created
+            for p in created:
+                with contextlib.suppress(OSError):
+                    p.rmdir()
 
 
 def _remove(path: Path) -> None:
