@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from adapter_surgery.errors import SurgeryError
+from adapter_surgery.errors import SurgeryError, field_errors
 from adapter_surgery.ops import OPERATIONS
 from adapter_surgery.ops.common import RunContext
 
@@ -37,8 +37,7 @@ def _run_operation(name: str, args: argparse.Namespace) -> int:
     try:
         spec = op.spec.model_validate_json(raw)
     except ValidationError as exc:
-        errors = [{"field": ".".join(str(p) for p in e["loc"]) or "spec", "message": e["msg"]}
-                  for e in exc.errors()]
+        errors = field_errors(exc.errors())
         _problem({"title": "Invalid request", "status": 422, "detail": "; ".join(
             f"{e['field']}: {e['message']}" for e in errors), "errors": errors})
         return 2

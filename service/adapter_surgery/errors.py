@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+#: Pydantic puts the tag of the union member it tried into ``loc`` (``str``, ``TokenSpec``, ``literal['a']``, the
+#: discriminator value ``extend-vocab``); field names are identifiers, so none of these is one.
+UNION_TAG = re.compile(r"^(str|int|float|bool|[A-Z]\w*|.*\[.*\]|.*-.*)$")
+
+
+def field_errors(errors: Iterable[Mapping[str, Any]], prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Pydantic validation errors as ``{"field": "tokens.0.content", "message", "type"}``, union tags removed."""
+    items = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body" and not (isinstance(p, str) and UNION_TAG.match(p))]
+        items.append({"field": ".".join([*prefix, *loc]) or "body", "message": e.get("msg", "invalid"),
+                      "type": e.get("type")})
+    return items
+
 
 class SurgeryError(Exception):
     """A request the service refuses, with what is wrong and how to fix it.

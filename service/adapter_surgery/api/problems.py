@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,11 +10,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapter_surgery.errors import SurgeryError
+from adapter_surgery.errors import SurgeryError, field_errors
 
 PROBLEM = "application/problem+json"
-#: Pydantic puts the tag of the union member it tried into ``loc`` (``str``, ``TokenSpec``, ``literal['a']``).
-UNION_TAG = re.compile(r"^(str|int|float|bool|constrained-\w+|[A-Z]\w*|.*\[.*\])$")
 log = logging.getLogger("adapter_surgery")
 
 
@@ -26,11 +23,7 @@ def problem(status: int, title: str, detail: str, **extra: object) -> JSONRespon
 
 def validation_problem(errors: list[dict], prefix: tuple[str, ...] = ()) -> JSONResponse:
     """A 422 naming each invalid field (dotted path) with pydantic's message."""
-    items = []
-    for e in errors:
-        loc = [str(p) for p in e.get("loc", ()) if p != "body" and not (isinstance(p, str) and UNION_TAG.match(p))]
-        items.append({"field": ".".join([*prefix, *loc]) or "body", "message": e.get("msg", "invalid"),
-                      "type": e.get("type")})
+    items = field_errors(errors, prefix)
     first = items[0] if items else {"field": "body", "message": "invalid"}
     detail = "; ".join(f"{i['field']}: {i['message']}" for i in items[:5])
     return problem(422, "Invalid request", detail, field=first["field"], errors=items,

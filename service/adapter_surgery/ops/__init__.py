@@ -15,6 +15,7 @@ from adapter_surgery.ops.attach_head import AttachHeadOptions, AttachHeadResult,
 from adapter_surgery.ops.attach_lora import AttachLoraOptions, AttachLoraResult, AttachLoraSpec, attach_lora
 from adapter_surgery.ops.common import PathFields, RunContext
 from adapter_surgery.ops.extend_vocab import ExtendVocabOptions, ExtendVocabResult, ExtendVocabSpec, extend_vocab
+from adapter_surgery.ops.surgery import SurgeryOptions, SurgeryResult, SurgerySpec, surgery
 from adapter_surgery.verify import VerifyOptions, VerifyResult, VerifySpec, verify
 
 
@@ -43,6 +44,9 @@ OPERATIONS: dict[str, Operation] = {
         Operation("attach-head", "Attach a classification head (sequence or token): the LM head dropped, the head "
                   "initialized, config and tokenizer made consistent.",
                   AttachHeadSpec, AttachHeadOptions, AttachHeadResult, attach_head),  # type: ignore[arg-type]
+        Operation("surgery", "Run several operations (extend-vocab, attach-head, attach-lora) as one job with one "
+                  "atomic output: the patched base plus the adapter that names it.",
+                  SurgerySpec, SurgeryOptions, SurgeryResult, surgery),  # type: ignore[arg-type]
         Operation("verify", "The preservation report of a patched checkpoint against its base (writes nothing).",
                   VerifySpec, VerifyOptions, VerifyResult, verify),  # type: ignore[arg-type]
     ]

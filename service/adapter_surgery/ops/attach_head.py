@@ -368,16 +368,14 @@ def _add_pad(spec: AttachHeadSpec, ckpt: Checkpoint, arch: Architecture, tok, de
 
     Only the input embedding grows: the LM head, whose rows extend-vocab would also extend, is dropped.
     """
-    from adapter_surgery.ops.extend_vocab import ExtendVocabSpec, TokenSpec
-    from adapter_surgery.ops.extend_vocab import _changes as vocab_changes
-    from adapter_surgery.ops.extend_vocab import _plan as vocab_plan
+    from adapter_surgery.ops.extend_vocab import ExtendVocabSpec, TokenSpec, plan_vocab, vocab_changes
 
     ev = ExtendVocabSpec(checkpoint=spec.checkpoint, output=spec.output, overwrite=spec.overwrite,
                          tokens=[TokenSpec(content=spec.pad_token_content, special=True)] if tok is not None else [],
                          num_new_tokens=None if tok is not None else 1, init="mean", seed=spec.seed,
                          device=spec.device)
     input_only = dataclasses.replace(arch, output_head=None, output_bias=None, redundant_keys=[])
-    plan = vocab_plan(ev, ckpt, input_only, tok)
+    plan = plan_vocab(ev, ckpt, input_only, tok)
     ev_changes, changed = vocab_changes(ev, ckpt, input_only, plan, tok=tok, device=device, warnings=warnings)
     changes.replace.update(ev_changes.replace)
     if plan.added:

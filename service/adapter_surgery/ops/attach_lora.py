@@ -622,6 +622,33 @@ class _Materializer:
             if "base_layer" not in name and p.device.type not in ("cpu", "meta"):
                 p.data = p.data.cpu()
         del weight
+        if weights_needed:
+            _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``) so that RSS stays at one target.
+
+    glibc serves allocations below its (adaptive, up to 32 MB) mmap threshold from the heap; the weight-sized
+    temporaries of each target, freed between adapters that stay alive, would otherwise fragment it and RSS would
+    grow with every target although no tensor outlives its target.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():  # -> ctypes.CDLL | None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+_LIBC = _load_libc()
 
 
 @torch.no_grad()

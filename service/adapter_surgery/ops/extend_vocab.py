@@ -134,9 +134,9 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     arch = resolve_architecture(ckpt)
     warnings = list(ckpt.warnings) + arch.notes
     tok = _load_tokenizer(ckpt, spec)
-    plan = _plan(spec, ckpt, arch, tok)
+    plan = plan_vocab(spec, ckpt, arch, tok)
     ctx.say(f"planned {len(plan.added)} new tokens, {arch.vocab_rows} -> {plan.rows_after} rows")
-    changes, changed = _changes(spec, ckpt, arch, plan, tok, device, warnings)
+    changes, changed = vocab_changes(spec, ckpt, arch, plan, tok, device, warnings)
     single_file = output.suffix == ".safetensors"
     if single_file and not ckpt.is_file:
         raise InvalidSpec("a .safetensors output needs a bare .safetensors checkpoint", field="output",
@@ -162,7 +162,9 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
 
 # -- planning ------------------------------------------------------------------------------------------------
 @dataclass
-class _Plan:
+class VocabPlan:
+    """Which rows get which values: new tokens, padding rows, re-initialized rows; what the result reports."""
+
     rows_after: int
     rows: list[_Row]
     added: list[TokenId]
@@ -196,7 +198,14 @@ def _load_tokenizer(ckpt: Checkpoint, spec: ExtendVocabSpec):  # -> PreTrainedTo
                                 field="checkpoint", fix="Re-save the tokenizer with save_pretrained.") from None
 
 
-def _plan(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok) -> _Plan:
+def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok) -> VocabPlan:
+    """Plan the rows: ids of the new tokens (added to ``tok`` in place), padding, the final row count.
+
+    Used by extend-vocab and by attach-head (for a dedicated pad token).
+
+    Raises:
+        InvalidSpec: a copy source that does not exist, subword_mean without tokenizer.
+    """
     rows_before = arch.vocab_rows
     default = spec.init
     added: list[TokenId] = []
@@ -244,7 +253,7 @@ def _plan(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok) -> _
     for r in padding:
         rows.append(_row_for(r, pad_strategy, None, None, tok, "init", rows_before))
     with_token = set(range(rows_after)) if tok is None else set(tok.get_vocab().values())
-    return _Plan(rows_after=rows_after, rows=rows, added=added, existing=existing, untrained=[], reinit=[],
+    return VocabPlan(rows_after=rows_after, rows=rows, added=added, existing=existing, untrained=[], reinit=[],
                  padding_rows=padding, rows_without_token=[i for i in range(rows_after) if i not in with_token],
                  tok_before=tok_before, has_entry=has_entry)
 
@@ -285,8 +294,16 @@ def _add_to_tokenizer(tok, tokens: list[TokenSpec]) -> None:
 
 
 # -- values ---------------------------------------------------------------------------------------------------
-def _changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, plan: _Plan, tok, device: torch.device,
-             warnings: list[str]) -> tuple[Changes, list[ChangedTensor]]:
+def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, plan: VocabPlan, tok,
+                  device: torch.device, warnings: list[str]) -> tuple[Changes, list[ChangedTensor]]:
+    """The tensor changes of ``plan``: every vocabulary tensor of ``arch`` row-patched with its strategy values.
+
+    Also reports (into ``plan``) existing tokens with all-zero rows and re-initializes them with
+    ``reinit_existing``, drops redundant tied heads and unties on request; appends to ``warnings``.
+
+    Raises:
+        InvalidCheckpoint: a vocabulary tensor without any trained row.
+    """
     changes = Changes()
     for key in arch.redundant_keys:
         changes.remove.add(key)
@@ -331,7 +348,7 @@ def _untie(changes: Changes, changed: list[ChangedTensor], ckpt: Checkpoint, arc
     changed.append(ChangedTensor(name=arch.head_param, shape_before=None, shape=list(embed.shape)))
 
 
-def _stats(ckpt: Checkpoint, key: str, plan: _Plan, device: torch.device, covariance: bool) -> RowStats:
+def _stats(ckpt: Checkpoint, key: str, plan: VocabPlan, device: torch.device, covariance: bool) -> RowStats:
     rows = ckpt.info(key).shape[0]
     entry = plan.has_entry
 
@@ -350,7 +367,7 @@ def _stats(ckpt: Checkpoint, key: str, plan: _Plan, device: torch.device, covari
             from None
 
 
-def _patched(ckpt: Checkpoint, key: str, stats: RowStats, plan: _Plan, spec: ExtendVocabSpec,
+def _patched(ckpt: Checkpoint, key: str, stats: RowStats, plan: VocabPlan, spec: ExtendVocabSpec,
              device: torch.device, arch: Architecture) -> TensorSource:
     info = ckpt.info(key)
     dtype = info.torch_dtype
@@ -380,7 +397,7 @@ def _patched(ckpt: Checkpoint, key: str, stats: RowStats, plan: _Plan, spec: Ext
 
 
 # -- side files -----------------------------------------------------------------------------------------------
-def _write_side_files(ckpt: Checkpoint, out: Path, arch: Architecture, plan: _Plan, spec: ExtendVocabSpec,
+def _write_side_files(ckpt: Checkpoint, out: Path, arch: Architecture, plan: VocabPlan, spec: ExtendVocabSpec,
                       tok) -> None:
     for path in ckpt.other_files():  # small files, copied (never linked) since some are rewritten below
         shutil.copyfile(path, out / path.name)

@@ -1,0 +1,203 @@
+"""Surgery: several operations as one job with one atomic output (``POST /surgery``).
+
+``{"checkpoint", "output", "steps": [{"op": "extend-vocab", ...}, {"op": "attach-head", ...},
+{"op": "attach-lora", ...}]}``. Steps that patch the base (``extend-vocab``, ``attach-head``) run in order, each
+on the previous one's output, in a work directory beside the destination (unchanged shards are hard-linked from
+step to step, so the cost still grows with what changes). An ``attach-lora`` step then builds its adapter on the
+*final* patched base, wherever it stands in the list: an adapter made on an intermediate base would not load on
+the final one (a head added later changes the model class). ``"trainable_token_indices": "added"`` makes the
+rows added by the plan's extend-vocab steps trainable.
+
+The output holds the patched base (as saved by its last step) and, with an ``attach-lora`` step, the adapter in
+``<output>/adapter/`` whose ``base_model_name_or_path`` names ``<output>``. No intermediate result ever appears at
+the destination; a failing step leaves nothing (the work directory is removed, the destination untouched).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from adapter_surgery.errors import SurgeryError
+from adapter_surgery.io import atomic_output, describe_files
+from adapter_surgery.io.atomic import check_output_path
+from adapter_surgery.ops.attach_head import AttachHeadOptions, AttachHeadSpec, attach_head
+from adapter_surgery.ops.attach_lora import AttachLoraOptions, AttachLoraSpec, attach_lora
+from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
+from adapter_surgery.ops.extend_vocab import ExtendVocabOptions, ExtendVocabSpec, extend_vocab
+from adapter_surgery.paths import resolve_under
+from adapter_surgery.verify import PreservationReport, VerifyOptions, preservation_report
+
+ADAPTER_DIR = "adapter"
+
+
+class ExtendVocabStep(ExtendVocabOptions):
+    op: Literal["extend-vocab"]
+
+
+class AttachHeadStep(AttachHeadOptions):
+    op: Literal["attach-head"]
+
+
+Added = Literal["added"]
+
+
+class AttachLoraStep(AttachLoraOptions):
+    op: Literal["attach-lora"]
+    trainable_token_indices: Added | list[int] | dict[str, list[int] | Added] | None = Field(  # type: ignore[assignment]
+        None, description='As in attach-lora, or "added" (per module too): the ids the plan\'s extend-vocab steps '
+                          "added.")
+
+
+Step = Annotated[ExtendVocabStep | AttachHeadStep | AttachLoraStep, Field(discriminator="op")]
+
+
+class SurgeryOptions(StrictModel):
+    steps: list[Step] = Field(min_length=1, description="Operations in order; attach-lora applies to the final base.")
+    verify: bool = Field(False, description="Add the preservation report (base vs final patched base).")
+
+    @field_validator("steps")
+    @classmethod
+    def _check(cls, steps: list[Step]) -> list[Step]:
+        loras = [s for s in steps if isinstance(s, AttachLoraStep)]
+        if len(loras) > 1:
+            raise ValueError("at most one attach-lora step: one plan writes one adapter")
+        grows = any(isinstance(s, ExtendVocabStep) for s in steps)
+        if loras and _uses_added(loras[0].trainable_token_indices) and not grows:
+            raise ValueError('trainable_token_indices "added" needs an extend-vocab step in the plan')
+        return steps
+
+
+class SurgerySpec(PathFields, SurgeryOptions):
+    """The full ``POST /surgery`` request."""
+
+
+class StepResult(BaseModel):
+    op: str
+    result: dict[str, Any] = Field(description="The step's own result, as its endpoint returns it.")
+
+
+class SurgeryResult(BaseModel):
+    output: str
+    base: str = Field(description="The patched base (the output itself, or the checkpoint if no step patched it).")
+    adapter: str | None = Field(description="The adapter directory, with an attach-lora step.")
+    steps: list[StepResult]
+    report: PreservationReport | None = None
+    files: list[FileInfo]
+    warnings: list[str]
+    seconds: float
+
+
+def _uses_added(value: object) -> bool:
+    return value == "added" or (isinstance(value, dict) and "added" in value.values())
+
+
+def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
+    """Run every step of ``spec`` as one job; write one output atomically (see the module docstring).
+
+    Raises:
+        NotFound, PathOutsideDataDir, OutputExists: path problems (checked before any step runs).
+        InvalidCheckpoint, InvalidSpec: from the failing step, with ``field`` prefixed by ``steps[i]``.
+    """
+    started = time.perf_counter()
+    checkpoint = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
+    output = resolve_under(ctx.data_dir, spec.output, "output")
+    check_output_path(output, checkpoint, spec.overwrite)
+    root = ctx.data_dir.resolve()
+    work = output.parent / f".{output.name}.surgery-{uuid.uuid4().hex[:12]}"
+    work_rel = str(work.relative_to(root))
+    results: list[StepResult] = []  # base steps in order, then the adapter
+    warnings: list[str] = []
+    added: list[int] = []
+    try:
+        work.mkdir(parents=True)
+        current = spec.checkpoint
+        base_steps = [(i, s) for i, s in enumerate(spec.steps) if not isinstance(s, AttachLoraStep)]
+        lora = next(((i, s) for i, s in enumerate(spec.steps) if isinstance(s, AttachLoraStep)), None)
+        for i, step in base_steps:
+            out_rel = f"{work_rel}/step{i}"
+            result = _run_step(i, step, current, out_rel, ctx)
+            added += [a["id"] for a in result.get("added", []) if a.get("id") is not None]
+            results.append(StepResult(op=step.op, result={**result, "output": spec.output}))
+            warnings += [f"steps[{i}]: {w}" for w in result.get("warnings", [])]
+            current = out_rel
+        patched = current != spec.checkpoint
+        if lora is not None:
+            i, step = lora
+            step = step.model_copy(update={"trainable_token_indices": _resolve_added(step.trainable_token_indices,
+                                                                                   added)})
+            result = _run_step(i, step, current, f"{work_rel}/{ADAPTER_DIR}", ctx)
+            base_name = spec.output if patched else spec.checkpoint
+            _rename_base(work / ADAPTER_DIR, f"{work_rel}/{ADAPTER_DIR}", f"{spec.output}/{ADAPTER_DIR}", current,
+                         base_name)
+            result = {**result, "output": f"{spec.output}/{ADAPTER_DIR}"}
+            results.append(StepResult(op=step.op, result=result))
+            warnings += [f"steps[{i}]: {w}" for w in result.get("warnings", [])]
+        with atomic_output(output, spec.overwrite) as tmp:
+            if patched:
+                os.replace(root / current, tmp)
+            else:
+                tmp.mkdir()
+            if lora is not None:
+                os.replace(work / ADAPTER_DIR, tmp / ADAPTER_DIR)
+            files = describe_files(tmp)
+        report = None
+        if spec.verify and patched:
+            report = preservation_report(checkpoint, output, VerifyOptions(), progress=ctx.say)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return SurgeryResult(
+        output=spec.output, base=spec.output if patched else spec.checkpoint,
+        adapter=f"{spec.output}/{ADAPTER_DIR}" if lora is not None else None, steps=results, report=report,
+        files=[FileInfo.of(f) for f in files], warnings=warnings, seconds=round(time.perf_counter() - started, 4))
+
+
+_RUNNERS = {
+    "extend-vocab": (ExtendVocabSpec, extend_vocab),
+    "attach-head": (AttachHeadSpec, attach_head),
+    "attach-lora": (AttachLoraSpec, attach_lora),
+}
+
+
+def _run_step(i: int, step: BaseModel, checkpoint: str, output: str, ctx: RunContext) -> dict[str, Any]:
+    """Run one step on ``checkpoint`` into ``output``; errors name the step (``steps[i].<field>``)."""
+    spec_cls, run = _RUNNERS[step.op]  # type: ignore[attr-defined]
+    options = step.model_dump(exclude={"op"}, exclude_unset=True)
+    ctx.say(f"step {i}: {step.op}")  # type: ignore[attr-defined]
+    try:
+        spec = spec_cls.model_validate({**options, "checkpoint": checkpoint, "output": output})
+        return run(spec, ctx).model_dump(mode="json")  # type: ignore[operator]
+    except SurgeryError as exc:
+        if exc.field not in ("checkpoint", "output"):
+            exc.field = f"steps[{i}]" + (f".{exc.field}" if exc.field else "")
+        exc.detail = f"step {i} ({step.op}): {exc.detail}"  # type: ignore[attr-defined]
+        raise
+
+
+def _resolve_added(value: object, added: list[int]) -> object:
+    if value == "added":
+        return list(added)
+    if isinstance(value, dict):
+        return {k: (list(added) if v == "added" else v) for k, v in value.items()}
+    return value
+
+
+def _rename_base(adapter: Path, old_prefix: str, new_prefix: str, work_base: str, base_name: str) -> None:
+    """Point the adapter (and a PiSSA/OLoRA residual base) at their final locations."""
+    for cfg_path in [adapter / "adapter_config.json", adapter / "base" / "adapter_config.json"]:
+        if not cfg_path.is_file():
+            continue
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        name = cfg.get("base_model_name_or_path")
+        if name == work_base:
+            cfg["base_model_name_or_path"] = base_name
+        elif isinstance(name, str) and name.startswith(old_prefix):
+            cfg["base_model_name_or_path"] = new_prefix + name[len(old_prefix):]
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,119 @@
+"""POST /surgery: multi-step plans as one atomic job; the adapter names the patched base (case B09)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from adapter_surgery.api.app import create_app
+from adapter_surgery.errors import InvalidSpec
+from adapter_surgery.ops.common import RunContext
+from adapter_surgery.ops.surgery import SurgerySpec, surgery
+from adapter_surgery.settings import Settings
+from tests.conftest import config, tensors, tree_digest
+
+LORA = {"op": "attach-lora", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+
+
+def run(data: Path, checkpoint: str, steps: list[dict], output: str = "out", **kw):
+    return surgery(SurgerySpec.model_validate({"checkpoint": checkpoint, "output": output, "steps": steps, **kw}),
+                   RunContext(data))
+
+
+def load_with_info(cls, path: Path, **kw):
+    model, info = cls.from_pretrained(path, output_loading_info=True, dtype=torch.float32, **kw)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set(), info
+    return model.eval()
+
+
+def test_b09_tokens_and_lora_in_one_request(data_dir: Path, build) -> None:
+    src = build("FX-B")
+    before = tree_digest(data_dir / src)
+    r = run(data_dir, src, [{"op": "extend-vocab", "tokens": ["<a>", "<b>", "<c>"]},
+                            {**LORA, "trainable_token_indices": "added"}])
+    out = data_dir / "out"
+    assert r.base == "out" and r.adapter == "out/adapter"
+    assert [s.op for s in r.steps] == ["extend-vocab", "attach-lora"]
+    assert tensors(out)["model.embed_tokens.weight"].shape == (131, 32) and config(out)["vocab_size"] == 131
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == "out"
+    assert adapter_cfg["trainable_token_indices"] == [128, 129, 130]
+    keys = set(tensors(out / "adapter"))
+    assert not any(k.endswith(("embed_tokens.weight", "lm_head.weight")) for k in keys)
+    assert sum(k.endswith("lora_A.weight") for k in keys) == 4
+    base = load_with_info(AutoModelForCausalLM, out)
+    ids = torch.tensor([[1, 5, 17, 128, 129, 130, 40]])
+    with torch.no_grad():
+        expected = base(ids).logits
+    peft_model = PeftModel.from_pretrained(load_with_info(AutoModelForCausalLM, out), out / "adapter")
+    with torch.no_grad():
+        got = peft_model(ids).logits
+    assert (got - expected).abs().max() <= 1e-5
+    trainable_model = PeftModel.from_pretrained(load_with_info(AutoModelForCausalLM, out), out / "adapter",
+                                                is_trainable=True)
+    trainable = {n for n, p in trainable_model.named_parameters() if p.requires_grad}
+    assert any("trainable_tokens_delta" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    assert tree_digest(data_dir / src) == before
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted([src, "out"])  # no work directory left
+
+
+def test_three_step_plan_loads_end_to_end(data_dir: Path, build) -> None:
+    src = build("FX-B")
+    r = run(data_dir, src, [{"op": "extend-vocab", "tokens": ["<x>", "<y>"]},
+                            {**LORA, "trainable_token_indices": "added"},
+                            {"op": "attach-head", "num_labels": 3, "pad_token": "add"}], verify=True)
+    out = data_dir / "out"
+    assert [s.op for s in r.steps] == ["extend-vocab", "attach-head", "attach-lora"]
+    assert len(config(out)["id2label"]) == 3 and config(out)["architectures"] == ["LlamaForSequenceClassification"]
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids("<x>") == 128 and tok.pad_token == "<pad>"
+    assert config(out)["pad_token_id"] == tok.pad_token_id == 130
+    assert r.report is not None and r.report.status == "ok"
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["task_type"] == "SEQ_CLS" and adapter_cfg["base_model_name_or_path"] == "out"
+    assert adapter_cfg["trainable_token_indices"] == [128, 129]
+    base = load_with_info(AutoModelForSequenceClassification, out)
+    ids = torch.tensor([[1, 5, 128, 129, 17]])
+    with torch.no_grad():
+        expected = base(ids).logits
+    peft_model = PeftModel.from_pretrained(load_with_info(AutoModelForSequenceClassification, out), out / "adapter")
+    with torch.no_grad():
+        assert (peft_model(ids).logits - expected).abs().max() <= 1e-5
+
+
+def test_a_failing_middle_step_leaves_nothing(data_dir: Path, build) -> None:
+    src = build("FX-B")
+    with pytest.raises(InvalidSpec) as err:
+        run(data_dir, src, [{"op": "extend-vocab", "tokens": ["<a>"]},
+                            {**LORA, "target_modules": ["c_attn"]},
+                            {"op": "attach-head", "num_labels": 2}])
+    assert err.value.field is not None and err.value.field.startswith("steps[1]")
+    assert sorted(p.name for p in data_dir.iterdir()) == [src]
+
+
+def test_plan_validation(data_dir: Path, build) -> None:
+    src = build("FX-B")
+    client = TestClient(create_app(Settings(data_dir=data_dir)))
+    bad = [
+        ({"steps": []}, "steps"),
+        ({"steps": [{"op": "explode"}]}, "steps.0"),
+        ({"steps": [LORA, LORA]}, "steps"),
+        ({"steps": [{**LORA, "trainable_token_indices": "added"}]}, "steps"),
+        ({"steps": [{"op": "extend-vocab", "tokenz": []}]}, "steps.0.tokenz"),
+    ]
+    for body, field in bad:
+        r = client.post("/surgery", json={"checkpoint": src, "output": "out", **body})
+        assert r.status_code == 422, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["field"].startswith(field), (body, r.json())
+    assert sorted(p.name for p in data_dir.iterdir()) == [src]
+    ok = client.post("/surgery", json={"checkpoint": src, "output": "out",
+                                       "steps": [{"op": "extend-vocab", "tokens": ["<z>"]}]})
+    assert ok.status_code == 200 and ok.json()["adapter"] is None
+    assert tensors(data_dir / "out")["lm_head.weight"].shape == (129, 32)
