@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,18 @@ def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root``: proves an input was not modified."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def link_tree(src: Path, dest: Path) -> Path:
+    """Hard-link (else copy) the files of model directory ``src`` into ``dest``: a real checkpoint placed in a
+    test's data directory without copying hundreds of MB."""
+    dest.mkdir(parents=True)
+    for p in src.iterdir():
+        try:
+            os.link(p, dest / p.name)
+        except OSError:
+            shutil.copyfile(p, dest / p.name)
+    return dest
 
 
 def config(model_dir: Path) -> dict:

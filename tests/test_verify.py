@@ -30,7 +30,7 @@ from adapter_surgery.verify import (
     probe_inputs,
     verify,
 )
-from tests.conftest import tensors
+from tests.conftest import link_tree, tensors
 from tests.fixtures import make
 
 NEW = ["<a>", "<b>", "zzzq"]
@@ -238,12 +238,7 @@ def smollm2() -> Iterator[Path]:
         pytest.skip(f"SmolLM2 unavailable: {exc}")
     root = smol.parent.parent / f"test-verify-{os.getpid()}"
     shutil.rmtree(root, ignore_errors=True)
-    (root / "smollm2").mkdir(parents=True)
-    for p in smol.iterdir():
-        try:
-            os.link(p, root / "smollm2" / p.name)
-        except OSError:
-            shutil.copyfile(p, root / "smollm2" / p.name)
+    link_tree(smol, root / "smollm2")
     yield root
     shutil.rmtree(root, ignore_errors=True)
 

@@ -14,6 +14,7 @@ import contextlib
 import io
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -100,31 +101,39 @@ def resolve_architecture(ckpt: Checkpoint) -> Architecture:
     return arch
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence ``transformers``' info/warning logs and prints while building or loading models."""
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def build_meta_model(ckpt: Checkpoint) -> tuple[nn.Module | None, str | None]:
     """Build the checkpoint's ``transformers`` model on the ``meta`` device; ``(None, why)`` if impossible."""
     import transformers
 
-    quiet = logging.getLogger("transformers")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with quiet_transformers():
             config = transformers.AutoConfig.from_pretrained(str(ckpt.root), local_files_only=True)
-        names = list(getattr(config, "architectures", None) or [])
-        classes = [getattr(transformers, n) for n in names if hasattr(transformers, n)]
-        with torch.device("meta"):
-            for cls in classes:
-                return cls(config), None
-            for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
-                try:
-                    return auto.from_config(config), None
-                except ValueError:
-                    continue
+            names = list(getattr(config, "architectures", None) or [])
+            classes = [getattr(transformers, n) for n in names if hasattr(transformers, n)]
+            with torch.device("meta"):
+                for cls in classes:
+                    return cls(config), None
+                for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+                    try:
+                        return auto.from_config(config), None
+                    except ValueError:
+                        continue
         return None, f"no transformers class for model_type {config.model_type!r}"
     except Exception as exc:  # transformers raises many kinds for unknown or broken configs
         return None, f"{type(exc).__name__}: {exc}"
-    finally:
-        quiet.setLevel(level)
 
 
 def _checkpoint_key(ckpt: Checkpoint, param: str, prefix: str) -> str | None:

@@ -34,8 +34,6 @@ safetensors headers (float32 copy of the larger model, plus activations) against
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import math
 import os
@@ -48,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from adapter_surgery.arch import quiet_transformers
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import SurgeryError
 from adapter_surgery.initializers import WEIGHT_INITS, expected_std
@@ -350,7 +349,7 @@ def _tokenizer(ckpt: Checkpoint):  # -> PreTrainedTokenizerBase | None
     from transformers import AutoTokenizer
 
     try:
-        with _quiet():
+        with quiet_transformers():
             return AutoTokenizer.from_pretrained(str(ckpt.directory), local_files_only=True)
     except Exception:  # a tokenizer that cannot load only costs the text probe and the special-token filter
         return None
@@ -400,18 +399,6 @@ def _probes(ckpt: Checkpoint, tok, opts: VerifyOptions) -> tuple[list[torch.Tens
 
 
 # -- running a model -----------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _quiet():
-    logger = logging.getLogger("transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(level)
-
-
 def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load the model directory ``path`` in float32 with the class its config names (``AutoModel`` fallback).
 
@@ -419,7 +406,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn
     """
     import transformers
 
-    with _quiet():
+    with quiet_transformers():
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
         names = [n for n in (getattr(config, "architectures", None) or []) if hasattr(transformers, n)]
         candidates = [getattr(transformers, n) for n in names[:1]] or [transformers.AutoModelForCausalLM,

@@ -30,7 +30,7 @@ from adapter_surgery.ops import OPERATIONS
 from adapter_surgery.ops.attach_head import AttachHeadResult, AttachHeadSpec, attach_head
 from adapter_surgery.ops.common import RunContext
 from adapter_surgery.settings import Settings
-from tests.conftest import config, tensors, tree_digest
+from tests.conftest import config, link_tree, tensors, tree_digest
 
 INITS = ["kaiming_normal", "kaiming_uniform", "xavier_uniform", "xavier_normal", "normal", "zeros"]
 
@@ -408,15 +408,6 @@ def test_http_200_and_422(tmp_path: Path) -> None:
 
 
 # -- real checkpoints ----------------------------------------------------------------------------------------
-def _link_tree(src: Path, dest: Path) -> None:
-    dest.mkdir(parents=True)
-    for p in src.iterdir():
-        try:
-            os.link(p, dest / p.name)
-        except OSError:
-            shutil.copyfile(p, dest / p.name)
-
-
 @pytest.fixture(scope="module")
 def real_data() -> Iterator[Path]:
     checkpoints = pytest.importorskip("adapter_surgery.demo.checkpoints")
@@ -426,8 +417,8 @@ def real_data() -> Iterator[Path]:
         pytest.skip(f"real checkpoints unavailable: {exc}")
     root = smol.parent.parent / f"test-head-{os.getpid()}"
     shutil.rmtree(root, ignore_errors=True)
-    _link_tree(smol, root / "smollm2")
-    _link_tree(minilm, root / "minilm")
+    link_tree(smol, root / "smollm2")
+    link_tree(minilm, root / "minilm")
     yield root
     shutil.rmtree(root, ignore_errors=True)
 

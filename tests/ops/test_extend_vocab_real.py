@@ -18,16 +18,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from adapter_surgery.demo.checkpoints import fetch_minilm, fetch_smollm2, smollm2_variant
 from adapter_surgery.ops.common import RunContext
 from adapter_surgery.ops.extend_vocab import ExtendVocabSpec, extend_vocab
-from tests.conftest import config, tree_digest
-
-
-def _link_tree(src: Path, dest: Path) -> None:
-    dest.mkdir(parents=True)
-    for p in src.iterdir():
-        try:
-            os.link(p, dest / p.name)
-        except OSError:
-            shutil.copyfile(p, dest / p.name)
+from tests.conftest import config, link_tree, tree_digest
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +27,8 @@ def real_data() -> Iterator[Path]:
     smol, minilm = fetch_smollm2(), fetch_minilm()
     root = smol.parent.parent / f"test-data-{os.getpid()}"
     shutil.rmtree(root, ignore_errors=True)
-    _link_tree(smol, root / "smollm2")
-    _link_tree(minilm, root / "minilm")
+    link_tree(smol, root / "smollm2")
+    link_tree(minilm, root / "minilm")
     smollm2_variant(smol, root / "smollm2-2l-untied-sharded", layers=2, untied=True, max_shard_size="20MB")
     yield root
     shutil.rmtree(root, ignore_errors=True)

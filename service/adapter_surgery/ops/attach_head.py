@@ -25,11 +25,8 @@ with the tokenizer files (``pad_token`` policy below). Initializer formulas and 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
-import logging
 import shutil
 import time
 import zlib
@@ -41,7 +38,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from adapter_surgery.arch import Architecture, resolve_architecture
+from adapter_surgery.arch import Architecture, quiet_transformers, resolve_architecture
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
 from adapter_surgery.initializers import WEIGHT_INITS, WeightInitArgs, expected_std
@@ -248,23 +245,11 @@ def _problem_type(spec: AttachHeadOptions, n: int) -> ProblemType | None:
 
 
 # -- transformers --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _quiet():
-    logger = logging.getLogger("transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(level)
-
-
 def _auto_config(ckpt: Checkpoint):  # -> PretrainedConfig
     import transformers
 
     try:
-        with _quiet():
+        with quiet_transformers():
             return transformers.AutoConfig.from_pretrained(str(ckpt.root), local_files_only=True)
     except Exception as exc:  # transformers raises many kinds for broken configs
         raise InvalidCheckpoint(f"config.json cannot be loaded ({type(exc).__name__}: {exc})", field="checkpoint",
@@ -284,7 +269,7 @@ def _target_class(config, task: str) -> type[nn.Module]:
 
 
 def _meta_model(cls: type[nn.Module], config) -> nn.Module:
-    with _quiet(), torch.device("meta"):
+    with quiet_transformers(), torch.device("meta"):
         return cls(config)
 
 
@@ -294,7 +279,7 @@ def _load_tokenizer(ckpt: Checkpoint):  # -> PreTrainedTokenizerBase | None
     from transformers import AutoTokenizer
 
     try:
-        with _quiet():
+        with quiet_transformers():
             return AutoTokenizer.from_pretrained(str(ckpt.directory), local_files_only=True)
     except Exception as exc:  # transformers raises many kinds for broken tokenizer files
         raise InvalidCheckpoint(f"the tokenizer files could not be loaded ({type(exc).__name__}: {exc})",
