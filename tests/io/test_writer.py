@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,19 @@ def test_single_file(tmp_path: Path) -> None:
     write_single_file(ckpt, tmp_path / "o.safetensors",
                       Changes(replace={"x": RowPatchedTensor(info, ckpt.path_of("x"), {}, torch.zeros(1, 2))}))
     assert load_file(str(tmp_path / "o.safetensors"))["x"].tolist() == [[0, 1], [2, 3], [4, 5], [0, 0]]
+
+
+def test_outputs_are_readable_by_the_group_and_links_keep_their_mode(tmp_path: Path) -> None:
+    src = tmp_path / "input.bin"
+    src.write_bytes(b"x")
+    src.chmod(0o600)
+    with atomic_output(tmp_path / "out") as tmp:
+        tmp.mkdir()
+        save_file({"a": torch.zeros(1)}, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_model.safetensors").chmod(0o600)
+        os.link(src, tmp / "linked.bin")
+    assert (tmp_path / "out" / "adapter_model.safetensors").stat().st_mode & 0o044 == 0o044
+    assert src.stat().st_mode & 0o777 == 0o600
 
 
 def test_atomic_output_leaves_nothing_on_error(tmp_path: Path) -> None:

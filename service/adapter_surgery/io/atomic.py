@@ -50,6 +50,7 @@ def atomic_output(dest: Path, overwrite: bool = False) -> Iterator[Path]:
     done = False
     try:
         yield tmp
+        _readable(tmp)
         if dest.exists():
             old = dest.parent / f".{dest.name}.old-{tag}"
             os.replace(dest, old)
@@ -65,6 +66,30 @@ def atomic_output(dest: Path, overwrite: bool = False) -> Iterator[Path]:
             for p in created:
                 with contextlib.suppress(OSError):
                     p.rmdir()
+
+
+def _readable(root: Path) -> None:
+    """Give new files the process umask's usual mode: some writers (safetensors' ``save_file``) make them 0600,
+    which a trainer running as another user of the same group cannot read. Hard-linked files (shared with an
+    input) are left alone: their mode is the input's, which is never modified."""
+    umask = _umask()
+    paths = [root] if root.is_file() else [root, *root.rglob("*")]
+    for p in paths:
+        st = p.lstat()
+        if p.is_symlink() or (p.is_file() and st.st_nlink > 1):
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would, for a moment, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def _remove(path: Path) -> None:
