@@ -20,13 +20,13 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m adapter_surgery.demo.checkpoints all
-	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff check service tests bench docker
 	$(BIN)/python -m adapter_surgery.cli openapi | diff -q - openapi/openapi.json \
 		|| (echo "openapi/openapi.json is stale: run 'make openapi'" && exit 1)
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff check service tests bench docker
 
 openapi: setup
 	$(BIN)/python -m adapter_surgery.cli openapi > openapi/openapi.json

@@ -156,10 +156,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
-data, init = Path(sys.argv[1]), sys.argv[2]
+data, init, dtype = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 t1 = time.perf_counter()
 torch.manual_seed(0)
-model = AutoModelForCausalLM.from_pretrained(data / "base")
+model = AutoModelForCausalLM.from_pretrained(data / "base", **({} if dtype == "auto" else {"dtype": dtype}))
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM",
                                          init_lora_weights=True if init == "true" else init))
 model.save_pretrained(data / "out-peft")
@@ -168,8 +168,9 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "op_seconds": time.perf_c
 """
 
 
-def run(code: str, data: Path, init: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, str(data), init], check=True, capture_output=True, text=True)
+def run(code: str, data: Path, init: str, dtype: str = "auto") -> dict:
+    out = subprocess.run([sys.executable, "-c", code, str(data), init, dtype], check=True, capture_output=True,
+                         text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -184,6 +185,7 @@ def main() -> None:
     seven = build_sparse(CACHE / "attach-lora-7b" / "base", SHAPES["7b"]).parent
     print(f"checkpoints ready in {time.perf_counter() - t:.1f}s", file=sys.stderr)
     rows = []
+    fp32 = None
     for label, data, inits, with_peft in [("1.1B", one, args.inits.split(","), True),
                                           ("7B (sparse)", seven, ["true"], args.peft_7b)]:
         size = sum(p.stat().st_size for p in (data / "base").glob("*.safetensors"))
@@ -193,6 +195,8 @@ def main() -> None:
             theirs = run(PEFT, data, init) if with_peft else None
             rows.append((label, size, init, ours, theirs))
             print(label, init, ours, theirs, file=sys.stderr)
+            if label == "1.1B" and init == "true":  # transformers 4's default: load in float32, every byte read
+                fp32 = (ours, run(PEFT, data, init, "float32"))
         for name in ("out-ours", "out-peft"):
             shutil.rmtree(data / name, ignore_errors=True)
     print("| checkpoint | init | attach-lora op s (first / warm) | attach-lora process s | RSS MB | base bytes read | "
@@ -205,6 +209,11 @@ def main() -> None:
         print(f"| {label}, {size / 1e9:.1f} GB bf16, {ours['targets']} targets | {init} | "
               f"{ours['op_seconds']:.2f} / {ours['warm_seconds']:.2f} | "
               f"{ours['seconds']:.2f} | {ours['rss_mb']:.0f} | {ours['bytes_read']:,} " + p)
+    if fp32 is not None:
+        ours, theirs = fp32
+        print(f"\npeft with the base loaded in float32 (transformers 4's default; every weight read and converted), "
+              f"1.1B, init true: {theirs['op_seconds']:.2f} s, process {theirs['seconds']:.2f} s, RSS "
+              f"{theirs['rss_mb']:.0f} MB: {theirs['op_seconds'] / ours['op_seconds']:.0f}x the attach-lora op.")
 
 
 if __name__ == "__main__":
