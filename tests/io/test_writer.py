@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -36,7 +37,9 @@ def test_row_patch_copies_untouched_rows_and_appends(tmp_path: Path) -> None:
     appended = torch.full((2, 4), -1.0).bfloat16()
     changes = Changes(replace={"emb": RowPatchedTensor(ckpt.info("emb"), ckpt.path_of("emb"), {3: new_row}, appended)})
     rewritten = write_checkpoint(ckpt, tmp_path / "out", changes)
-    assert rewritten == ["s1.safetensors"]
+    for name in ("s1.safetensors", "s2.safetensors"):  # rewritten, and linked: both hashed
+        assert rewritten[name] == hashlib.sha256((tmp_path / "out" / name).read_bytes()).hexdigest()
+    assert (tmp_path / "out/s2.safetensors").stat().st_ino == (tmp_path / "in/s2.safetensors").stat().st_ino
     before, after = load_file(str(tmp_path / "in/s1.safetensors")), load_file(str(tmp_path / "out/s1.safetensors"))
     assert after["emb"].shape == (12, 4) and after["emb"].dtype == torch.bfloat16
     assert torch.equal(after["emb"][:3], before["emb"][:3]) and torch.equal(after["emb"][4:10], before["emb"][4:10])

@@ -25,6 +25,14 @@ from adapter_surgery.io.checkpoint import INDEX_NAME, Checkpoint
 from adapter_surgery.io.header import DTYPES, TORCH_TO_SAFETENSORS, ShardHeader, TensorInfo
 
 Progress = Callable[[str], None]
+#: Bytes per read when a copy passes through Python (to hash it): bounded memory.
+COPY_CHUNK = 8 * 1024 * 1024
+
+
+class Digest(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
 
 
 class TensorSource(Protocol):
@@ -36,29 +44,37 @@ class TensorSource(Protocol):
     @property
     def nbytes(self) -> int: ...
 
-    def write(self, fd: int) -> None:
-        """Write exactly ``nbytes`` bytes at ``fd``'s current position."""
+    def write(self, fd: int, digest: Digest | None = None) -> None:
+        """Write exactly ``nbytes`` bytes at ``fd``'s current position, feeding them to ``digest`` if given."""
 
 
-def _copy_range(src: Path, begin: int, length: int, fd: int) -> None:
-    """Copy ``length`` bytes at ``begin`` of ``src`` to ``fd``: ``copy_file_range``, else ``sendfile``."""
+def _copy_range(src: Path, begin: int, length: int, fd: int, digest: Digest | None = None) -> None:
+    """Copy ``length`` bytes at ``begin`` of ``src`` to ``fd``.
+
+    Without ``digest``: ``copy_file_range`` (the kernel copies, no byte enters Python), else ``sendfile``. With
+    one: one pass through a bounded buffer that is hashed as it is written, cheaper than copying, then reading
+    the output again to hash it.
+    """
     if length == 0:
         return
     with src.open("rb", buffering=0) as fh:
         offset, left = begin, length
-        try:
-            while left:
-                n = os.copy_file_range(fh.fileno(), fd, left, offset)
-                if n == 0:
-                    break
-                offset, left = offset + n, left - n
-        except OSError:
-            pass
-        while left:  # the kernel could not copy between these files: stream through a bounded buffer
-            n = os.sendfile(fd, fh.fileno(), offset, min(left, 1 << 26)) if hasattr(os, "sendfile") else 0
-            if n <= 0:
-                chunk = os.pread(fh.fileno(), min(left, 1 << 24), offset)
-                n = _write_all(fd, chunk)
+        if digest is None:
+            try:
+                while left:
+                    n = os.copy_file_range(fh.fileno(), fd, left, offset)
+                    if n == 0:
+                        break
+                    offset, left = offset + n, left - n
+            except OSError:
+                pass
+        while left:
+            chunk = os.pread(fh.fileno(), min(left, COPY_CHUNK), offset)
+            if not chunk:
+                raise OSError(f"{src.name} ended while copying")
+            if digest is not None:
+                digest.update(chunk)
+            n = _write_all(fd, chunk)
             offset, left = offset + n, left - n
 
 
@@ -67,6 +83,12 @@ def _write_all(fd: int, data: bytes | memoryview) -> int:
     while done < len(view):
         done += os.write(fd, view[done:])
     return done
+
+
+def _write_hashed(fd: int, data: memoryview, digest: Digest | None) -> None:
+    if digest is not None:
+        digest.update(data)
+    _write_all(fd, data)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -94,8 +116,8 @@ class CopiedTensor:
     def nbytes(self) -> int:
         return self.info.nbytes
 
-    def write(self, fd: int) -> None:
-        _copy_range(self.path, self.info.begin, self.info.nbytes, fd)
+    def write(self, fd: int, digest: Digest | None = None) -> None:
+        _copy_range(self.path, self.info.begin, self.info.nbytes, fd, digest)
 
 
 @dataclass
@@ -116,8 +138,8 @@ class NewTensor:
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
 
-    def write(self, fd: int) -> None:
-        _write_all(fd, tensor_bytes(self.tensor))
+    def write(self, fd: int, digest: Digest | None = None) -> None:
+        _write_hashed(fd, tensor_bytes(self.tensor), digest)
 
 
 @dataclass
@@ -152,17 +174,17 @@ class RowPatchedTensor:
         extra = 0 if self.appended is None else self.appended.numel() * self.appended.element_size()
         return self.info.nbytes + extra
 
-    def write(self, fd: int) -> None:
+    def write(self, fd: int, digest: Digest | None = None) -> None:
         rows = self.info.shape[0]
         row_bytes = self.info.nbytes // rows if rows else 0
         cursor = 0
         for row in sorted(self.overrides):
-            _copy_range(self.path, self.info.begin + cursor * row_bytes, (row - cursor) * row_bytes, fd)
-            _write_all(fd, tensor_bytes(self.overrides[row]))
+            _copy_range(self.path, self.info.begin + cursor * row_bytes, (row - cursor) * row_bytes, fd, digest)
+            _write_hashed(fd, tensor_bytes(self.overrides[row]), digest)
             cursor = row + 1
-        _copy_range(self.path, self.info.begin + cursor * row_bytes, (rows - cursor) * row_bytes, fd)
+        _copy_range(self.path, self.info.begin + cursor * row_bytes, (rows - cursor) * row_bytes, fd, digest)
         if self.appended is not None:
-            _write_all(fd, tensor_bytes(self.appended))
+            _write_hashed(fd, tensor_bytes(self.appended), digest)
 
 
 @dataclass(frozen=True)
@@ -193,10 +215,12 @@ class Changes:
         return {ckpt.weight_map[n] for n in names if n in ckpt.weight_map}
 
 
-def write_shard(path: Path, entries: Iterable[tuple[str, TensorSource]], metadata: dict[str, str] | None) -> int:
-    """Write a safetensors file at ``path`` from ``(name, source)`` pairs, in that order; return data bytes.
+def write_shard(path: Path, entries: Iterable[tuple[str, TensorSource]],
+                metadata: dict[str, str] | None) -> tuple[int, str]:
+    """Write a safetensors file at ``path`` from ``(name, source)`` pairs, in that order.
 
-    The header JSON is padded with spaces to a multiple of 8 bytes, as the reference writer does.
+    The header JSON is padded with spaces to a multiple of 8 bytes, as the reference writer does. Returns the
+    tensor data bytes and the file's sha256 (hex), computed as the bytes are written.
     """
     entries = list(entries)
     header: dict[str, object] = {}
@@ -210,16 +234,17 @@ def write_shard(path: Path, entries: Iterable[tuple[str, TensorSource]], metadat
         offset += src.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
+    digest = hashlib.sha256()
     with path.open("wb", buffering=0) as fh:
         fd = fh.fileno()
-        _write_all(fd, len(raw).to_bytes(8, "little") + raw)
-        for _, src in entries:
+        _write_hashed(fd, memoryview(len(raw).to_bytes(8, "little") + raw), digest)
+        for name, src in entries:
             before = os.lseek(fd, 0, os.SEEK_CUR)
-            src.write(fd)
+            src.write(fd, digest)
             if os.lseek(fd, 0, os.SEEK_CUR) - before != src.nbytes:
-                raise RuntimeError(f"writer produced the wrong byte count for tensor {_!r}")
+                raise RuntimeError(f"writer produced the wrong byte count for tensor {name!r}")
         os.fsync(fd)
-    return offset
+    return offset, digest.hexdigest()
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -241,22 +266,25 @@ def _shard_entries(header: ShardHeader, names: list[str], changes: Changes,
     return entries + [(n, changes.add[n][0]) for n in additions]
 
 
-def write_single_file(ckpt: Checkpoint, path: Path, changes: Changes) -> None:
-    """Write a single-shard ``ckpt`` with ``changes`` as one safetensors file at ``path``."""
+def write_single_file(ckpt: Checkpoint, path: Path, changes: Changes) -> dict[str, str]:
+    """Write a single-shard ``ckpt`` with ``changes`` as one safetensors file at ``path``; ``{name: sha256}``."""
     (shard, header), = ckpt.shards.items()
     names = [n for n in header.order if ckpt.weight_map.get(n) == shard]
-    write_shard(path, _shard_entries(header, names, changes, list(changes.add)), header.metadata)
+    _, sha = write_shard(path, _shard_entries(header, names, changes, list(changes.add)), header.metadata)
+    return {path.name: sha}
 
 
 def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Progress | None = None,
-                     shard_name: str | None = None) -> list[str]:
+                     shard_name: str | None = None, hash_linked: bool = True) -> dict[str, str]:
     """Write ``ckpt`` with ``changes`` applied as safetensors shards into directory ``out``.
 
     Shards that hold no changed tensor are linked or copied; the others are rewritten in the source's
     tensor order, new tensors appended to their anchor's shard. With an index, the index is regenerated:
     ``weight_map`` is exactly the tensors of each shard, ``metadata.total_size`` their byte sum, other
     metadata kept. ``shard_name`` renames a bare file's single shard (e.g. to ``model.safetensors``).
-    Returns the names of the shards that were rewritten.
+    Returns ``{output shard name: sha256}`` of every shard (rewritten ones hashed as they were written, linked
+    ones hashed from their source meanwhile, on the other cores; without ``hash_linked`` only the rewritten ones);
+    pass it to :func:`describe_files` as ``known``.
     """
     out.mkdir(parents=True, exist_ok=True)
     changed = changes.changed_shards(ckpt)
@@ -264,27 +292,31 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
     for name, (_, anchor) in changes.add.items():
         additions.setdefault(ckpt.weight_map[anchor], []).append(name)
     weight_map: dict[str, str] = {}
+    digests: dict[str, str] = {}
     total = 0
-    for shard, header in ckpt.shards.items():
-        target = out / (shard_name or shard)
-        names = [n for n in header.order if ckpt.weight_map.get(n) == shard]
-        if shard in changed:
-            if progress:
-                progress(f"write {shard}")
-            entries = _shard_entries(header, names, changes, additions.get(shard, []))
-            total += write_shard(target, entries, header.metadata)
-            kept = [n for n, _ in entries]
-        elif names == header.order:
-            if progress:
-                progress(f"link {shard}")
-            link_or_copy(header.path, target)
-            total += sum(header.tensors[n].nbytes for n in names)
-            kept = names
-        else:  # the shard holds tensors the index does not map to it: drop them, as transformers would
-            entries = _shard_entries(header, names, changes, [])
-            total += write_shard(target, entries, header.metadata)
-            kept = names
-        weight_map.update(dict.fromkeys(kept, target.name))
+    linked = {shard: h for shard, h in ckpt.shards.items()
+              if shard not in changed and [n for n in h.order if ckpt.weight_map.get(n) == shard] == h.order}
+    with ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1)) as pool:
+        # linked shards are byte-identical to their source: hash those while the changed shards are written
+        pending = {shard_name or shard: pool.submit(_sha256, h.path) for shard, h in linked.items() if hash_linked}
+        for shard, header in ckpt.shards.items():
+            target = out / (shard_name or shard)
+            names = [n for n in header.order if ckpt.weight_map.get(n) == shard]
+            if shard in linked:
+                if progress:
+                    progress(f"link {shard}")
+                link_or_copy(header.path, target)
+                total += sum(header.tensors[n].nbytes for n in names)
+                kept = names
+            else:  # changed, or holding tensors the index does not map to it (dropped, as transformers would)
+                if progress:
+                    progress(f"write {shard}")
+                entries = _shard_entries(header, names, changes, additions.get(shard, []) if shard in changed else [])
+                size, digests[target.name] = write_shard(target, entries, header.metadata)
+                total += size
+                kept = [n for n, _ in entries]
+            weight_map.update(dict.fromkeys(kept, target.name))
+        digests.update({name: f.result() for name, f in pending.items()})
     if ckpt.has_index:
         metadata = dict(ckpt.index_metadata or {})
         metadata["total_size"] = total
@@ -292,7 +324,7 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
             metadata["total_parameters"] = _total_parameters(ckpt, changes, weight_map)
         index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return sorted(changed)
+    return dict(sorted(digests.items()))
 
 
 def _total_parameters(ckpt: Checkpoint, changes: Changes, weight_map: dict[str, str]) -> int:
@@ -312,13 +344,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_files(root: Path) -> list[WrittenFile]:
+def describe_files(root: Path, known: dict[str, str] | None = None) -> list[WrittenFile]:
     """Every file under ``root`` (or ``root`` itself if a file), with size and sha256, sorted by path.
 
-    Files are hashed on a thread per core.
+    ``known`` maps relative paths to digests already computed (shards hashed as they were written); the other
+    files are hashed on a thread per core (hashlib releases the GIL on large buffers).
     """
+    known = known or {}
     paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(_sha256, paths))
-    return [WrittenFile(p.name if root.is_file() else str(p.relative_to(root)), p.stat().st_size, d)
-            for p, d in zip(paths, digests, strict=True)]
+    rel = [p.name if root.is_file() else str(p.relative_to(root)) for p in paths]
+    todo = [p for p, r in zip(paths, rel, strict=True) if r not in known]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+        hashed = dict(zip(todo, pool.map(_sha256, todo), strict=True))
+    return [WrittenFile(r, p.stat().st_size, known.get(r) or hashed[p]) for p, r in zip(paths, rel, strict=True)]

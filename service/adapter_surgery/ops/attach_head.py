@@ -192,9 +192,9 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
     created = _create(keys.missing, target, spec, config, device, _dtype(ckpt, arch))
     changed = _apply(changes, ckpt, keys, created, pad.changed)
     with atomic_output(output, spec.overwrite) as tmp:
-        write_checkpoint(ckpt, tmp, changes, ctx.say)
+        digests = write_checkpoint(ckpt, tmp, changes, ctx.say)
         _write_side_files(ckpt, tmp, arch, target_cls.__name__, id2label, problem_type, pad, tok)
-        files = describe_files(tmp)
+        files = describe_files(tmp, known=digests)
     report = None
     if spec.verify:
         ctx.say("preservation report")

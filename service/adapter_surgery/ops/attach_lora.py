@@ -74,7 +74,7 @@ from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
 from adapter_surgery.io import Checkpoint, atomic_output, describe_files
 from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.header import TORCH_TO_SAFETENSORS, TensorInfo
-from adapter_surgery.io.writer import Changes, CopiedTensor, tensor_bytes, write_checkpoint
+from adapter_surgery.io.writer import Changes, CopiedTensor, WrittenFile, tensor_bytes, write_checkpoint
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
 from adapter_surgery.paths import resolve_under
 
@@ -788,11 +788,11 @@ def _write_residual(ckpt: Checkpoint, dest: Path, spill: _Spill, base_path: str,
     changes = Changes()
     for key, info in spill.infos.items():
         changes.replace[key] = CopiedTensor(info, spill.path)
-    rewritten = write_checkpoint(ckpt, dest, changes, ctx.say)
+    rewritten = write_checkpoint(ckpt, dest, changes, ctx.say, hash_linked=False)
     for path in ckpt.other_files():
         shutil.copyfile(path, dest / path.name)
     spill.path.unlink()
-    by_name = {f.path: f for name in rewritten for f in describe_files(dest / name)}  # linked shards: not hashed
+    by_name = {name: WrittenFile(name, (dest / name).stat().st_size, sha) for name, sha in rewritten.items()}
     note = (f"{base_path} holds the residual base W - s*B*A of the {len(spill.infos)} decomposed target(s); it is "
             "valid only with this adapter (use the original checkpoint for anything else)")
     return ResidualBase(path=base_path, replaced_tensors=sorted(spill.infos),

@@ -144,11 +144,12 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     with atomic_output(output, spec.overwrite) as tmp:
         if single_file:
             ctx.say("write single file")
-            write_single_file(ckpt, tmp, changes)
+            digests = write_single_file(ckpt, tmp, changes)
         else:
-            write_checkpoint(ckpt, tmp, changes, ctx.say, shard_name="model.safetensors" if ckpt.is_file else None)
+            shard_name = "model.safetensors" if ckpt.is_file else None
+            digests = write_checkpoint(ckpt, tmp, changes, ctx.say, shard_name=shard_name)
             _write_side_files(ckpt, tmp, arch, plan, spec, tok)
-        files = describe_files(tmp)
+        files = describe_files(tmp, known=digests)
     report = preservation_report(checkpoint, output, device=spec.device, progress=ctx.say) if spec.verify else None
     return ExtendVocabResult(
         output=spec.output, architecture_source=arch.source,
