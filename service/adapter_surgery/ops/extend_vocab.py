@@ -144,7 +144,8 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     with atomic_output(output, spec.overwrite) as tmp:
         if single_file:
             ctx.say("write single file")
-            digests = write_single_file(ckpt, tmp, changes)
+            write_single_file(ckpt, tmp, changes)
+            digests = {}
         else:
             shard_name = "model.safetensors" if ckpt.is_file else None
             digests = write_checkpoint(ckpt, tmp, changes, ctx.say, shard_name=shard_name)
