@@ -42,3 +42,12 @@ def test_openapi_file_is_in_sync(capsys: pytest.CaptureFixture[str]) -> None:
     generated = json.loads(capsys.readouterr().out)
     committed = json.loads((Path(__file__).parent.parent / "openapi" / "openapi.json").read_text())
     assert generated == committed, "openapi/openapi.json is stale: run `make openapi`"
+
+
+def test_unreadable_spec_is_a_problem_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["extend-vocab", "--spec", str(tmp_path / "missing.json"), "--data-dir", str(tmp_path)]) == 2
+    problem = json.loads(capsys.readouterr().err)
+    assert problem["field"] == "--spec" and "Traceback" not in json.dumps(problem)
+    (tmp_path / "latin1.json").write_bytes(b"{\"tokens\": [\"\xe9\"]}")
+    assert main(["extend-vocab", "--spec", str(tmp_path / "latin1.json"), "--data-dir", str(tmp_path)]) == 2
+    assert json.loads(capsys.readouterr().err)["status"] == 422

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from adapter_surgery.errors import SurgeryError, field_errors
+from adapter_surgery.errors import SurgeryError, validation_problem_body
 from adapter_surgery.ops import OPERATIONS
 from adapter_surgery.ops.common import RunContext
 
@@ -33,13 +33,17 @@ def _progress() -> tuple[object, object]:
 
 def _run_operation(name: str, args: argparse.Namespace) -> int:
     op = OPERATIONS[name]
-    raw = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text(encoding="utf-8")
+    try:
+        raw = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _problem({"title": "Invalid request", "status": 422, "field": "--spec",
+                  "detail": f"the spec {args.spec!r} cannot be read ({exc})",
+                  "fix": "Give a readable UTF-8 JSON file, or - to read the spec from standard input."})
+        return 2
     try:
         spec = op.spec.model_validate_json(raw)
     except ValidationError as exc:
-        errors = field_errors(exc.errors())
-        _problem({"title": "Invalid request", "status": 422, "detail": "; ".join(
-            f"{e['field']}: {e['message']}" for e in errors), "errors": errors})
+        _problem(validation_problem_body(exc.errors()))
         return 2
     say, bar = _progress()
     try:
@@ -47,6 +51,10 @@ def _run_operation(name: str, args: argparse.Namespace) -> int:
     except SurgeryError as exc:
         _problem(exc.to_problem())
         return 2
+    except Exception as exc:  # no traceback for the user: a one-line problem, and exit 1
+        _problem({"title": "Internal error", "status": 500, "detail": f"{type(exc).__name__}: {exc}; nothing was "
+                  "written to the output"})
+        return 1
     finally:
         bar.close()  # type: ignore[attr-defined]
     print(result.model_dump_json(indent=2))

@@ -85,3 +85,13 @@ class PathOutsideDataDir(SurgeryError):
 class PayloadTooLarge(SurgeryError):
     status = 413
     title = "Upload too large"
+
+
+def validation_problem_body(errors: Iterable[Mapping[str, Any]], prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The problem+json body of a 422 for pydantic errors: the first field at fault, every error, the fix."""
+    items = field_errors(errors, prefix)
+    first = items[0] if items else {"field": "body", "message": "invalid"}
+    return {"type": "about:blank", "title": "Invalid request", "status": 422,
+            "detail": "; ".join(f"{i['field']}: {i['message']}" for i in items[:5]), "field": first["field"],
+            "errors": items, "fix": "Correct the named field(s); GET /docs (or openapi/openapi.json) lists every "
+                                    "field with its type."}

@@ -4,24 +4,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapter_surgery.errors import PathOutsideDataDir
+from adapter_surgery.errors import InvalidSpec, PathOutsideDataDir
 
 
 def resolve_under(data_dir: Path, value: str, field: str) -> Path:
     """``data_dir / value`` resolved (symlinks followed), refused if it leaves ``data_dir``.
 
+    A directory's own entries are checked too: a symlink in it that leads outside is refused as well.
+
     Raises:
         PathOutsideDataDir: ``value`` is absolute, climbs out with ``..``, or resolves outside through a symlink.
+        InvalidSpec: ``value`` holds a NUL character, an over-long name, or a symlink loop.
     """
     root = data_dir.resolve()
     if not value or Path(value).is_absolute():
         raise PathOutsideDataDir(f"{field} {value!r} must be a relative path under the data directory",
                                  field=field, fix="Give a path relative to the data directory, e.g. 'models/base'.")
-    candidate = (root / value).resolve()
+    if "\0" in value or any(len(part.encode()) > 255 for part in Path(value).parts) or len(value) > 4096:
+        raise InvalidSpec(f"{field} is not a usable path (a NUL character, a name over 255 bytes, or over 4096 "
+                          "characters)", field=field, fix="Use a shorter path of ordinary names.")
+    try:
+        candidate = (root / value).resolve()
+    except (OSError, RuntimeError) as exc:  # symlink loops, names the OS refuses
+        raise InvalidSpec(f"{field} {value!r} cannot be resolved ({exc})", field=field,
+                          fix="Use a plain path without symlink loops.") from None
     if candidate != root and root not in candidate.parents:
         raise PathOutsideDataDir(f"{field} {value!r} resolves outside the data directory", field=field,
                                  fix="Remove '..' and symlinks that point outside the data directory.")
     if candidate == root:
         raise PathOutsideDataDir(f"{field} {value!r} is the data directory itself", field=field,
                                  fix="Name a file or directory inside the data directory.")
+    if candidate.is_dir():
+        for child in candidate.iterdir():  # a checkpoint's files are read and copied: none may lead outside
+            if child.is_symlink() and root not in child.resolve().parents:
+                raise PathOutsideDataDir(f"{field} {value!r} holds {child.name!r}, a symlink that leads outside "
+                                         "the data directory", field=field,
+                                         fix="Replace the symlink by the file it points to.")
     return candidate

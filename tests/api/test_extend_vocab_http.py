@@ -118,6 +118,14 @@ def _corrupt_header(path: Path) -> None:
         ("missing", 404, "checkpoint"),
         ("no_tokenizer_tokens", 422, "tokens"),
         ("cuda", 422, "device"),
+        ("nul", 422, "output"),
+        ("long_name", 422, "output"),
+        ("under_a_file", 422, "output"),
+        ("inner_symlink", 403, "checkpoint"),
+        ("fifo", 422, "checkpoint"),
+        ("nan", 422, "pad_to_multiple_of"),
+        ("huge_pad", 422, "pad_to_multiple_of"),
+        ("whitespace_token", 422, "tokens.0"),
     ],
 )
 def test_bad_input_gets_a_problem_and_leaves_nothing(client: TestClient, data_dir: Path, build, tmp_path: Path,
@@ -152,6 +160,27 @@ def test_bad_input_gets_a_problem_and_leaves_nothing(client: TestClient, data_di
         body["checkpoint"] = "nope"
     elif case == "no_tokenizer_tokens":
         body["checkpoint"] = f"{src}/" + next((data_dir / src).glob("*.safetensors")).name
+    elif case == "nul":
+        body["output"] = "a\u0000b"
+    elif case == "long_name":
+        body["output"] = "x" * 300
+    elif case == "under_a_file":
+        body["output"] = f"{src}/config.json/sub"
+        body["checkpoint"] = build("FX-A")
+    elif case == "inner_symlink":
+        (tmp_path / "secret.txt").write_text("SECRET")
+        (data_dir / src / "notes.txt").symlink_to(tmp_path / "secret.txt")
+    elif case == "fifo":
+        import os
+
+        os.mkfifo(data_dir / "fifo.safetensors")
+        body["checkpoint"] = "fifo.safetensors"
+    elif case == "nan":
+        body["pad_to_multiple_of"] = float("nan")
+    elif case == "huge_pad":
+        body["pad_to_multiple_of"] = 10**9
+    elif case == "whitespace_token":
+        body["tokens"] = [" "]
     elif case == "cuda":
         body["device"] = "cuda"
         import torch
@@ -160,7 +189,12 @@ def test_bad_input_gets_a_problem_and_leaves_nothing(client: TestClient, data_di
             pytest.skip("a GPU is present")
     before = tree_digest(data_dir / src)
     listing = sorted(p.name for p in data_dir.iterdir())
-    problem = assert_problem(client.post("/extend-vocab", json=body), status, field)
+    if case == "nan":
+        raw = json.dumps(body).encode()  # NaN: not valid JSON for httpx's json=, sent as Python writes it
+        r = client.post("/extend-vocab", content=raw, headers={"content-type": "application/json"})
+    else:
+        r = client.post("/extend-vocab", json=body)
+    problem = assert_problem(r, status, field)
     assert problem.get("fix") or problem.get("errors")
     assert sorted(p.name for p in data_dir.iterdir()) == listing
     if case not in ("header", "missing_shard"):
@@ -171,3 +205,32 @@ def test_wrong_media_type(client: TestClient) -> None:
     assert_problem(client.post("/extend-vocab", content=b"x", headers={"content-type": "text/plain"}), 415, None)
     assert_problem(client.post("/extend-vocab", content=b"{nope", headers={"content-type": "application/json"}),
                    422, "body")
+
+
+def test_concurrent_requests_for_one_output_get_one_winner(client: TestClient, data_dir: Path, build) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = build("FX-B")
+    body = {"checkpoint": src, "output": "same"}
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: client.post("/extend-vocab", json={**body, "tokens": [f"<t{i}>"]}),
+                                range(4)))
+    codes = sorted(r.status_code for r in answers)
+    assert codes.count(200) == 1 and set(codes) <= {200, 409}, codes
+    winner = next(r for r in answers if r.status_code == 200).json()["added"][0]["token"]
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(data_dir / "same").convert_tokens_to_ids(winner) == 128
+
+
+def test_large_results_fit_in_the_header(client: TestClient, data_dir: Path, build) -> None:
+    src = build("FX-A")
+    raw = (data_dir / src / "model.safetensors").read_bytes()
+    r = client.post("/extend-vocab", files={"file": ("m.safetensors", raw)},
+                    data={"spec": json.dumps({"num_new_tokens": 1, "pad_to_multiple_of": 4096})})
+    assert r.status_code == 200, r.text
+    header = r.headers[RESULT_HEADER]
+    assert len(header) <= 7 * 1024
+    result = json.loads(header)
+    assert result["truncated"] is True and result["vocab_size_after"] == 4096
+    assert result["padding_rows_total"] == 4096 - 101

@@ -109,3 +109,43 @@ def test_atomic_output_leaves_nothing_on_error(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), atomic_output(tmp_path / "new" / "deeper" / "out") as tmp:
         raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_concurrent_outputs_never_replace_each_other(tmp_path: Path) -> None:
+    import threading
+
+    barrier = threading.Barrier(4)
+    outcomes: list[str] = []
+
+    def job(i: int, dest: Path, as_dir: bool) -> None:
+        try:
+            with atomic_output(dest) as tmp:
+                if as_dir:
+                    tmp.mkdir()
+                    (tmp / "who").write_text(str(i))
+                else:
+                    tmp.write_text(str(i))
+                barrier.wait()  # every job has passed the early existence check
+            outcomes.append("ok")
+        except OutputExists:
+            outcomes.append("exists")
+
+    for as_dir, name in ((True, "dir"), (False, "file.safetensors")):
+        outcomes.clear()
+        barrier.reset()
+        threads = [threading.Thread(target=job, args=(i, tmp_path / name, as_dir)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outcomes) == ["exists", "exists", "exists", "ok"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file.safetensors"]
+
+
+def test_overwrite_keeps_the_kind(tmp_path: Path) -> None:
+    from adapter_surgery.errors import InvalidSpec
+
+    (tmp_path / "vocab.txt").write_text("keep me")
+    with pytest.raises(InvalidSpec, match="is a file"), atomic_output(tmp_path / "vocab.txt", overwrite=True) as tmp:
+        tmp.mkdir()
+    assert (tmp_path / "vocab.txt").read_text() == "keep me"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -252,7 +253,7 @@ def test_copy_normal_zeros(data_dir: Path, build) -> None:
     assert 0.005 < float(t1[102].std()) < 0.05 and not torch.equal(t1[102], torch.zeros(32))
     with pytest.raises(InvalidSpec) as err:
         run(data_dir, src, output="bad", tokens=[{"content": "<c>", "init": {"strategy": "copy", "source": "nope"}}])
-    assert err.value.field == "tokens[0].init.source"
+    assert err.value.field == "tokens.0.init.source"
 
 
 def test_hewitt_samples_match_the_trained_covariance_and_are_seeded(data_dir: Path, build) -> None:
@@ -345,3 +346,39 @@ def test_unusable_config_falls_back_to_headers(data_dir: Path, build) -> None:
     assert any("config.json" in w for w in r.warnings)
     t = tensors(data_dir / "out")
     assert t[EMB].shape == (129, 32) and t[HEAD].shape == (129, 32)
+
+
+@pytest.mark.parametrize("token", [" ", "   ", "\n", "a\u0000b", "x\u0007"])
+def test_tokens_that_would_break_tokenization_are_refused(data_dir: Path, build, token: str) -> None:
+    from pydantic import ValidationError
+
+    src = build("FX-B")
+    with pytest.raises(ValidationError, match=r"whitespace-only|control character"):
+        ExtendVocabSpec(checkpoint=src, output="out", tokens=[token])
+    with pytest.raises(ValidationError, match=r"whitespace-only|control character"):
+        ExtendVocabSpec(checkpoint=src, output="out", tokens=[{"content": token, "special": True}])
+
+
+def test_size_limits(data_dir: Path, build, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    module = importlib.import_module("adapter_surgery.ops.extend_vocab")
+
+    src = build("FX-B")
+    with pytest.raises(ValidationError):
+        ExtendVocabSpec(checkpoint=src, output="out", tokens=["<a>"], pad_to_multiple_of=10**9)
+    with pytest.raises(ValidationError):
+        ExtendVocabSpec(checkpoint=f"{src}/x.safetensors", output="out", num_new_tokens=10**9)
+    monkeypatch.setattr(module, "MAX_NEW_BYTES", 1 << 20)  # 1 MiB: 65408 new rows of 32 float32 are 8 MiB
+    with pytest.raises(InvalidSpec) as err:
+        run(data_dir, src, tokens=["<a>"], pad_to_multiple_of=65536)
+    assert err.value.field == "pad_to_multiple_of" and "65408 rows" in err.value.detail
+    assert not (data_dir / "out").exists()
+
+
+def test_no_op_request_warns_and_links(data_dir: Path, build) -> None:
+    src = build("FX-B")
+    r = run(data_dir, src, tokens=["hello"])
+    assert any("nothing to add" in w for w in r.warnings) and r.changed_tensors == []
+    for shard in (data_dir / src).glob("*.safetensors"):
+        assert (data_dir / "out" / shard.name).stat().st_ino == shard.stat().st_ino

@@ -39,6 +39,8 @@ def test_b09_tokens_and_lora_in_one_request(data_dir: Path, build) -> None:
                             {**LORA, "trainable_token_indices": "added"}])
     out = data_dir / "out"
     assert r.base == "out" and r.adapter == "out/adapter"
+    assert r.steps[1].result["base_model_name_or_path"] == "out"
+    assert ".surgery-" not in json.dumps([s.result for s in r.steps])
     assert [s.op for s in r.steps] == ["extend-vocab", "attach-lora"]
     assert tensors(out)["model.embed_tokens.weight"].shape == (131, 32) and config(out)["vocab_size"] == 131
     adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -93,7 +95,7 @@ def test_a_failing_middle_step_leaves_nothing(data_dir: Path, build) -> None:
         run(data_dir, src, [{"op": "extend-vocab", "tokens": ["<a>"]},
                             {**LORA, "target_modules": ["c_attn"]},
                             {"op": "attach-head", "num_labels": 2}])
-    assert err.value.field is not None and err.value.field.startswith("steps[1]")
+    assert err.value.field is not None and err.value.field.startswith("steps.1")
     assert sorted(p.name for p in data_dir.iterdir()) == [src]
 
 
@@ -102,6 +104,8 @@ def test_plan_validation(data_dir: Path, build) -> None:
     client = TestClient(create_app(Settings(data_dir=data_dir)))
     bad = [
         ({"steps": []}, "steps"),
+        ({"steps": [{"op": "extend-vocab", "tokens": [f"<t{i}>"]} for i in range(17)]}, "steps"),
+        ({"steps": [{"op": "attach-head", "num_labels": 2}, {"op": "attach-head", "num_labels": 3}]}, "steps"),
         ({"steps": [{"op": "explode"}]}, "steps.0"),
         ({"steps": [LORA, LORA]}, "steps"),
         ({"steps": [{**LORA, "trainable_token_indices": "added"}]}, "steps"),

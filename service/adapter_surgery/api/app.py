@@ -29,6 +29,8 @@ from adapter_surgery.ops.common import RunContext
 from adapter_surgery.settings import Settings
 
 RESULT_HEADER = "X-Adapter-Surgery-Result"
+#: Bytes of result JSON in the header at most.
+MAX_RESULT_HEADER = 7 * 1024
 
 
 class Health(BaseModel):
@@ -119,9 +121,30 @@ async def _run_upload(op: Operation, request: Request, settings: Settings) -> Re
         spec = _with_default_device(spec, settings)
         result = await run_in_threadpool(op.run, spec, RunContext(work))
         body, media, name = pack_output(work / "output", filename)
-    header = json.dumps(result.model_dump(mode="json"), ensure_ascii=True, separators=(",", ":"))
+    header = _result_header(result.model_dump(mode="json"))
     return Response(body, media_type=media, headers={RESULT_HEADER: header,
                                                      "Content-Disposition": f'attachment; filename="{name}"'})
+
+
+def _result_header(result: dict[str, Any]) -> str:
+    """The result as ASCII JSON for a response header, at most ``MAX_RESULT_HEADER`` bytes (proxies cap headers
+    at 8-16 KB): long lists are cut to their first items (with ``<key>_total``), then dropped if still too long,
+    and ``"truncated": true`` says so."""
+    def dump(doc: dict[str, Any]) -> str:
+        return json.dumps(doc, ensure_ascii=True, separators=(",", ":"))
+
+    text = dump(result)
+    if len(text) <= MAX_RESULT_HEADER:
+        return text
+    short: dict[str, Any] = {"truncated": True}
+    for key, value in result.items():
+        if isinstance(value, list) and len(value) > 8:
+            short[key], short[f"{key}_total"] = value[:8], len(value)
+        else:
+            short[key] = value
+    if len(dump(short)) > MAX_RESULT_HEADER:
+        short = {k: v for k, v in short.items() if not isinstance(v, (list, dict))} | {"truncated": True}
+    return dump(short)
 
 
 # -- OpenAPI -------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapter_surgery.errors import SurgeryError, field_errors
+from adapter_surgery.errors import SurgeryError, validation_problem_body
 
 PROBLEM = "application/problem+json"
 log = logging.getLogger("adapter_surgery")
@@ -23,11 +23,7 @@ def problem(status: int, title: str, detail: str, **extra: object) -> JSONRespon
 
 def validation_problem(errors: list[dict], prefix: tuple[str, ...] = ()) -> JSONResponse:
     """A 422 naming each invalid field (dotted path) with pydantic's message."""
-    items = field_errors(errors, prefix)
-    first = items[0] if items else {"field": "body", "message": "invalid"}
-    detail = "; ".join(f"{i['field']}: {i['message']}" for i in items[:5])
-    return problem(422, "Invalid request", detail, field=first["field"], errors=items,
-                   fix="Correct the named field(s); GET /docs lists every field with its type.")
+    return JSONResponse(validation_problem_body(errors, prefix), status_code=422, media_type=PROBLEM)
 
 
 def install(app: FastAPI) -> None:
@@ -46,8 +42,11 @@ def install(app: FastAPI) -> None:
         return validation_problem(list(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem(exc.status_code, str(exc.detail), str(exc.detail))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        fixes = {404: "See GET /docs for the endpoints.", 405: "See GET /docs for each endpoint's method.",
+                 400: "Send a well-formed JSON body or multipart form (fields: file, spec)."}
+        return problem(exc.status_code, str(exc.detail), f"{request.method} {request.url.path}: {exc.detail}",
+                       fix=fixes.get(exc.status_code, "See GET /docs."))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -13,36 +14,48 @@ from pathlib import Path
 from adapter_surgery.errors import InvalidSpec, OutputExists
 
 
+def _exists(path: Path) -> OutputExists:
+    return OutputExists(f"output {path.name!r} already exists", field="output",
+                        fix='Choose another output path, or send "overwrite": true to replace it.')
+
+
 def check_output_path(output: Path, checkpoint: Path, overwrite: bool, field: str = "output") -> None:
-    """Refuse an output that exists (unless ``overwrite``) or that overlaps the input checkpoint.
+    """Refuse an output that exists (unless ``overwrite``), that overlaps the input checkpoint, or whose parent
+    is a file.
 
     Raises:
         OutputExists: ``output`` exists and ``overwrite`` is false.
-        InvalidSpec: ``output`` is the checkpoint, lies inside it, or contains it.
+        InvalidSpec: ``output`` is the checkpoint, lies inside it, or contains it; a parent of it is a file.
     """
     out, src = output.resolve(), checkpoint.resolve()
     if out == src or src in out.parents or out in src.parents:
         raise InvalidSpec(f"output {output.name!r} overlaps the input checkpoint {checkpoint.name!r}",
                           field=field, fix="Choose an output path outside the checkpoint; the input is never modified.")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise InvalidSpec(f"output {output.name!r} would be inside {blocker.name!r}, which is a file", field=field,
+                          fix="Choose an output path whose parent directories are directories.")
     if output.exists() and not overwrite:
-        raise OutputExists(f"output {output.name!r} already exists", field=field,
-                           fix='Choose another output path, or send "overwrite": true to replace it.')
+        raise _exists(output)
 
 
 @contextmanager
 def atomic_output(dest: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary path beside ``dest``; on success rename it to ``dest``.
+    """Yield a fresh temporary path beside ``dest``; on success move it to ``dest`` atomically.
 
-    The temporary path is in the same directory, so the final ``os.replace`` is atomic. On any exception
-    the temporary path is removed and ``dest`` is left as it was. With ``overwrite`` an existing ``dest``
-    is swapped out after the new output is complete, then removed.
+    The temporary path is in the same directory, so the final rename is atomic. Without ``overwrite`` the move
+    never replaces anything, even if another request created ``dest`` meanwhile (a directory is renamed onto a
+    path that must not hold a non-empty directory; a file is hard-linked, which fails if the name exists): the
+    later request gets ``OutputExists``. With ``overwrite`` an existing ``dest`` of the same kind (file or
+    directory) is swapped out after the new output is complete, then removed. On any exception the temporary
+    path is removed and ``dest`` is left as it was.
 
     Raises:
         OutputExists: ``dest`` exists and ``overwrite`` is false.
+        InvalidSpec: with ``overwrite``, ``dest`` is a file and the output a directory, or the reverse.
     """
     if dest.exists() and not overwrite:
-        raise OutputExists(f"output {dest.name!r} already exists", field="output",
-                           fix='Choose another output path, or send "overwrite": true to replace it.')
+        raise _exists(dest)
     created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]
@@ -51,13 +64,17 @@ def atomic_output(dest: Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         _readable(tmp)
-        if dest.exists():
+        if overwrite and dest.exists():
+            if dest.is_dir() != tmp.is_dir():
+                kind = "a directory" if dest.is_dir() else "a file"
+                raise InvalidSpec(f"output {dest.name!r} is {kind}; overwrite replaces only an output of the same "
+                                  "kind", field="output", fix="Choose another output path.")
             old = dest.parent / f".{dest.name}.old-{tag}"
             os.replace(dest, old)
             os.replace(tmp, dest)
             _remove(old)
         else:
-            os.replace(tmp, dest)
+            _move_noreplace(tmp, dest)
         done = True
     finally:
         if tmp.exists() or tmp.is_symlink():
@@ -66,6 +83,32 @@ def atomic_output(dest: Path, overwrite: bool = False) -> Iterator[Path]:
             for p in created:
                 with contextlib.suppress(OSError):
                     p.rmdir()
+
+
+def _move_noreplace(tmp: Path, dest: Path) -> None:
+    """Rename ``tmp`` to ``dest`` unless ``dest`` exists (a concurrent request got there first)."""
+    try:
+        if tmp.is_dir():
+            if dest.exists() and not dest.is_dir():
+                raise _exists(dest)
+            os.rename(tmp, dest)  # fails on a non-empty directory: our outputs are never empty
+        else:
+            try:
+                os.link(tmp, dest)  # fails if the name exists
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                if dest.exists():  # a filesystem without hard links: check, then rename
+                    raise _exists(dest) from None
+                os.rename(tmp, dest)
+                return
+            tmp.unlink()
+    except (FileExistsError, IsADirectoryError, NotADirectoryError):
+        raise _exists(dest) from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise _exists(dest) from None
+        raise
 
 
 def _readable(root: Path) -> None:

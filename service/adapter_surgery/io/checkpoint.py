@@ -80,6 +80,9 @@ class Checkpoint:
                            fix="Give a model directory or a .safetensors file under the data directory.")
         if path.is_file():
             return cls._open_file(path)
+        if not path.is_dir():
+            raise InvalidCheckpoint(f"checkpoint {path.name!r} is neither a regular file nor a directory",
+                                    field="checkpoint", fix="Give a model directory or a .safetensors file.")
         return cls._open_dir(path)
 
     @classmethod

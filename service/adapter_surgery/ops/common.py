@@ -14,9 +14,10 @@ Progress = Callable[[str], None]
 
 
 class StrictModel(BaseModel):
-    """A request model that refuses unknown fields, so a typo gets a 422 naming it instead of being ignored."""
+    """A request model that refuses unknown fields (a typo gets a 422 naming it instead of being ignored) and
+    NaN/Infinity in float fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class PathFields(StrictModel):

@@ -8,16 +8,18 @@ Initialization strategies and their sources are in :mod:`adapter_surgery.initial
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from adapter_surgery.arch import Architecture, resolve_architecture
 from adapter_surgery.devices import DeviceName, pick_device
@@ -36,7 +38,24 @@ from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, RunC
 from adapter_surgery.paths import resolve_under
 from adapter_surgery.verify import PreservationReport, preservation_report
 
-NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+#: New rows per request at most (pad_to_multiple_of or num_new_tokens beyond this is a mistake, not a model).
+MAX_NEW_ROWS = 1 << 20
+#: float32 bytes of new row values held at once, at most.
+MAX_NEW_BYTES = 4 << 30
+
+
+def _token_text(text: str) -> str:
+    """Refuse token texts that would silently break tokenization."""
+    if not text.strip():
+        raise ValueError("a whitespace-only token would match every such run of whitespace in every text, "
+                         "replacing the pieces the model was trained on by one untrained token")
+    bad = next((c for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
+    if bad is not None:
+        raise ValueError(f"the token holds the control character U+{ord(bad):04X}")
+    return text
+
+
+TokenText = Annotated[str, StringConstraints(min_length=1, max_length=1000), AfterValidator(_token_text)]
 RowStrategy = Literal["mean", "subword_mean", "hewitt", "normal", "zeros"]
 
 
@@ -53,7 +72,7 @@ InitSpec = Annotated[
 
 
 class TokenSpec(StrictModel):
-    content: str = Field(min_length=1, description="The token's text.")
+    content: TokenText = Field(description="The token's text (not whitespace-only, no control characters).")
     special: bool = Field(False, description="Add as a special token (never split, skipped when decoding).")
     description: str | None = Field(None, description="Text whose subword pieces define the row for subword_mean.")
     init: InitSpec | None = Field(None, description="Overrides the request's init for this token.")
@@ -62,11 +81,13 @@ class TokenSpec(StrictModel):
 class ExtendVocabOptions(StrictModel):
     """What to add and how to initialize it (everything but the paths)."""
 
-    tokens: list[NonEmpty | TokenSpec] = Field(default_factory=list, description="Tokens to add, in id order.")
-    num_new_tokens: int | None = Field(None, ge=0, description="Rows to add to a checkpoint that has no tokenizer "
-                                                               "(instead of tokens).")
+    tokens: list[TokenText | TokenSpec] = Field(default_factory=list, max_length=MAX_NEW_ROWS,
+                                                description="Tokens to add, in id order.")
+    num_new_tokens: int | None = Field(None, ge=0, le=MAX_NEW_ROWS,
+                                       description="Rows to add to a checkpoint without tokenizer (instead of tokens).")
     init: InitSpec = "mean"
-    pad_to_multiple_of: int | None = Field(None, ge=1, description="Round the row count up to a multiple of this.")
+    pad_to_multiple_of: int | None = Field(None, ge=1, le=65536,
+                                           description="Round the row count up to a multiple of this (<= 65536).")
     reinit_existing: bool = Field(False, description="Re-initialize existing tokens whose rows are all zero.")
     untie: bool = Field(False, description="Write the output head as its own tensor and set tie_word_embeddings false.")
     seed: int = Field(0, ge=0, description="Seeds the random strategies; the same seed gives byte-identical output.")
@@ -133,8 +154,14 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     ckpt = Checkpoint.open(checkpoint)
     arch = resolve_architecture(ckpt)
     warnings = list(ckpt.warnings) + arch.notes
+    if arch.config_vocab_size is not None and arch.config_vocab_size != arch.vocab_rows:
+        warnings.append(f"config.json says vocab_size {arch.config_vocab_size} but {arch.input_embedding} has "
+                        f"{arch.vocab_rows} rows; the output's vocab_size is set to its row count")
     tok = _load_tokenizer(ckpt, spec)
     plan = plan_vocab(spec, ckpt, arch, tok)
+    if not plan.rows and plan.rows_after == arch.vocab_rows and not spec.reinit_existing and not spec.untie:
+        warnings.append("nothing to add: every token already exists (or none was given); the output is the input, "
+                        "its weights hard-linked")
     ctx.say(f"planned {len(plan.added)} new tokens, {arch.vocab_rows} -> {plan.rows_after} rows")
     changes, changed = vocab_changes(spec, ckpt, arch, plan, tok, device, warnings)
     single_file = output.suffix == ".safetensors"
@@ -151,10 +178,12 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
             digests = write_checkpoint(ckpt, tmp, changes, ctx.say, shard_name=shard_name)
             _write_side_files(ckpt, tmp, arch, plan, spec, tok)
         files = describe_files(tmp, known=digests)
+        if single_file:  # the file's final name, not the temporary one
+            files = [dataclasses.replace(f, path=output.name) for f in files]
     report = preservation_report(checkpoint, output, device=spec.device, progress=ctx.say) if spec.verify else None
     return ExtendVocabResult(
         output=spec.output, architecture_source=arch.source,
-        vocab_size_before=arch.config_vocab_size or arch.vocab_rows, vocab_size_after=plan.rows_after,
+        vocab_size_before=arch.vocab_rows, vocab_size_after=plan.rows_after,
         tokenizer_size_before=plan.tok_before, tokenizer_size_after=None if tok is None else len(tok),
         added=plan.added, existing=plan.existing, untrained_existing=plan.untrained, reinitialized=plan.reinit,
         padding_rows=plan.padding_rows, rows_without_token=plan.rows_without_token, changed_tensors=changed,
@@ -217,7 +246,7 @@ def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok)
         has_entry = torch.ones(rows_before, dtype=torch.bool)
         n_new = spec.num_new_tokens or 0
         for i in range(n_new):
-            rows.append(_row_for(rows_before + i, default, None, None, tok, f"num_new_tokens[{i}]", rows_before))
+            rows.append(_row_for(rows_before + i, default, None, None, tok, "num_new_tokens", rows_before))
             added.append(TokenId(token=None, id=rows_before + i))
         needed, tok_before = rows_before + n_new, None
     else:
@@ -236,7 +265,7 @@ def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok)
             if t.content in vocab:
                 existing.append(TokenId(token=t.content, id=vocab[t.content]))
             else:
-                pending.append((t, f"tokens[{i}]"))
+                pending.append((t, f"tokens.{i}"))
         specs = [(t, where, _row_for(-1, t.init or default, t.description or t.content, vocab, tok, where,
                                      rows_before)) for t, where in pending]
         _add_to_tokenizer(tok, [t for t, _ in pending])
@@ -249,6 +278,7 @@ def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok)
     if spec.pad_to_multiple_of:
         rows_after = math.ceil(needed / spec.pad_to_multiple_of) * spec.pad_to_multiple_of
     rows_after = max(rows_after, rows_before)
+    _check_size(rows_after - rows_before, ckpt, arch, spec)
     pad_strategy = "mean" if default == "subword_mean" else default
     taken = {r.id for r in rows}
     padding = [i for i in range(rows_before, rows_after) if i not in taken]
@@ -258,6 +288,15 @@ def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok)
     return VocabPlan(rows_after=rows_after, rows=rows, added=added, existing=existing, untrained=[], reinit=[],
                  padding_rows=padding, rows_without_token=[i for i in range(rows_after) if i not in with_token],
                  tok_before=tok_before, has_entry=has_entry)
+
+
+def _check_size(new_rows: int, ckpt: Checkpoint, arch: Architecture, spec: ExtendVocabSpec) -> None:
+    row = ckpt.info(arch.input_embedding).numel // max(arch.vocab_rows, 1)
+    field = "pad_to_multiple_of" if spec.pad_to_multiple_of else ("tokens" if spec.tokens else "num_new_tokens")
+    if new_rows > MAX_NEW_ROWS or new_rows * row * 4 > MAX_NEW_BYTES:
+        raise InvalidSpec(f"the request would add {new_rows} rows of {row} values ({new_rows * row * 4 / 2**30:.1f} "
+                          f"GiB in float32) to a vocabulary of {arch.vocab_rows}", field=field,
+                          fix=f"Add at most {MAX_NEW_ROWS} rows and {MAX_NEW_BYTES >> 30} GiB per request.")
 
 
 def _row_for(row_id: int, init, text: str | None, vocab: dict[str, int] | None, tok, where: str,

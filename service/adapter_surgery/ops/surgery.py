@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from adapter_surgery.errors import SurgeryError
+from adapter_surgery.errors import InvalidSpec, SurgeryError
 from adapter_surgery.io import atomic_output, describe_files
 from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.ops.attach_head import AttachHeadOptions, AttachHeadSpec, attach_head
@@ -36,6 +36,8 @@ from adapter_surgery.paths import resolve_under
 from adapter_surgery.verify import PreservationReport, VerifyOptions, preservation_report
 
 ADAPTER_DIR = "adapter"
+#: Steps per plan at most.
+MAX_STEPS = 16
 
 
 class ExtendVocabStep(ExtendVocabOptions):
@@ -60,7 +62,8 @@ Step = Annotated[ExtendVocabStep | AttachHeadStep | AttachLoraStep, Field(discri
 
 
 class SurgeryOptions(StrictModel):
-    steps: list[Step] = Field(min_length=1, description="Operations in order; attach-lora applies to the final base.")
+    steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS,
+                              description="Operations in order; attach-lora applies to the final base.")
     verify: bool = Field(False, description="Add the preservation report (base vs final patched base).")
 
     @field_validator("steps")
@@ -69,6 +72,8 @@ class SurgeryOptions(StrictModel):
         loras = [s for s in steps if isinstance(s, AttachLoraStep)]
         if len(loras) > 1:
             raise ValueError("at most one attach-lora step: one plan writes one adapter")
+        if sum(isinstance(s, AttachHeadStep) for s in steps) > 1:
+            raise ValueError("at most one attach-head step: a later head would replace the earlier one")
         grows = any(isinstance(s, ExtendVocabStep) for s in steps)
         if loras and _uses_added(loras[0].trainable_token_indices) and not grows:
             raise ValueError('trainable_token_indices "added" needs an extend-vocab step in the plan')
@@ -104,12 +109,16 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
 
     Raises:
         NotFound, PathOutsideDataDir, OutputExists: path problems (checked before any step runs).
-        InvalidCheckpoint, InvalidSpec: from the failing step, with ``field`` prefixed by ``steps[i]``.
+        InvalidCheckpoint, InvalidSpec: from the failing step, with ``field`` prefixed by ``steps.<i>``; a
+            ``.safetensors`` output.
     """
     started = time.perf_counter()
     checkpoint = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
     output = resolve_under(ctx.data_dir, spec.output, "output")
     check_output_path(output, checkpoint, spec.overwrite)
+    if output.suffix == ".safetensors":
+        raise InvalidSpec("a surgery output is a directory (the patched base, and the adapter beside it)",
+                          field="output", fix="Name the output without the .safetensors suffix.")
     root = ctx.data_dir.resolve()
     work = output.parent / f".{output.name}.surgery-{uuid.uuid4().hex[:12]}"
     work_rel = str(work.relative_to(root))
@@ -126,7 +135,9 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
             result = _run_step(i, step, current, out_rel, ctx)
             added += [a["id"] for a in result.get("added", []) if a.get("id") is not None]
             results.append(StepResult(op=step.op, result={**result, "output": spec.output}))
-            warnings += [f"steps[{i}]: {w}" for w in result.get("warnings", [])]
+            warnings += [f"steps.{i}: {w}" for w in result.get("warnings", [])]
+            if current != spec.checkpoint:  # the previous intermediate base is no longer needed
+                shutil.rmtree(root / current, ignore_errors=True)
             current = out_rel
         patched = current != spec.checkpoint
         if lora is not None:
@@ -137,9 +148,11 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
             base_name = spec.output if patched else spec.checkpoint
             _rename_base(work / ADAPTER_DIR, f"{work_rel}/{ADAPTER_DIR}", f"{spec.output}/{ADAPTER_DIR}", current,
                          base_name)
-            result = {**result, "output": f"{spec.output}/{ADAPTER_DIR}"}
+            final_cfg = json.loads((work / ADAPTER_DIR / "adapter_config.json").read_text(encoding="utf-8"))
+            result = {**result, "output": f"{spec.output}/{ADAPTER_DIR}",
+                      "base_model_name_or_path": final_cfg["base_model_name_or_path"]}
             results.append(StepResult(op=step.op, result=result))
-            warnings += [f"steps[{i}]: {w}" for w in result.get("warnings", [])]
+            warnings += [f"steps.{i}: {w}" for w in result.get("warnings", [])]
         with atomic_output(output, spec.overwrite) as tmp:
             if patched:
                 os.replace(root / current, tmp)
@@ -167,7 +180,7 @@ _RUNNERS = {
 
 
 def _run_step(i: int, step: BaseModel, checkpoint: str, output: str, ctx: RunContext) -> dict[str, Any]:
-    """Run one step on ``checkpoint`` into ``output``; errors name the step (``steps[i].<field>``)."""
+    """Run one step on ``checkpoint`` into ``output``; errors name the step (``steps.<i>.<field>``)."""
     spec_cls, run = _RUNNERS[step.op]  # type: ignore[attr-defined]
     options = step.model_dump(exclude={"op"}, exclude_unset=True)
     ctx.say(f"step {i}: {step.op}")  # type: ignore[attr-defined]
@@ -176,7 +189,7 @@ def _run_step(i: int, step: BaseModel, checkpoint: str, output: str, ctx: RunCon
         return run(spec, ctx).model_dump(mode="json")  # type: ignore[operator]
     except SurgeryError as exc:
         if exc.field not in ("checkpoint", "output"):
-            exc.field = f"steps[{i}]" + (f".{exc.field}" if exc.field else "")
+            exc.field = f"steps.{i}" + (f".{exc.field}" if exc.field else "")
         exc.detail = f"step {i} ({step.op}): {exc.detail}"  # type: ignore[attr-defined]
         raise
 
