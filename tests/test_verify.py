@@ -3,6 +3,7 @@ skip paths (memory, no config) that never fail a request, POST /verify, and the 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import adapter_surgery.verify as verify_mod
 from adapter_surgery.api.app import create_app
+from adapter_surgery.errors import InvalidSpec
 from adapter_surgery.ops import OPERATIONS
 from adapter_surgery.ops.attach_head import AttachHeadSpec, attach_head
 from adapter_surgery.ops.common import RunContext
@@ -66,8 +68,11 @@ def test_mean_rows_stay_below_hewitt_bound_and_old_logits_do_not_move(data: Path
     assert rep.max_abs_logit_delta == 0.0 and rep.logits_preserved is True
     check = rep.added_tokens
     assert check is not None and check.added_tokens == 3 and check.old_vocab_size == old_vocab
+    assert check.mean_initialized_ids == [old_vocab, old_vocab + 1, old_vocab + 2]  # every row checked
+    assert check.mean_over_rows == old_vocab and check.bound_kl_max == check.kl_max
     assert check.bound == pytest.approx(math.log1p(3 / old_vocab), rel=1e-12)
     assert 0 < check.kl_mean <= check.kl_max <= check.bound and check.passed
+    assert rep.warnings == []
     assert rep.head is None
     assert len(rep.hidden_states) == 3 and rep.hidden_states_passed is True
     assert all(h.max_abs_delta == 0.0 and h.ratio == 1.0 and h.base > 0 for h in rep.hidden_states)
@@ -90,14 +95,53 @@ def test_kl_matches_the_closed_form(data: Path) -> None:
     assert r.report.added_tokens.kl_mean == pytest.approx(float(kl.mean()), abs=1e-9)
 
 
-@pytest.mark.parametrize("init", ["normal", {"strategy": "copy", "source": "the"}])
-def test_rows_that_are_not_the_mean_can_break_the_bound(data: Path, init) -> None:
+@pytest.mark.parametrize("init", ["normal", {"strategy": "copy", "source": "the"}, "hewitt"])
+def test_rows_that_are_not_the_mean_get_no_bound_verdict(data: Path, init) -> None:
+    """Hewitt's bound is a theorem for mean rows only: other rows (which can exceed it) get their KL reported,
+    no pass/fail; used to report passed: false for a patch that preserved every old logit."""
     name = f"not-mean-{init if isinstance(init, str) else 'copy'}"
     r = extend(data, "llama-untied-tiny", name, init=init)
     assert (data / name / "config.json").is_file()  # the request succeeded
+    rep = r.report
+    assert rep is not None and rep.status == "ok"
+    check = rep.added_tokens
+    assert check is not None and check.added_tokens == 3 and check.mean_initialized_ids == []
+    assert check.bound is None and check.bound_kl_max is None and check.passed is None
+    assert check.kl_max > 0
+    if init != "hewitt":  # such rows can take more than log(1 + n / V): a bound would be wrongly "failed"
+        assert check.kl_max > math.log1p(3 / 128)
+    assert any("not the mean" in w and "without a pass/fail" in w for w in rep.warnings)
+    assert rep.max_abs_logit_delta == 0.0 and rep.hidden_states_passed is True
+    assert rep.passed is True  # every check that applies passed
+
+
+def test_readme_example_checks_the_bound_over_the_mean_rows_only(data: Path) -> None:
+    """The README's extend-vocab request (two mean tokens, one subword_mean, one copy, padded to 64) reported
+    passed: false; the bound holds for the two mean rows and is checked over those."""
+    tokens = [{"content": "<|tool_call|>", "special": True}, {"content": "<|tool_result|>", "special": True},
+              {"content": "helloworld", "init": "subword_mean"},
+              {"content": "<think>", "init": {"strategy": "copy", "source": "the"}}]
+    r = extend_vocab(ExtendVocabSpec(checkpoint="llama-untied-tiny", output="readme", tokens=tokens,
+                                     pad_to_multiple_of=64, verify=True), RunContext(data))
+    assert r.vocab_size_after == 192 and [t.id for t in r.added] == [128, 129, 130, 131]
+    rep = r.report
+    assert rep is not None and rep.status == "ok" and rep.passed is True
+    check = rep.added_tokens
+    assert check is not None and check.added_tokens == 4 and check.mean_initialized_ids == [128, 129]
+    assert check.mean_over_rows == 128 and check.bound == pytest.approx(math.log1p(2 / 128))
+    assert check.bound_kl_max is not None and 0 < check.bound_kl_max <= check.bound and check.passed is True
+    assert check.kl_max > math.log1p(4 / 128)  # with every added row: above the bound for n = 4 (measured 0.0323)
+    assert any(w.startswith("2 of the 4 added token(s)") for w in rep.warnings)
+
+
+def test_bound_uses_the_rows_the_mean_is_over(data: Path) -> None:
+    """FX-E: rows 120..127 are all-zero reserved tokens, left out of the mean: V of the bound is 120."""
+    make("FX-E", data)
+    r = extend(data, "reserved-zero", "reserved-mean")
     check = r.report.added_tokens  # type: ignore[union-attr]
-    assert check is not None and check.kl_max > check.bound and check.passed is False
-    assert r.report.passed is False and r.report.max_abs_logit_delta == 0.0  # type: ignore[union-attr]
+    assert check is not None and check.old_vocab_size == 128 and check.mean_over_rows == 120
+    assert check.mean_initialized_ids == [128, 129, 130] and check.bound == pytest.approx(math.log1p(3 / 120))
+    assert check.passed is True
 
 
 def test_a_disturbed_layer_is_caught(data: Path) -> None:
@@ -228,6 +272,49 @@ def test_http_verify(data: Path) -> None:
     assert sorted(p.name for p in data.iterdir()) == before  # verify writes nothing
 
 
+# -- a patched checkpoint that is not derived from the base -----------------------------------------------------
+@pytest.mark.parametrize(("base", "patched", "words"), [
+    ("llama-untied-tiny", "bert-mlm-tiny", ["model_type 'llama'", "'bert'"]),
+    ("gpt2-tied-tiny", "llama-untied-tiny", ["model_type 'gpt2'", "'llama'"]),
+])
+def test_unrelated_models_are_refused_by_verify_and_skipped_elsewhere(data: Path, base: str, patched: str,
+                                                                       words: list[str]) -> None:
+    """Used to give 200 with a report 'skipped (IndexError ...)'."""
+    client = TestClient(create_app(Settings(data_dir=data)), raise_server_exceptions=False)
+    r = client.post("/verify", json={"checkpoint": base, "patched": patched})
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json", r.text
+    body = r.json()
+    assert body["field"] == "patched" and body["fix"]
+    assert body["detail"].startswith("the patched checkpoint is not derived from this base: ")
+    assert all(w in body["detail"] for w in words)
+    rep = preservation_report(data / base, data / patched)  # what "verify": true on other ops gets: no failure
+    assert rep.status == "skipped" and "not derived from this base" in (rep.reason or "")
+    assert "IndexError" not in (rep.reason or "")
+
+
+def test_same_architecture_other_size_or_vocabulary_is_not_derived(data: Path) -> None:
+    src = data / "llama-untied-tiny"
+    shutil.copytree(src, data / "wider")  # same model_type, another hidden size in config.json
+    cfg = json.loads((data / "wider" / "config.json").read_text())
+    cfg["hidden_size"] = 64
+    (data / "wider" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InvalidSpec) as err:
+        verify(VerifySpec(checkpoint="llama-untied-tiny", patched="wider"), RunContext(data))
+    assert err.value.field == "patched" and "hidden size 32" in err.value.detail
+    shutil.copytree(src, data / "shuffled")  # same weights, a tokenizer with other ids
+    tok = json.loads((data / "shuffled" / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    ids = sorted(vocab.values())
+    tok["model"]["vocab"] = dict(zip(vocab, reversed(ids), strict=True))
+    (data / "shuffled" / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(InvalidSpec) as err:
+        verify(VerifySpec(checkpoint="llama-untied-tiny", patched="shuffled"), RunContext(data))
+    assert err.value.field == "patched" and "another id" in err.value.detail
+    # a derived checkpoint passes the check: extend-vocab grew the vocabulary, attach-head renamed and added
+    extend(data, "llama-untied-tiny", "derived")
+    assert verify(VerifySpec(checkpoint="llama-untied-tiny", patched="derived"), RunContext(data)).report.passed
+
+
 # -- real checkpoint -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2() -> Iterator[Path]:
@@ -255,3 +342,28 @@ def test_real_smollm2_new_tokens_stay_below_the_bound(smollm2: Path) -> None:
     assert check.bound == pytest.approx(math.log1p(2 / 49152))
     assert 0 < check.kl_max <= check.bound and check.passed
     assert len(rep.hidden_states) == 31 and all(h.max_abs_delta == 0.0 for h in rep.hidden_states)
+
+
+def test_real_smollm2_against_minilm_is_refused(smollm2: Path) -> None:
+    """The tester's case: two unrelated real checkpoints; POST /verify answered 200 with a skipped report."""
+    checkpoints = pytest.importorskip("adapter_surgery.demo.checkpoints")
+    try:
+        minilm = checkpoints.fetch_minilm()
+    except RuntimeError as exc:
+        pytest.skip(f"MiniLM unavailable: {exc}")
+    link_tree(minilm, smollm2 / "minilm")
+    client = TestClient(create_app(Settings(data_dir=smollm2)), raise_server_exceptions=False)
+    r = client.post("/verify", json={"checkpoint": "smollm2", "patched": "minilm"})
+    assert r.status_code == 422 and r.json()["field"] == "patched", r.text
+    assert "not derived from this base" in r.json()["detail"] and "'llama'" in r.json()["detail"]
+
+
+def test_skip_reasons_name_no_server_paths(data: Path, monkeypatch) -> None:
+    """Messages quoted from transformers carry absolute paths (for uploads, the temporary work directory)."""
+    def fail(path, device="cpu"):
+        raise OSError(f"Error no file named model.safetensors found in directory {path}")
+
+    monkeypatch.setattr(verify_mod, "load_model", fail)
+    rep = preservation_report(data / "llama-untied-tiny", data / "llama-untied-tiny")
+    assert rep.status == "skipped" and "llama-untied-tiny" in (rep.reason or "")
+    assert str(data) not in (rep.reason or "") and "/tmp" not in (rep.reason or "")

@@ -11,12 +11,20 @@ after the other, never both at once), runs both on the same probe inputs and com
   0 for LoRA at a data-free init and for input-side token rows; ``logits_preserved`` allows
   ``LOGIT_TOLERANCE`` relative to the largest base logit (float32 summation order).
 - **Added tokens** (the patched LM head has ``n`` more rows than the base's ``V``): per probe position,
-  ``KL(p_base || p_patched) = sum_i p_base(i) * (log p_base(i) - log p_patched(i))`` over the old tokens, against
-  Hewitt's bound ``log(1 + n / V)`` (Hewitt 2021, "Initializing New Word Embeddings for Pretrained Language
-  Models"): with every new output row (and bias) equal to the mean of the old ones, each new logit is the mean old
-  logit, and by Jensen ``exp(mean l) <= Z / V``, so ``KL = log(1 + n exp(mean l) / Z) <= log(1 + n / V)``. Random
-  rows have no such bound. ``V`` is the old vocabulary (rows with a tokenizer entry), the rows the mean is taken
-  over.
+  ``KL(p_base || p_patched) = sum_i p_base(i) * (log p_base(i) - log p_patched(i))`` over the old tokens. Hewitt's
+  bound ``log(1 + m / V)`` (Hewitt 2021, "Initializing New Word Embeddings for Pretrained Language Models") is a
+  theorem only for *mean-initialized* output rows: with a new output row (and bias) equal to the mean of the old
+  ones, its logit is the mean old logit, and by Jensen ``exp(mean l) <= Z / V``, so
+  ``KL = log(1 + m exp(mean l) / Z) <= log(1 + m / V)``. Other rows (``subword_mean``, ``copy``, random) have no
+  such bound. So the report finds which added output rows are the mean (read from the checkpoints: equal, to
+  one unit in the last place of the stored dtype, to the float32 mean of the base's trained output rows, those
+  with a tokenizer entry and not all zero, cast to that dtype, as extend-vocab's ``mean`` init writes them), lists
+  them, and checks the bound over those ``m`` rows only (``V``: the rows the mean is over); the KL with every
+  added row is reported without a pass/fail.
+- **Derivation**: the patched checkpoint must be derived from the base (same ``model_type``, hidden size, layer
+  count, tensor shapes but for vocabulary growth; the base tokenizer's ids unchanged; at least the base's
+  vocabulary). ``POST /verify`` answers 422 (``field: patched``) otherwise; the report of another operation is
+  skipped with that reason.
 - **New head** (tensors of the patched model that the base checkpoint lacks): each weight's std against the
   formula of its init (:func:`adapter_surgery.initializers.expected_std`: He et al. 2015, Glorot & Bengio 2010,
   PyTorch ``nn.Linear.reset_parameters``, ``transformers`` ``_init_weights``), within
@@ -26,8 +34,9 @@ after the other, never both at once), runs both on the same probe inputs and com
   of the base and of the patched model, their ratio and max |Δ|. A ratio outside
   ``[HIDDEN_RATIO_MIN, HIDDEN_RATIO_MAX]`` means a layer exploding or vanishing relative to the base.
 
-The report never raises: a checkpoint without ``config.json``, a model that ``transformers`` cannot load, or
-models that do not fit in memory give ``status: "skipped"`` with the reason. Memory is estimated from the
+The report never raises: a checkpoint without ``config.json``, a patched checkpoint not derived from the base, a
+model that ``transformers`` cannot load, or models that do not fit in memory give ``status: "skipped"`` with the
+reason (``POST /verify`` refuses the underived pair with a 422 first). Memory is estimated from the
 safetensors headers (float32 copy of the larger model, plus activations) against ``MemAvailable`` of
 ``/proc/meminfo`` (``os.sysconf`` elsewhere) or, on CUDA, the free device memory.
 """
@@ -48,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapter_surgery.arch import quiet_transformers
 from adapter_surgery.devices import DeviceName, pick_device
-from adapter_surgery.errors import SurgeryError
+from adapter_surgery.errors import InvalidSpec, SurgeryError
 from adapter_surgery.initializers import WEIGHT_INITS, expected_std
 from adapter_surgery.io import Checkpoint
 from adapter_surgery.paths import resolve_under
@@ -128,10 +137,19 @@ class AddedTokensCheck(BaseModel):
     added_tokens: int = Field(description="n: ids of the patched tokenizer that the base's lacks (without "
                                           "tokenizers: output rows beyond the base's).")
     old_vocab_size: int = Field(description="V: the old vocabulary (ids below it, those with a tokenizer entry).")
-    kl_max: float = Field(description="Largest KL(p_base || p_patched) over probe positions (nats).")
+    kl_max: float = Field(description="Largest KL(p_base || p_patched) over probe positions (nats), with every added "
+                                      "token; for information (no bound holds for rows that are not the mean).")
     kl_mean: float
-    bound: float = Field(description="log(1 + n / V), Hewitt (2021), for mean-initialized output rows.")
-    passed: bool
+    mean_initialized_ids: list[int] = Field(
+        description="Added ids whose output row (and bias) is the mean of the base's trained output rows: the rows "
+                    "Hewitt's bound is a theorem for, and the only ones it is checked over.")
+    mean_over_rows: int | None = Field(description="V of the bound: how many base rows that mean is taken over.")
+    bound_kl_max: float | None = Field(description="Largest KL with only the mean-initialized tokens added; None "
+                                                   "without such rows.")
+    bound: float | None = Field(description="log(1 + m / V), Hewitt (2021), m = len(mean_initialized_ids); None "
+                                            "without mean-initialized rows.")
+    passed: bool | None = Field(description="bound_kl_max <= bound; None when no added row is mean-initialized "
+                                            "(nothing to check).")
 
 
 class TensorStd(BaseModel):
@@ -193,18 +211,25 @@ def verify(spec: VerifySpec, ctx: RunContext) -> VerifyResult:
     Raises:
         NotFound, PathOutsideDataDir: a path does not exist or leaves the data directory.
         InvalidCheckpoint: a checkpoint is malformed (bad header or index).
-        InvalidSpec: ``device: cuda`` without a CUDA device.
+        InvalidSpec: ``device: cuda`` without a CUDA device; a patched checkpoint that is not derived from the base
+            (another architecture, size or vocabulary: :func:`not_derived`).
     Everything else (no config, a model that cannot be loaded, not enough memory) gives a skipped report.
     """
     base = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
     patched = resolve_under(ctx.data_dir, spec.patched, "patched")
-    Checkpoint.open(base)
+    base_ckpt = Checkpoint.open(base)
     try:
-        Checkpoint.open(patched)
+        patched_ckpt = Checkpoint.open(patched)
     except SurgeryError as exc:
         exc.field = "patched"
         raise
     pick_device(spec.device)
+    if base_ckpt.config is not None and patched_ckpt.config is not None:
+        reason = not_derived(base_ckpt, patched_ckpt, _tokenizer(base_ckpt), _tokenizer(patched_ckpt))
+        if reason is not None:
+            raise InvalidSpec(f"the patched checkpoint is not derived from this base: {reason}", field="patched",
+                              fix="Send as checkpoint the base the patched checkpoint was made from (the checkpoint "
+                                  "of its extend-vocab, attach-head or surgery request).")
     options = VerifyOptions.model_validate(spec.model_dump(exclude={"checkpoint", "patched"}))
     report = preservation_report(base, patched, options, progress=ctx.say)
     return VerifyResult(checkpoint=spec.checkpoint, patched=spec.patched, report=report)
@@ -235,8 +260,23 @@ def preservation_report(base: Path, patched: Path, options: VerifyOptions | None
         log.warning("preservation report failed", exc_info=True)
         report = PreservationReport(status="skipped", reason=f"the report could not be computed "
                                                              f"({type(exc).__name__}: {exc})")
+    report.reason = _scrub(report.reason, base, patched)
+    report.warnings = [_scrub(w, base, patched) or w for w in report.warnings]
     report.seconds = round(time.perf_counter() - started, 4)
     return report
+
+
+def _scrub(text: str | None, *paths: Path) -> str | None:
+    """``text`` with the directories above ``paths`` removed (``/tmp/adapter-surgery-x1/output/config.json`` ->
+    ``output/config.json``): messages quoted from ``transformers`` must not reveal server (or upload) paths."""
+    if not text:
+        return text
+    for path in paths:
+        for form in {str(path), str(path.resolve())}:
+            parent = str(Path(form).parent)
+            if parent not in ("", "/", "."):
+                text = text.replace(parent + os.sep, "")
+    return text
 
 
 class _Skip(Exception):
@@ -270,6 +310,11 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
         if ckpts[role].config is None:
             raise _Skip(f"the {role} checkpoint has no usable config.json ({ckpts[role].config_problem}), so it "
                         "cannot be run")
+    tok = _tokenizer(ckpts["base"])
+    tok_p = _tokenizer(ckpts["patched"])
+    reason = not_derived(ckpts["base"], ckpts["patched"], tok, tok_p)
+    if reason is not None:
+        raise _Skip(f"the patched checkpoint is not derived from this base: {reason}")
     try:
         dev = pick_device(opts.device)
     except SurgeryError as exc:
@@ -281,7 +326,6 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
         raise _Skip(f"the models need about {needed / 2**30:.2f} GiB in float32 (the larger one plus activations) "
                     f"but only {limit / 2**30:.2f} GiB {'is' if limit == available else 'was allowed'} available "
                     f"on {dev.type}", **mem)
-    tok = _tokenizer(ckpts["base"])
     probes, summary = _probes(ckpts["base"], tok, opts)
     say("verify: run base")
     b = _run(base, probes, dev, keep=lambda _name, _prefix: False)
@@ -293,8 +337,9 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
              and name not in base_keys and f"{prefix}.{name}" not in base_keys)
     report = PreservationReport(status="ok", probes=summary, **mem)
     report.warnings += [f"patched: {m}" for m in p.load_problems] + [f"base: {m}" for m in b.load_problems]
-    new_ids = _new_token_ids(ckpts["base"], ckpts["patched"], tok, summary.old_vocab_size)
-    _compare_logits(report, b, p, summary.old_vocab_size, new_ids)
+    new_ids = _new_token_ids(tok, tok_p, summary.old_vocab_size)
+    _compare_logits(report, b, p, summary.old_vocab_size, new_ids,
+                    mean_rows=lambda old, added: _mean_initialized(ckpts["base"], ckpts["patched"], tok, old, added))
     report.head = _head_check(p, opts.head_init)
     _compare_hidden(report, b, p)
     checks = [report.logits_preserved, report.hidden_states_passed,
@@ -464,17 +509,18 @@ def _run(path: Path, probes: list[torch.Tensor], device: torch.device, keep: Cal
 
 
 # -- comparisons ---------------------------------------------------------------------------------------------
-def _new_token_ids(base: Checkpoint, patched: Checkpoint, tok_b, old_vocab: int) -> list[int] | None:
+def _new_token_ids(tok_b, tok_p, old_vocab: int) -> list[int] | None:
     """Ids the patched tokenizer has and the base's lacks; ``None`` (use the appended rows) without tokenizers."""
-    tok_p = _tokenizer(patched)
     if tok_b is None or tok_p is None:
         return None
     base_ids = set(tok_b.get_vocab().values()) | set(range(old_vocab))
     return sorted(i for i in tok_p.get_vocab().values() if i not in base_ids)
 
 
-def _compare_logits(report: PreservationReport, b: _Run, p: _Run, old_vocab: int, new_ids: list[int] | None) -> None:
-    """max |Δ logits| over the old vocabulary; with new tokens, KL(base || patched) against Hewitt's bound.
+def _compare_logits(report: PreservationReport, b: _Run, p: _Run, old_vocab: int, new_ids: list[int] | None,
+                    mean_rows: Callable[[int, list[int]], tuple[list[int], int | None]] | None = None) -> None:
+    """max |Δ logits| over the old vocabulary; with new tokens, KL(base || patched), and over the mean-initialized
+    ones (``mean_rows(old, added)``: those ids and the rows their mean is over) against Hewitt's bound.
 
     The next-token distributions are over tokens: the base's over its old vocabulary (ids below ``old_vocab``),
     the patched model's over the old vocabulary and the new ids. Rows without a token (spare rows of a padded
@@ -498,25 +544,160 @@ def _compare_logits(report: PreservationReport, b: _Run, p: _Run, old_vocab: int
     if new_rows < base_rows:
         report.warnings.append(f"the patched model has fewer output rows ({new_rows}) than the base ({base_rows})")
     added = list(range(base_rows, new_rows)) if new_ids is None else [i for i in new_ids if old <= i < new_rows]
+    mean_ids: list[int] = []
+    mean_over: int | None = None
+    if added and mean_rows is not None:
+        try:
+            mean_ids, mean_over = mean_rows(old, added)
+        except Exception as exc:  # the rows could not be read: report the KL without claiming the bound
+            report.warnings.append(f"which added rows are mean-initialized could not be determined "
+                                   f"({type(exc).__name__}: {exc}); Hewitt's bound is not checked")
     delta, scale = 0.0, 1.0
     kls: list[torch.Tensor] = []
+    bound_kls: list[torch.Tensor] = []
+
+    def kl_with(lb: torch.Tensor, lp: torch.Tensor, extra: list[int]) -> torch.Tensor:
+        logp_b = torch.log_softmax(lb[..., :old].double(), dim=-1)
+        support = torch.cat([lp[..., :old], lp[..., extra]], dim=-1).double()
+        logp_p = torch.log_softmax(support, dim=-1)[..., :old]
+        return (logp_b.exp() * (logp_b - logp_p)).sum(dim=-1).reshape(-1)
+
     for lb, lp in zip(b.logits, p.logits, strict=True):
         assert lb is not None and lp is not None
         delta = max(delta, float((lb[..., :old] - lp[..., :old]).abs().max()))
         scale = max(scale, float(lb[..., :old].abs().max()))
         if added:
-            logp_b = torch.log_softmax(lb[..., :old].double(), dim=-1)
-            support = torch.cat([lp[..., :old], lp[..., added]], dim=-1).double()
-            logp_p = torch.log_softmax(support, dim=-1)[..., :old]
-            kls.append((logp_b.exp() * (logp_b - logp_p)).sum(dim=-1).reshape(-1))
+            kls.append(kl_with(lb, lp, added))
+            if mean_ids:
+                bound_kls.append(kls[-1] if mean_ids == added else kl_with(lb, lp, mean_ids))
     report.max_abs_logit_delta = delta
     report.logits_preserved = delta <= LOGIT_TOLERANCE * scale
     if kls:
         kl = torch.cat(kls)
-        bound = math.log1p(len(added) / old)
+        bound = bound_kl = passed = None
+        if bound_kls and mean_over:
+            bound = math.log1p(len(mean_ids) / mean_over)
+            bound_kl = float(torch.cat(bound_kls).max())
+            passed = bound_kl <= bound + KL_SLACK
+        others = len(added) - len(mean_ids)
+        if others:
+            report.warnings.append(
+                f"{others} of the {len(added)} added token(s) have output rows that are not the mean of the old "
+                "rows (e.g. subword_mean, copy or random rows): Hewitt's bound does not apply to them, so their KL "
+                "is reported without a pass/fail" + ("" if mean_ids else "; no row is checked against the bound"))
         report.added_tokens = AddedTokensCheck(added_tokens=len(added), old_vocab_size=old, kl_max=float(kl.max()),
-                                               kl_mean=float(kl.mean()), bound=bound,
-                                               passed=float(kl.max()) <= bound + KL_SLACK)
+                                               kl_mean=float(kl.mean()), mean_initialized_ids=mean_ids,
+                                               mean_over_rows=mean_over if mean_ids else None, bound_kl_max=bound_kl,
+                                               bound=bound, passed=passed)
+
+
+def _mean_initialized(base: Checkpoint, patched: Checkpoint, tok_b, old: int,
+                      added: list[int]) -> tuple[list[int], int | None]:
+    """The ``added`` ids whose output row (and output bias) is the mean of the base's trained output rows, and how
+    many rows that mean is over.
+
+    The mean is extend-vocab's: float32, over the base rows below ``old`` that have a base-tokenizer entry and are
+    not all zero (:func:`adapter_surgery.initializers.row_stats`), cast to the patched tensor's dtype; a row
+    matches when every value is within one unit in the last place of it (a mean summed in another order, e.g. on
+    a GPU, may differ there). A tied head's rows are the input embedding's.
+    """
+    from adapter_surgery.arch import resolve_architecture
+    from adapter_surgery.initializers import row_stats
+
+    arch_b, arch_p = resolve_architecture(base), resolve_architecture(patched)
+
+    def head(arch) -> str | None:
+        return arch.output_head or (arch.input_embedding if arch.tied else None)
+
+    pairs = [(head(arch_b), head(arch_p)), (arch_b.output_bias, arch_p.output_bias)]
+    if pairs[0][0] is None or pairs[0][1] is None or (pairs[1][0] is None) != (pairs[1][1] is None):
+        return [], None
+    entry = torch.zeros(old, dtype=torch.bool)
+    if tok_b is None:
+        entry[:] = True
+    else:
+        ids = [i for i in tok_b.get_vocab().values() if i < old]
+        entry[torch.tensor(ids, dtype=torch.long)] = True
+
+    def trained(first: int, count: int) -> torch.Tensor:
+        mask = torch.zeros(count, dtype=torch.bool)
+        hi = min(first + count, old)
+        if hi > first:
+            mask[: hi - first] = entry[first:hi]
+        return mask
+
+    keep = set(added)
+    over: int | None = None
+    zero_rows: list[int] | None = None
+    for kb, kp in pairs:
+        if kb is None or kp is None:
+            continue
+        try:
+            stats = row_stats(base.iter_rows(kb), trained, torch.device("cpu"), covariance=False)
+        except ValueError:  # no trained row
+            return [], None
+        if zero_rows is not None and stats.zero_rows != zero_rows:  # weight and bias averaged over other rows
+            return [], None
+        zero_rows = stats.zero_rows
+        over = stats.count if over is None else over
+        dtype = patched.info(kp).torch_dtype or torch.float32
+        mean = stats.mean.to(dtype).float()
+        tol = torch.finfo(dtype).eps * mean.abs() + torch.finfo(dtype).tiny
+        rows = patched.info(kp).shape[0]
+        for i in sorted(keep):
+            if i >= rows or not bool(((patched.read_rows(kp, i, i + 1)[0].float() - mean).abs() <= tol).all()):
+                keep.discard(i)
+    return [i for i in added if i in keep], over
+
+
+def not_derived(base: Checkpoint, patched: Checkpoint, tok_b, tok_p) -> str | None:
+    """Why ``patched`` cannot have been made from ``base`` by this service, or ``None``.
+
+    Derived checkpoints keep the model type, hidden size and layer count, every tensor's shape but for a grown
+    vocabulary (dimension 0), the base tokenizer's ids, and at least the base's vocabulary rows. Anything else
+    (e.g. SmolLM2 against MiniLM) cannot be compared probe by probe.
+    """
+    cb, cp = base.config or {}, patched.config or {}
+
+    def text(cfg: dict[str, Any]) -> dict[str, Any]:
+        sub = next((cfg[k] for k in ("text_config", "llm_config", "language_config") if isinstance(cfg.get(k), dict)),
+                   None)
+        return sub if sub is not None else cfg
+
+    def first(cfg: dict[str, Any], keys: tuple[str, ...]) -> Any:
+        return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
+
+    for what, keys in (("model_type", ("model_type",)), ("hidden size", ("hidden_size", "n_embd", "d_model")),
+                       ("layer count", ("num_hidden_layers", "n_layer", "num_layers"))):
+        vb, vp = first(text(cb), keys), first(text(cp), keys)
+        if vb is None:
+            vb, vp = first(cb, keys), first(cp, keys)
+        if vb is not None and vp is not None and vb != vp:
+            return f"the base has {what} {vb!r}, the patched checkpoint {vp!r}"
+    shapes_b = base.shapes()
+    for key, shape in patched.shapes().items():
+        src = next((c for c in (key, key.split(".", 1)[-1]) if c in shapes_b), None)
+        if src is None:
+            continue
+        sb = shapes_b[src]
+        if shape != sb and not (len(shape) == len(sb) and shape[1:] == sb[1:] and shape[0] >= sb[0]):
+            return f"tensor {key!r} has shape {list(shape)} in the patched checkpoint but {list(sb)} in the base"
+    if tok_b is not None and tok_p is not None:
+        vb, vp = tok_b.get_vocab(), tok_p.get_vocab()
+        moved = [(t, i, vp.get(t)) for t, i in vb.items() if vp.get(t) != i]
+        if len(moved) > max(1, len(vb) // 100):
+            t, i, j = moved[0]
+            return (f"{len(moved)} of the base tokenizer's {len(vb)} tokens have another id (or none) in the "
+                    f"patched tokenizer, e.g. {t!r}: {i} in the base, {j} in the patched one")
+    try:
+        from adapter_surgery.arch import resolve_architecture
+
+        rows_b, rows_p = resolve_architecture(base).vocab_rows, resolve_architecture(patched).vocab_rows
+    except SurgeryError:
+        return None
+    if rows_p < min(rows_b, len(tok_b) if tok_b is not None else rows_b):
+        return f"the patched input embedding has {rows_p} rows, fewer than the base's {rows_b}"
+    return None
 
 
 _KINDS = {"lm": "a language model", "classifier": "a classifier", "backbone": "a bare backbone (no head)"}

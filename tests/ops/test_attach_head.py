@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from adapter_surgery.api.app import create_app
-from adapter_surgery.errors import InvalidSpec
+from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
 from adapter_surgery.initializers import expected_std
 from adapter_surgery.ops import OPERATIONS
 from adapter_surgery.ops.attach_head import AttachHeadResult, AttachHeadSpec, attach_head
@@ -359,6 +359,104 @@ def test_tied_head_copy_is_dropped_and_lone_head_copy_becomes_the_embedding(data
     load(data / "head-only-cls")
 
 
+# -- config.json against the weights ----------------------------------------------------------------------------
+def _with_config(data: Path, src: str, name: str, **changes) -> str:
+    shutil.copytree(data / src, data / name)
+    cfg = json.loads((data / name / "config.json").read_text())
+    cfg.update(changes)
+    (data / name / "config.json").write_text(json.dumps(cfg))
+    return name
+
+
+@pytest.mark.parametrize(("fixture", "layers_key", "example"), [
+    ("llama-untied-tiny", "num_hidden_layers", "model.layers.1."),
+    ("gpt2-tied-tiny", "n_layer", "transformer.h.1."),
+    ("bert-mlm-tiny", "num_hidden_layers", "bert.encoder.layer.1."),
+    ("bert-plain-tiny", "num_hidden_layers", "encoder.layer.1."),  # bare base model keys, no prefix
+])
+@pytest.mark.parametrize("task", ["sequence_classification", "token_classification"])
+def test_config_with_fewer_layers_than_the_weights_is_refused(data: Path, fixture: str, layers_key: str,
+                                                              example: str, task: str) -> None:
+    """Used to give 200, dropping the layers config.json does not declare as "unused"."""
+    src = _with_config(data, fixture, f"{fixture}-short-{task}", **{layers_key: 1})
+    listing = sorted(p.name for p in data.iterdir())
+    with pytest.raises(InvalidCheckpoint) as err:
+        run(data, src, "never", num_labels=2, task=task)
+    detail = err.value.detail
+    assert err.value.field == "checkpoint" and err.value.fix and "config.json and the weights disagree" in detail
+    assert f"e.g. '{example}" in detail and f"declares {layers_key} 1" in detail and "(2 layers)" in detail
+    assert "tensor(s) of the backbone" in detail
+    assert sorted(p.name for p in data.iterdir()) == listing
+
+
+def test_config_with_fewer_layers_over_http(tmp_path: Path) -> None:
+    from tests.fixtures import make
+
+    data = tmp_path / "data"
+    data.mkdir()
+    make("FX-B", data)
+    src = _with_config(data, "llama-untied-tiny", "short", num_hidden_layers=1)
+    client = TestClient(create_app(Settings(data_dir=data)), raise_server_exceptions=False)
+    r = client.post("/attach-head", json={"checkpoint": src, "output": "out", "num_labels": 2})
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json", r.text
+    body = r.json()
+    assert body["field"] == "checkpoint" and "'model.layers.1." in body["detail"] and "9 tensor(s)" in body["detail"]
+    assert not (data / "out").exists()
+
+
+def test_known_droppable_tensors_are_still_dropped(data: Path) -> None:
+    """Buffers transformers ignores (GPT-2's attn.bias/masked_bias, position_ids, rotary inv_freq) and another
+    task's head outside the backbone are dropped as unused, not a mismatch."""
+    src = data / "gpt2-tied-tiny"
+    shutil.copytree(src, data / "gpt2-extra")
+    state = tensors(src)
+    extra = {"transformer.h.0.attn.bias": torch.tril(torch.ones(1, 1, 8, 8)),
+             "transformer.h.1.attn.masked_bias": torch.tensor(-1e4), "qa_outputs.weight": torch.zeros(2, 32)}
+    save_file({**state, **extra}, str(data / "gpt2-extra" / "model.safetensors"), metadata={"format": "pt"})
+    r = run(data, "gpt2-extra", "gpt2-extra-cls", num_labels=2)
+    assert {(d.name, d.reason) for d in r.dropped} == {(k, "unused") for k in extra}
+    load(data / "gpt2-extra-cls")
+    src = data / "llama-untied-tiny"
+    shutil.copytree(src, data / "llama-extra")
+    for shard in (data / "llama-extra").glob("*.safetensors"):
+        state = tensors(shard)
+        if "model.layers.0.self_attn.q_proj.weight" in state:
+            state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(2)
+            save_file(state, str(shard), metadata={"format": "pt"})
+    index_path = data / "llama-extra" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = index["weight_map"]["model.layers.0.self_attn.q_proj.weight"]
+    index["weight_map"]["model.layers.0.self_attn.rotary_emb.inv_freq"] = shard
+    index_path.write_text(json.dumps(index))
+    r = run(data, "llama-extra", "llama-extra-cls", num_labels=2)
+    assert ("model.layers.0.self_attn.rotary_emb.inv_freq", "unused") in {(d.name, d.reason) for d in r.dropped}
+
+
+def test_upload_form_result_names_no_temporary_directory(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from adapter_surgery.api.app import RESULT_HEADER
+    from tests.fixtures import make
+
+    data = tmp_path / "data"
+    data.mkdir()
+    make("FX-B", data)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(data / "llama-untied-tiny", arcname="model")
+    client = TestClient(create_app(Settings(data_dir=data)), raise_server_exceptions=False)
+    r = client.post("/attach-head", files={"file": ("model.tar", buf.getvalue())},
+                    data={"spec": json.dumps({"num_labels": 2, "pad_token": "add", "verify": True})})
+    assert r.status_code == 200, r.text
+    header = r.headers[RESULT_HEADER]
+    result = json.loads(header)
+    assert "adapter-surgery-" not in header and "/tmp" not in header and str(tmp_path) not in header
+    paths = [f["path"] for f in result["files"]]
+    assert "config.json" in paths and all(not p.startswith(("/", ".")) and ".tmp" not in p for p in paths)
+    assert result["report"]["status"] == "ok"
+
+
 # -- bad input -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("options", "field"), [
     ({}, "num_labels"),
@@ -470,3 +568,12 @@ def test_real_minilm_bert_classifier_with_pooler(real_data: Path) -> None:
     assert rep is not None and rep.status == "ok" and rep.passed is True
     assert all(layer.max_abs_delta == 0 for layer in rep.hidden_states) and len(rep.hidden_states) == 7
     assert json.loads(rep.model_dump_json())["head"]["passed"] is True
+
+
+def test_without_dirs_keeps_paths_relative(tmp_path: Path) -> None:
+    from adapter_surgery.ops.attach_head import without_dirs
+
+    work = tmp_path / "adapter-surgery-x1"
+    text = f"no file named model.safetensors in {work}/input (see {work})"
+    assert without_dirs(text, work) == "no file named model.safetensors in input (see .)"
+    assert without_dirs("nothing to do", work) == "nothing to do"

@@ -21,12 +21,13 @@ import torch
 from fastapi.testclient import TestClient
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from adapter_surgery.api.app import RESULT_HEADER, create_app
 from adapter_surgery.cli import main as cli_main
-from adapter_surgery.errors import InvalidSpec
+from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
 from adapter_surgery.io.checkpoint import Checkpoint
 from adapter_surgery.ops.attach_lora import AttachLoraResult, AttachLoraSpec, _Spill, attach_lora
 from adapter_surgery.ops.common import RunContext
@@ -63,10 +64,11 @@ def logits(model) -> torch.Tensor:
     return model(IDS).logits.float()
 
 
-def peft_reference(src: Path, dest: Path, seed: int, **opts) -> tuple[dict[str, torch.Tensor], dict]:
+def peft_reference(src: Path, dest: Path, seed: int, dtype: torch.dtype | None = None,
+                   **opts) -> tuple[dict[str, torch.Tensor], dict]:
     """What peft itself saves: torch.manual_seed(seed); get_peft_model(from_pretrained(src)); save_pretrained."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(src))
+    model = base_model(src, dtype)
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **opts))
     peft_model.save_pretrained(str(dest))
     return load_file(str(dest / "adapter_model.safetensors")), json.loads((dest / "adapter_config.json").read_text())
@@ -128,13 +130,24 @@ def test_tensors_equal_peft_get_peft_model(data_dir: Path, build, tmp_path: Path
     opts = {"r": 4, "lora_alpha": 8, **{k: v for k, v in opts.items() if v is not None}}
     result = run(data_dir, src, seed=11, **opts)
     mine, ref = adapter(data_dir), None
-    ref, ref_config = peft_reference(data_dir / src, tmp_path / "peft", 11, **opts)
+    dora = bool(opts.get("use_dora"))
+    decomposes = str(opts.get("init_lora_weights", "")).startswith(("pissa", "olora"))
+    # DoRA: the adapter is what peft makes on the base loaded in float32 (the exact magnitude); others: as loaded
+    ref, ref_config = peft_reference(data_dir / src, tmp_path / "peft", 11, torch.float32 if dora else None, **opts)
     assert sorted(mine) == sorted(ref)
     for k in ref:
         assert mine[k].dtype == ref[k].dtype and mine[k].shape == ref[k].shape, k
+        if dora and decomposes and k.endswith("lora_magnitude_vector"):
+            continue  # peft's is the norm of its float32 residual; ours of the residual as written (below)
         assert torch.equal(mine[k], ref[k]), k
+    if dora and decomposes:
+        residual = Checkpoint.open(data_dir / "out" / "base")
+        for k in (k for k in mine if k.endswith("lora_magnitude_vector")):
+            module = k.removeprefix("base_model.model.").removesuffix(".lora_magnitude_vector")
+            a, b = mine[f"base_model.model.{module}.lora_A.weight"], mine[f"base_model.model.{module}.lora_B.weight"]
+            w = residual.read(f"{module}.weight").float()
+            assert torch.equal(mine[k], torch.linalg.norm(w + opts["lora_alpha"] / opts["r"] * (b @ a), dim=1)), k
     config = adapter_config(data_dir)
-    decomposes = str(opts.get("init_lora_weights", "")).startswith(("pissa", "olora"))
     for key, value in ref_config.items():
         if key == "base_model_name_or_path":
             assert config[key] == ("out/base" if decomposes else src)
@@ -212,11 +225,16 @@ def test_identity_at_init_and_b_nonzero_changes_outputs(data_dir: Path, build, f
             assert (b @ a).abs().max() <= 1e-2 * b.abs().max() * a.abs().max()
         assert (with_adapter - reference).abs().max() <= 4e-3
     elif opts.get("use_dora"):
-        # peft stores the DoRA magnitude in the base dtype (bf16 here) but recomputes the norm in float32 at run
-        # time, so a DoRA adapter is an identity up to bf16 rounding: exactly as peft's own model behaves.
+        # The magnitude is the exact float32 norm of the stored weights: on the base loaded in float32 (training
+        # pipelines, fp32 master weights) the adapter is an exact identity, as peft's own get_peft_model there; on
+        # a bf16-loaded base at most bf16 rounding noise.
+        f32 = logits(base_model(data_dir / src, torch.float32))
+        with_adapter_f32 = logits(load_with_adapter(data_dir / src, data_dir / "out", torch.float32))
+        assert (with_adapter_f32 - f32).abs().max() == 0.0
         torch.manual_seed(0)
-        own = get_peft_model(base_model(data_dir / src), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, **opts))
-        assert torch.equal(with_adapter, logits(own.eval()))
+        own = get_peft_model(base_model(data_dir / src, torch.float32),
+                             LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, **opts))
+        assert torch.equal(with_adapter_f32, logits(own.eval()))
         assert (with_adapter - reference).abs().max() <= 4e-3
     else:
         assert torch.equal(with_adapter, reference)
@@ -259,7 +277,9 @@ def test_b11_exact_keys_values_and_config(data_dir: Path, build) -> None:
     ckpt = Checkpoint.open(data_dir / src)
     w = ckpt.read("model.layers.0.self_attn.v_proj.weight")
     m = dora["base_model.model.model.layers.0.self_attn.v_proj.lora_magnitude_vector"]
-    assert m.shape == (16,) and torch.equal(m, torch.linalg.norm(w, dim=1).to(w.dtype).float())  # as peft (bf16)
+    assert m.shape == (16,) and m.dtype == torch.float32
+    assert torch.equal(m, torch.linalg.norm(w.float(), dim=1))  # exact, not rounded to the stored bf16
+    assert not torch.equal(m, torch.linalg.norm(w, dim=1).to(w.dtype).float())  # (what it was: bf16-rounded)
     load_with_adapter(data_dir / src, data_dir / "dora")
 
 
@@ -268,7 +288,7 @@ def test_b14_gpt2_names_on_llama_list_the_valid_names(data_dir: Path, build) -> 
     src = build("FX-B")
     with pytest.raises(InvalidSpec) as exc:
         run(data_dir, src, target_modules=["c_attn"])
-    assert exc.value.field == "target_modules"
+    assert exc.value.field == "target_modules.0"
     text = exc.value.detail + " " + (exc.value.fix or "")
     assert all(name in text for name in LLAMA_LINEAR)
     assert not (data_dir / "out").exists()
@@ -444,7 +464,11 @@ def test_adapter_dtype(data_dir: Path, build) -> None:
 
 # -- refusals: 422 with field and fix, no files -----------------------------------------------------------------
 BAD = [
-    ("gpt2-names", {"target_modules": ["c_attn"]}, "target_modules", ["q_proj", "down_proj"]),
+    ("gpt2-names", {"target_modules": ["c_attn"]}, "target_modules.0", ["q_proj", "down_proj"]),
+    ("target-typo", {"target_modules": ["q_prj", "v_proj"]}, "target_modules.0",
+     ["'q_prj'", "did you mean 'q_proj'", *LLAMA_LINEAR]),
+    ("target-typo-last", {"target_modules": ["q_proj", "v_proj", "dwn_proj"]}, "target_modules.2",
+     ["'dwn_proj'", *LLAMA_LINEAR]),
     ("regex-nothing", {"target_modules": r".*\.nothing"}, "target_modules", ["q_proj"]),
     ("rank-too-big", {"target_modules": ["k_proj"], "r": 24}, "r", ["model.layers.*.self_attn.k_proj", "16"]),
     ("rank-zero", {"r": 0}, "r", ["at least 1"]),
@@ -539,4 +563,177 @@ def test_cli(data_dir: Path, build, tmp_path: Path, capsys) -> None:
     assert adapter_config(data_dir, "cli-out")["fan_in_fan_out"] is True
     spec.write_text(json.dumps({"checkpoint": src, "output": "cli-bad", "target_modules": ["q_proj"]}))
     assert cli_main(["attach-lora", "--spec", str(spec), "--data-dir", str(data_dir)]) == 2
-    assert '"field": "target_modules"' in capsys.readouterr().err and not (data_dir / "cli-bad").exists()
+    assert '"field": "target_modules.0"' in capsys.readouterr().err and not (data_dir / "cli-bad").exists()
+
+
+# -- list entries that match nothing --------------------------------------------------------------------------
+def test_a_typo_in_one_target_entry_is_refused_not_ignored(client: TestClient, data_dir: Path, build) -> None:
+    """["q_prj", "v_proj"] used to give 200 with v_proj only; regex strings and "all-linear" keep peft semantics."""
+    src = build("FX-B")
+    r = client.post("/attach-lora", json={"checkpoint": src, "output": "out", "target_modules": ["q_prj", "v_proj"]})
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json", r.text
+    body = r.json()
+    assert body["field"] == "target_modules.0" and "did you mean 'q_proj'" in body["detail"]
+    assert all(name in body["detail"] + body["fix"] for name in LLAMA_LINEAR)
+    assert not (data_dir / "out").exists()
+    # suffixes and full names still match as in peft; a regex string is matched as a whole
+    result = run(data_dir, src, "dotted", target_modules=["self_attn.q_proj", "model.layers.1.mlp.down_proj"])
+    assert [t.name for t in result.target_modules] == ["model.layers.0.self_attn.q_proj",
+                                                       "model.layers.1.self_attn.q_proj",
+                                                       "model.layers.1.mlp.down_proj"]
+    result = run(data_dir, src, "regex", target_modules=r".*\.(q_proj|q_prj)")
+    assert len(result.target_modules) == 2
+
+
+def test_exclude_entries_that_match_nothing_are_warned_about(data_dir: Path, build) -> None:
+    src = build("FX-B")
+    # peft warns only when nothing at all is excluded; one typo beside a valid entry went unnoticed
+    result = run(data_dir, src, target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj", "model.layers.0.q_prj"])
+    assert len(result.target_modules) == 2  # v_proj excluded
+    notes = [w for w in result.warnings if "excludes nothing" in w]
+    assert len(notes) == 1 and "exclude_modules entry 1 ('model.layers.0.q_prj')" in notes[0]
+    result = run(data_dir, src, "ok", target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"])
+    assert len(result.target_modules) == 2 and not any("exclude" in w for w in result.warnings)
+
+
+# -- lora_alpha / alpha_pattern: positive and finite ---------------------------------------------------------------
+@pytest.mark.parametrize(("opts", "field"), [
+    ({"lora_alpha": 0}, "lora_alpha"),
+    ({"lora_alpha": -8}, "lora_alpha"),
+    ({"lora_alpha": float("nan")}, "lora_alpha"),
+    ({"lora_alpha": float("inf")}, "lora_alpha"),
+    ({"alpha_pattern": {"q_proj": 0}}, "alpha_pattern.q_proj"),
+    ({"alpha_pattern": {"q_proj": -1.5}}, "alpha_pattern.q_proj"),
+    ({"alpha_pattern": {"q_proj": float("nan")}}, "alpha_pattern.q_proj"),
+])
+def test_alpha_must_be_positive_and_finite(data_dir: Path, build, opts: dict, field: str) -> None:
+    src = build("FX-B")
+    with pytest.raises(ValidationError) as exc:
+        AttachLoraSpec(checkpoint=src, output="out", target_modules=["q_proj"], **opts)
+    assert ".".join(str(p) for p in exc.value.errors()[0]["loc"]) == field
+    # a spec built without validation is refused by the core as well
+    spec = AttachLoraSpec.model_construct(**{**AttachLoraSpec(checkpoint=src, output="out").model_dump(),
+                                             "target_modules": ["q_proj"], **opts})
+    with pytest.raises(InvalidSpec) as err:
+        attach_lora(spec, RunContext(data_dir))
+    assert err.value.field == field and "positive finite" in err.value.detail
+    assert not (data_dir / "out").exists()
+
+
+@pytest.mark.parametrize(("raw", "field"), [
+    ('"lora_alpha": NaN', "lora_alpha"),
+    ('"lora_alpha": Infinity', "lora_alpha"),
+    ('"lora_alpha": 0', "lora_alpha"),
+    ('"alpha_pattern": {"q_proj": -Infinity}', "alpha_pattern.q_proj"),
+    ('"alpha_pattern": {"q_proj": 0}', "alpha_pattern.q_proj"),
+    ('"rank_pattern": {"q_proj": 0}', "rank_pattern.q_proj"),
+])
+def test_alpha_nan_infinity_and_zero_over_http(client: TestClient, data_dir: Path, build, raw: str,
+                                               field: str) -> None:
+    src = build("FX-B")
+    body = f'{{"checkpoint": "{src}", "output": "out", "target_modules": ["q_proj"], {raw}}}'
+    r = client.post("/attach-lora", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json", r.text
+    assert r.json()["field"] == field and r.json()["fix"]
+    assert not (data_dir / "out").exists()
+
+
+# -- DoRA: the exact float32 magnitude -----------------------------------------------------------------------------
+def test_dora_is_an_exact_identity_on_a_float32_loaded_base(data_dir: Path, build) -> None:
+    """The tester's case: FX-B (bf16) loaded in float32 with PeftModel moved the logits by up to 0.138 (a
+    bf16-rounded magnitude); now 0, as peft's own get_peft_model on that base; on a bf16 base only bf16 noise."""
+    src = build("FX-B")
+    run(data_dir, src, r=8, lora_alpha=16, target_modules="all-linear", use_dora=True)
+    f32 = logits(base_model(data_dir / src, torch.float32))
+    delta = (logits(load_with_adapter(data_dir / src, data_dir / "out", torch.float32)) - f32).abs().max()
+    assert delta == 0.0
+    bf16 = logits(base_model(data_dir / src, torch.bfloat16))
+    noise = (bf16 - f32).abs().max()
+    assert (logits(load_with_adapter(data_dir / src, data_dir / "out", torch.bfloat16)) - bf16).abs().max() <= noise
+    mags = {k: v for k, v in adapter(data_dir).items() if k.endswith("lora_magnitude_vector")}
+    ckpt = Checkpoint.open(data_dir / src)
+    assert len(mags) == 14
+    for k, m in mags.items():
+        w = ckpt.read(k.removeprefix("base_model.model.").replace("lora_magnitude_vector", "weight"))
+        assert m.dtype == torch.float32 and torch.equal(m, torch.linalg.norm(w.float(), dim=1)), k
+    # dtype bfloat16 stores that magnitude rounded, as asked
+    run(data_dir, src, "bf16", r=8, lora_alpha=16, target_modules=["q_proj"], use_dora=True, dtype="bfloat16")
+    m = adapter(data_dir, "bf16")["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"]
+    w = ckpt.read("model.layers.0.self_attn.q_proj.weight").float()
+    assert m.dtype == torch.bfloat16 and torch.equal(m, torch.linalg.norm(w, dim=1).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_dora_with_a_residual_base_is_an_identity_on_the_residual(data_dir: Path, build, init: str) -> None:
+    src = build("FX-B")
+    run(data_dir, src, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=init)
+    original = logits(base_model(data_dir / src, torch.float32))
+    bf16_noise = (logits(base_model(data_dir / src, torch.bfloat16)) - original).abs().max()
+    model = load_with_adapter(data_dir / "out" / "base", data_dir / "out", torch.float32)
+    # the magnitude is the norm of the residual as written, so DoRA's scale is exactly 1 on it
+    assert (logits(model) - original).abs().max() <= bf16_noise
+
+
+# -- config.json that describes fewer layers than the weights hold ----------------------------------------------
+def _fewer_layers(data_dir: Path, src: str, name: str, layers: int = 1) -> str:
+    shutil.copytree(data_dir / src, data_dir / name)
+    cfg = json.loads((data_dir / name / "config.json").read_text())
+    cfg["n_layer" if "n_layer" in cfg else "num_hidden_layers"] = layers
+    (data_dir / name / "config.json").write_text(json.dumps(cfg))
+    return name
+
+
+@pytest.mark.parametrize("fixture", ["FX-B", "FX-A"])
+def test_config_with_fewer_layers_than_the_weights_is_refused(client: TestClient, data_dir: Path, build,
+                                                              fixture: str) -> None:
+    """Used to give 200 with an adapter on layer 0 only (peft builds the model from config.json)."""
+    src = _fewer_layers(data_dir, build(fixture), "short")
+    with pytest.raises(InvalidCheckpoint) as exc:
+        run(data_dir, src, target_modules="all-linear")
+    assert exc.value.field == "checkpoint" and "config.json and the weights disagree" in exc.value.detail
+    layer = "model.layers" if fixture == "FX-B" else "transformer.h"
+    assert f"'{layer}.1." in exc.value.detail and "(2 layers)" in exc.value.detail
+    assert ("num_hidden_layers 1" if fixture == "FX-B" else "n_layer 1") in exc.value.detail
+    assert "tensor(s)" in exc.value.detail and exc.value.fix
+    r = client.post("/attach-lora", json={"checkpoint": src, "output": "out", "target_modules": "all-linear"})
+    assert r.status_code == 422 and r.json()["field"] == "checkpoint", r.text
+    assert not (data_dir / "out").exists()
+
+
+def test_buffers_and_foreign_heads_in_the_checkpoint_are_not_a_mismatch(data_dir: Path, build) -> None:
+    """GPT-2's saved causal-mask buffers (transformers ignores them) are fine; a value head, or a name the model
+    has at no index (transformers converts such legacy names on loading), gets a warning."""
+    src = build("FX-A")
+    shutil.copytree(data_dir / src, data_dir / "extra")
+    state = load_file(str(data_dir / "extra" / "model.safetensors"))
+    state["transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 8, 8))
+    state["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file({**state, "v_head.weight": torch.zeros(1, 32)}, str(data_dir / "extra" / "model.safetensors"),
+              metadata={"format": "pt"})
+    result = run(data_dir, "extra", target_modules=["c_attn"])
+    assert len(result.target_modules) == 2
+    assert [w for w in result.warnings if w.startswith("1 checkpoint tensor(s) are not part of GPT2LMHeadModel")
+            and "'v_head.weight'" in w]
+    save_file({**state, "transformer.h.0.ln_1.gamma": torch.ones(32)}, str(data_dir / "extra" / "model.safetensors"),
+              metadata={"format": "pt"})
+    result = run(data_dir, "extra", "legacy", target_modules=["c_attn"])
+    assert [w for w in result.warnings if "'transformer.h.0.ln_1.gamma'" in w]
+
+
+# -- results name no temporary paths -------------------------------------------------------------------------------
+def test_upload_form_result_names_no_temporary_directory(client: TestClient, data_dir: Path, build) -> None:
+    src = build("FX-B")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(data_dir / src, arcname="model")
+    for spec in ({"r": 4, "target_modules": ["q_proj"]},
+                 {"r": 4, "target_modules": ["q_proj"], "init_lora_weights": "pissa"}):
+        r = client.post("/attach-lora", files={"file": ("model.tar", buf.getvalue())},
+                        data={"spec": json.dumps(spec)})
+        assert r.status_code == 200, r.text
+        header = r.headers[RESULT_HEADER]
+        result = json.loads(header)
+        assert "adapter-surgery-" not in header and "/tmp" not in header and str(data_dir) not in header
+        assert not any(p.startswith("/") for p in [f["path"] for f in result["adapter_files"]])
+        # the core records the work path it was given (the upload's "input" directory, or "output/base")
+        assert result["base_model_name_or_path"] in ("input/model", "output/base")

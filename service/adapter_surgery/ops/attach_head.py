@@ -8,9 +8,12 @@ shapes are diffed against the checkpoint's keys:
   without ``bert.``) has its keys renamed to the target's (``bert.embeddings...``): only the headers change,
   the data are copied file to file by the kernel. The output's keys are then exactly the target's state dict,
   so ``transformers`` (or any loader that matches names strictly) reports no missing or unexpected key;
-- the LM head (``lm_head.weight``, ``cls.predictions.*``, a redundant tied copy) and every other tensor the
-  target does not have (e.g. an old ``position_ids`` buffer, a pooler the token classifier has no use for) are
-  dropped and listed in ``dropped``. Tied embeddings stay: a tied checkpoint that stored only the head copy has
+- the LM head (``lm_head.weight``, ``cls.predictions.*``, a redundant tied copy), an old classification head,
+  other heads outside the backbone, buffers loaders ignore (an old ``position_ids``, rotary ``inv_freq``, GPT-2's
+  ``attn.bias``, keys of the class's ``_keys_to_ignore_on_load_unexpected``) and a pooler the token classifier
+  has no use for are dropped and listed in ``dropped``. Any other backbone tensor the target lacks is a 422:
+  config.json and the weights disagree (e.g. ``num_hidden_layers`` 20 over 30 layers of weights), and dropping
+  layers would make another model. Tied embeddings stay: a tied checkpoint that stored only the head copy has
   it renamed to the input embedding;
 - the head (``score.weight`` for Llama/Qwen2/GPT-2-style decoders, ``classifier.weight``/``bias`` for BERT,
   whatever the target names it) is created with ``init``, biases zero; a pooler the target needs and the
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import time
 import zlib
@@ -156,7 +160,8 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
     Raises:
         NotFound, PathOutsideDataDir, OutputExists: path problems.
         InvalidCheckpoint: no usable config.json, or the weights do not fit the target class (missing backbone
-            tensors, wrong shapes).
+            tensors, wrong shapes, backbone tensors it does not have: config.json declaring fewer layers than the
+            weights hold).
         InvalidSpec: labels inconsistent (``num_labels`` vs ``id2label``, ids not 0..n-1, duplicate names), a
             ``problem_type`` the task cannot use, no transformers class for the task, no pad/eos token to use, a
             ``.safetensors`` output.
@@ -204,7 +209,18 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
         num_labels=len(id2label), id2label=id2label, problem_type=problem_type, pad_token=pad.info,
         created=[c.result for c in created], dropped=keys.dropped, renamed=keys.renamed, changed_tensors=changed,
         vocab_size_before=arch.vocab_rows, vocab_size_after=pad.rows_after, files=[FileInfo.of(f) for f in files],
-        warnings=warnings, seconds=round(time.perf_counter() - started, 4), report=report)
+        warnings=[without_dirs(w, ctx.data_dir) for w in warnings], seconds=round(time.perf_counter() - started, 4),
+        report=report)
+
+
+def without_dirs(text: str, root: Path) -> str:
+    """``text`` with the absolute directory ``root`` (and what lies above it) removed from paths it quotes, so
+    that results and errors name paths relative to the data directory, never the server's (or an upload's
+    temporary work directory)."""
+    for form in dict.fromkeys((str(root), str(root.resolve()))):
+        if form not in ("", "/", "."):
+            text = text.replace(form.rstrip("/") + "/", "").replace(form, ".")
+    return text
 
 
 # -- request checks ------------------------------------------------------------------------------------------
@@ -252,7 +268,8 @@ def _auto_config(ckpt: Checkpoint):  # -> PretrainedConfig
         with quiet_transformers():
             return transformers.AutoConfig.from_pretrained(str(ckpt.root), local_files_only=True)
     except Exception as exc:  # transformers raises many kinds for broken configs
-        raise InvalidCheckpoint(f"config.json cannot be loaded ({type(exc).__name__}: {exc})", field="checkpoint",
+        raise InvalidCheckpoint(f"config.json cannot be loaded ({type(exc).__name__}: "
+                                f"{without_dirs(str(exc), ckpt.directory)})", field="checkpoint",
                                 fix="Send a config.json that transformers can load.") from None
 
 
@@ -282,7 +299,8 @@ def _load_tokenizer(ckpt: Checkpoint):  # -> PreTrainedTokenizerBase | None
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(str(ckpt.directory), local_files_only=True)
     except Exception as exc:  # transformers raises many kinds for broken tokenizer files
-        raise InvalidCheckpoint(f"the tokenizer files could not be loaded ({type(exc).__name__}: {exc})",
+        raise InvalidCheckpoint(f"the tokenizer files could not be loaded ({type(exc).__name__}: "
+                                f"{without_dirs(str(exc), ckpt.directory)})",
                                 field="checkpoint", fix="Re-save the tokenizer with save_pretrained.") from None
 
 
@@ -441,6 +459,9 @@ def _map_keys(ckpt: Checkpoint, arch: Architecture, target: nn.Module, changes: 
         else:
             reason = "unused"
         dropped.append(DroppedTensor(name=key, shape=list(ckpt.info(key).shape), reason=reason))
+    extra, _ = unexpected_tensors([d.name for d in dropped if d.reason == "unused"], target, expected)
+    if extra:
+        raise config_mismatch(extra, target, ckpt)
     missing = [n for n in expected if n not in claimed]
     backbone_missing = [n for n in missing if not is_head(n) and ".pooler." not in f".{n}"]
     if backbone_missing:
@@ -457,6 +478,89 @@ def _map_keys(ckpt: Checkpoint, arch: Architecture, target: nn.Module, changes: 
                                     fix="Check that config.json belongs to these weights.")
     renamed = [RenamedTensor(source=k, target=n) for k, n in mapping.items() if k != n]
     return _Keys(mapping=mapping, missing=missing, dropped=dropped, renamed=renamed)
+
+
+#: Buffers that older ``transformers`` versions saved with the weights and every loader ignores.
+STALE_BUFFERS = ("position_ids", "inv_freq", "masked_bias")
+
+
+def _generic(name: str) -> str:
+    """``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.*.mlp.up_proj.weight``."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
+
+
+def unexpected_tensors(keys: list[str], model: nn.Module,
+                       known: dict[str, Any] | set[str]) -> tuple[list[str], list[str]]:
+    """Split checkpoint ``keys`` that ``model`` (built from config.json) lacks into (backbone, other).
+
+    ``keys`` are checkpoint keys matched to no tensor of ``model`` (``known``: its state-dict names). A key is in
+    the backbone when it lies under the base-model prefix (``model.``, ``bert.``) or, for a checkpoint saved from
+    the bare base model, under one of the base model's own submodules (``encoder.``, ``layers.``). Left out, as
+    ``transformers`` ignores them when loading: buffers (``position_ids``, rotary ``inv_freq``, the model's own
+    buffers), keys matching the class's ``_keys_to_ignore_on_load_unexpected`` (e.g. DeepSeek-V3's multi-token
+    prediction layer ``model.layers.61``) and a pooler that the model has none of (token classifiers).
+    Backbone tensors beyond those mean config.json describes another model than the weights (e.g. fewer layers);
+    ``other`` are tensors outside the backbone (another task's head).
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    base = getattr(model, prefix, None) if prefix else None
+    is_base = not isinstance(base, nn.Module)  # the model is the bare base model (BertModel, LlamaModel)
+    children = {n for n, _ in (model if is_base else base).named_children()}
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    buffers = {_generic(n) for n, _ in model.named_buffers()}
+    has_pooler = any(".pooler." in f".{n}." for n in known)
+    out: list[str] = []
+    other: list[str] = []
+    for key in keys:
+        under_prefix = bool(prefix) and key.startswith(prefix + ".")
+        full = key if is_base or under_prefix else f"{prefix}.{key}"
+        if not (under_prefix or key.split(".", 1)[0] in children):
+            other.append(key)
+            continue
+        if key.rsplit(".", 1)[-1] in STALE_BUFFERS or _generic(full) in buffers or _generic(key) in buffers:
+            continue
+        if any(p.search(key) or p.search(full) for p in ignore):
+            continue
+        if not has_pooler and ".pooler." in f".{key}":
+            continue
+        out.append(key)
+    return out, other
+
+
+def config_mismatch(extra: list[str], model: nn.Module, ckpt: Checkpoint) -> InvalidCheckpoint:
+    """The 422 for the backbone tensors of :func:`unexpected_tensors`: config.json and the weights disagree, with
+    an example, the count and, when they are entries of a layer list beyond its length, the layer counts."""
+    cls = type(model).__name__
+    hint = ""
+    indices: dict[str, list[int]] = {}
+    for key in extra:
+        m = re.match(r"^(.*?)\.(\d+)\.", key)
+        if m:
+            indices.setdefault(m.group(1), []).append(int(m.group(2)))
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    for path, idx in indices.items():
+        module = None
+        for cand in (path, f"{prefix}.{path}" if prefix else None):
+            try:
+                module = model.get_submodule(cand) if cand else None
+            except AttributeError:
+                continue
+            if module is not None:
+                break
+        if isinstance(module, nn.ModuleList) and max(idx) >= len(module):
+            cfg = ckpt.config or {}
+            text = next((cfg[k] for k in ("text_config", "llm_config", "language_config")
+                         if isinstance(cfg.get(k), dict)), cfg)
+            declared = next((f"{k} {text[k]}" for k in ("num_hidden_layers", "n_layer", "num_layers")
+                             if isinstance(text.get(k), int)), f"{len(module)} entries")
+            hint = (f"; config.json declares {declared} but the weights hold {path}.0 to {path}.{max(idx)} "
+                    f"({max(idx) + 1} layers)")
+            break
+    return InvalidCheckpoint(
+        f"config.json and the weights disagree: the checkpoint holds {len(extra)} tensor(s) of the backbone that "
+        f"{cls}, built from config.json, does not have, e.g. {extra[0]!r}{hint}", field="checkpoint",
+        fix="Send the config.json that belongs to these weights (e.g. the right num_hidden_layers), or remove "
+            "the extra tensors from the checkpoint.")
 
 
 # -- new tensors ---------------------------------------------------------------------------------------------

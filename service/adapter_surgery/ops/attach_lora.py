@@ -38,7 +38,15 @@ Initializations (``peft.tuners.lora.layer.LoraLayer``)
   Adaptation"; ``olora_init``). ``peft``'s ``olora_init`` factors the stored matrix as is, which for GPT-2's Conv1D
   (stored (in, out)) gives A and B the wrong shapes; here Conv1D targets are factored as (out, in), as PiSSA does.
 - ``use_dora``: a magnitude vector m = ||W + s B A||_row (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank
-  Adaptation"; ``DoraLinearLayer.update_layer``).
+  Adaptation"; ``DoraLinearLayer.update_layer``). DoRA computes its scale m / ||W + s B A|| at run time from
+  the base as loaded, so m must be the norm of that base to start as an identity. The service computes m as peft
+  does on the base loaded in float32: peft gets the targeted weights in float32 (exact column norms of the stored
+  values; A and B then stay unrounded too), and for PiSSA/OLoRA m is recomputed from the residual as written to
+  ``base/``. m is stored in ``dtype`` (float32 by default). So a DoRA adapter at init is an exact identity on the
+  base loaded in float32 (training pipelines, fp32 master weights), with the same tensors as ``peft``'s own
+  ``get_peft_model`` there, and within half-precision rounding on a base loaded in bf16/fp16. (Building it on the
+  bf16 model as loaded rounded m to bf16: up to 0.09 logits off on SmolLM2-135M loaded in float32.) Other inits
+  see the weights in the dtype ``from_pretrained`` gives them, as ``get_peft_model`` on the stored dtype.
 - ``use_rslora``: s = alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023, "A Rank Stabilization Scaling
   Factor for Fine-Tuning with LoRA").
 
@@ -53,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import os
 import re
 import shutil
@@ -62,7 +71,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -75,6 +84,7 @@ from adapter_surgery.io import Checkpoint, atomic_output, describe_files
 from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.header import TORCH_TO_SAFETENSORS, TensorInfo
 from adapter_surgery.io.writer import Changes, CopiedTensor, WrittenFile, tensor_bytes, write_checkpoint
+from adapter_surgery.ops.attach_head import config_mismatch, unexpected_tensors, without_dirs
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
 from adapter_surgery.paths import resolve_under
 
@@ -111,7 +121,8 @@ class AttachLoraOptions(StrictModel):
 
     r: int = Field(8, description="LoRA rank: A is (r, in_features), B is (out_features, r). 1 <= r <= "
                                   "min(in, out) of every target.")
-    lora_alpha: float = Field(8, description="Scaling numerator: s = lora_alpha / r (or / sqrt(r) with use_rslora).")
+    lora_alpha: float = Field(8, gt=0, allow_inf_nan=False,
+                              description="Scaling numerator: s = lora_alpha / r (or / sqrt(r) with use_rslora); > 0.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
     target_modules: TargetModules | None = Field(
         None, description="Module names or suffixes (e.g. ['q_proj', 'v_proj']), a regex string matched against "
@@ -121,9 +132,10 @@ class AttachLoraOptions(StrictModel):
     layers_to_transform: list[int] | int | None = Field(None, description="Only these layer indices.")
     layers_pattern: list[str] | str | None = Field(None, description="Name of the layer list for layers_to_transform "
                                                                      "(e.g. 'layers'); None: any.")
-    rank_pattern: dict[str, int] = Field(default_factory=dict, description="Regex of a module name -> its rank.")
-    alpha_pattern: dict[str, float] = Field(default_factory=dict,
-                                            description="Regex of a module name -> its lora_alpha.")
+    rank_pattern: dict[str, int] = Field(default_factory=dict, description="Regex of a module name -> its rank "
+                                                                          "(>= 1).")
+    alpha_pattern: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict, description="Regex of a module name -> its lora_alpha (> 0).")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained (and saved).")
     use_rslora: bool = Field(False, description="Rank-stabilized scaling lora_alpha / sqrt(r) (Kalajdzievski 2023).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (Liu et al. 2024): reads the targeted weights.")
@@ -208,9 +220,12 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
 
     Raises:
         NotFound, PathOutsideDataDir, OutputExists: path problems.
-        InvalidCheckpoint: no usable config.json, or a target's weight is missing or has another shape.
-        InvalidSpec: targets that match nothing or are not Linear/Conv1D, r < 1 or r > min(in, out), an unsupported
-            init, fp8/quantized targets, out-of-range token ids, a LoraConfig peft refuses. Nothing is written.
+        InvalidCheckpoint: no usable config.json, a target's weight is missing or has another shape, or the
+            weights hold layers config.json does not declare (the adapter would leave them out).
+        InvalidSpec: targets that match nothing, a ``target_modules`` list entry that matches no module (field
+            ``target_modules.<i>``), targets that are not Linear/Conv1D, r < 1 or r > min(in, out), lora_alpha or
+            an alpha_pattern value not > 0 and finite, an unsupported init, fp8/quantized targets, out-of-range
+            token ids, a LoraConfig peft refuses. Nothing is written.
     """
     started = time.perf_counter()
     checkpoint = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
@@ -230,8 +245,9 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
     model = _meta_model(ckpt)
     task_type = _task_type(type(model).__name__)
     config = _lora_config(spec, init, task_type, arch)
-    targets = _plan(config, model, ckpt, arch, spec)
     warnings_out = list(ckpt.warnings) + arch.notes
+    warnings_out += _check_weights_fit_config(ckpt, model, arch)
+    targets = _plan(config, model, ckpt, arch, spec, warnings_out)
     base_path = f"{spec.output.rstrip('/')}/{RESIDUAL_DIR}" if decompose else spec.checkpoint
     ctx.say(f"{len(targets)} target modules, init {init}")
 
@@ -257,7 +273,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
         output=spec.output, task_type=task_type, base_model_name_or_path=base_path,
         adapter_files=[FileInfo.of(f) for f in files], target_modules=modules,
         trainable_parameters=sum(t.numel() for t in state.values()), base_bytes_read=ckpt.bytes_read,
-        residual_base=residual, warnings=list(dict.fromkeys(warnings_out)),
+        residual_base=residual, warnings=list(dict.fromkeys(without_dirs(w, ctx.data_dir) for w in warnings_out)),
         seconds=round(time.perf_counter() - started, 4))
 
 
@@ -351,6 +367,12 @@ def _lora_config(spec: AttachLoraSpec, init: str, task_type: str | None, arch: A
     if spec.r < 1:
         raise InvalidSpec(f"r is {spec.r}; a LoRA rank must be at least 1", field="r",
                           fix="Send r >= 1 (8 or 16 are common).")
+    # the request model refuses these already; checked again for specs built without validation
+    for where, alpha in [("lora_alpha", spec.lora_alpha), *((f"alpha_pattern.{k}", a)
+                                                            for k, a in spec.alpha_pattern.items())]:
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise InvalidSpec(f"{where} is {alpha}; the LoRA scaling lora_alpha / r must be a positive finite "
+                              "number", field=where, fix="Send a positive lora_alpha (commonly r or 2 r).")
     modules_to_save = list(spec.modules_to_save) if spec.modules_to_save is not None else None
     if task_type in TASK_MODULES_TO_SAVE:
         modules_to_save = (modules_to_save or []) + TASK_MODULES_TO_SAVE[task_type]
@@ -392,12 +414,90 @@ def _generic(name: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
 
 
-def _plan(config, model: nn.Module, ckpt: Checkpoint, arch: Architecture, spec: AttachLoraSpec) -> list[_Target]:
+def _check_weights_fit_config(ckpt: Checkpoint, model: nn.Module, arch: Architecture) -> list[str]:
+    """Refuse a config.json that describes fewer layers (or other repeated blocks) than the weights hold.
+
+    peft adapts only the modules config.json builds, so the adapter would silently leave the other layers out.
+    Backbone tensors the model lacks although it has the same tensor at other indices
+    (``model.layers.25.mlp.up_proj.weight`` for a 20-layer model) are a 422 with attach-head's wording; buffers and
+    keys ``transformers`` ignores on loading are fine (attach-head's rule). Other tensors the model lacks (another
+    head; names ``transformers`` converts on loading, such as v4 MoE expert weights or ``LayerNorm.gamma``) only
+    get a warning: the adapter, keyed by module names, does not depend on them.
+    """
+    names = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    unknown = [k for k in ckpt.weight_map if k not in arch.redundant_keys and _ckpt_name(k, names, prefix) is None]
+    if not unknown:
+        return []
+    extra, other = unexpected_tensors(unknown, model, names)
+    kinds = {_generic(n) for n in names}
+    repeated = [k for k in extra if _generic(k) in kinds or (prefix and _generic(f"{prefix}.{k}") in kinds)]
+    if repeated:
+        raise config_mismatch(repeated, model, ckpt)
+    ignored = [k for k in unknown if k in set(extra) | set(other)]
+    if not ignored:
+        return []
+    return [f"{len(ignored)} checkpoint tensor(s) are not part of {type(model).__name__} as config.json builds it "
+            f"(e.g. {ignored[0]!r}); transformers ignores (or converts) them when loading, and the adapter does not "
+            "target them"]
+
+
+def _ckpt_name(key: str, names: set[str], prefix: str) -> str | None:
+    """The model's name for checkpoint ``key`` (as is, or with the base-model prefix added or removed)."""
+    candidates = [key, f"{prefix}.{key}"] if prefix else [key]
+    if prefix and key.startswith(prefix + "."):
+        candidates.append(key[len(prefix) + 1:])
+    return next((c for c in candidates if c in names), None)
+
+
+def _check_entries(config, model: nn.Module, spec: AttachLoraSpec, names: list[str], notes: list[str]) -> None:
+    """Every ``target_modules`` list entry must name a module (peft ignores a typo silently when another entry
+    matches); ``exclude_modules`` entries that match nothing get a warning. Regex strings and ``"all-linear"`` keep
+    peft's semantics (checked as a whole by the caller)."""
+    import difflib
+
+    keys = [k for k, _ in model.named_modules() if k]
+    cls = type(model).__name__
+
+    def matches(entry: str) -> bool:
+        if any(k == entry or k.endswith(f".{entry}") for k in keys):
+            return True
+        cfg = copy.deepcopy(config)  # an old (transformers v4) MoE name the v5 conversion maps: valid
+        cfg.target_modules, cfg.exclude_modules = {entry}, None
+        with contextlib.suppress(Exception):
+            from peft.utils.transformers_weight_conversion import (
+                convert_peft_config_for_transformers,
+                get_model_conversion_mapping,
+            )
+
+            convert_peft_config_for_transformers(cfg, model=model, conversions=get_model_conversion_mapping(model))
+        return set(cfg.target_modules or ()) != {entry} or bool(getattr(cfg, "target_parameters", None))
+
+    listing = ", ".join(names)
+    if isinstance(spec.target_modules, list):
+        for i, entry in enumerate(spec.target_modules):
+            if matches(entry):
+                continue
+            close = difflib.get_close_matches(entry, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InvalidSpec(f"target_modules entry {entry!r} matches no module of this {cls}{hint}; its "
+                              f"Linear/Conv1D modules are: {listing}", field=f"target_modules.{i}",
+                              fix=f"Correct or remove {entry!r}: use names from {listing} (a module name or a "
+                                  "dotted suffix of one), or send 'all-linear'.")
+    if isinstance(spec.exclude_modules, list):
+        for i, entry in enumerate(spec.exclude_modules):
+            if not any(k == entry or k.endswith(f".{entry}") for k in keys):
+                notes.append(f"exclude_modules entry {i} ({entry!r}) matches no module of this {cls}, so it "
+                             "excludes nothing")
+
+
+def _plan(config, model: nn.Module, ckpt: Checkpoint, arch: Architecture, spec: AttachLoraSpec,
+          notes: list[str]) -> list[_Target]:
     """The modules peft will adapt, matched with peft's own functions on a copy of the config, all checked.
 
     Mirrors ``BaseTuner.inject_adapter``'s matching (default targets per model type, the transformers-v5 config
     conversion, ``"all-linear"``, ``check_target_module_exists``, ``rank_pattern`` via ``get_pattern_key``) so that
-    every refusal happens before any tensor is read or file written.
+    every refusal happens before any tensor is read or file written. Warnings go to ``notes``.
     """
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -407,6 +507,7 @@ def _plan(config, model: nn.Module, ckpt: Checkpoint, arch: Architecture, spec: 
     cfg = copy.deepcopy(config)
     names = _linear_names(arch)
     listing = ", ".join(names)
+    _check_entries(config, model, spec, names, notes)
     model_type = getattr(model.config, "model_type", None)
     if cfg.target_modules is None:
         default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
@@ -601,7 +702,9 @@ class _Materializer:
         weights_needed = self.needs_weights or config.use_dora
         if weights_needed:
             stored = self.ckpt.read(target.key)
-            weight = stored.to(self.device, dtype)
+            # DoRA: peft sees the base as loaded in float32, so that the magnitude is the exact norm (see the
+            # module docstring); other inits see it in the dtype from_pretrained gives it, as before
+            weight = stored.to(self.device, torch.float32 if config.use_dora else dtype)
             del stored
         else:  # a stand-in that owns no storage: peft reads its device and dtype only
             weight = torch.empty((), dtype=dtype).expand(shape)
@@ -616,7 +719,12 @@ class _Materializer:
             config.fan_in_fan_out = used.fan_in_fan_out
             _olora_conv1d(lora)
         if self.spill is not None:
-            self.spill.add(target.key, base.weight.detach().to(target.info.torch_dtype).cpu())
+            residual = base.weight.detach().to(target.info.torch_dtype)
+            self.spill.add(target.key, residual.cpu())
+            if config.use_dora and residual.dtype != base.weight.dtype:  # the norm of the residual as written
+                base.weight.data = residual.to(base.weight.dtype)
+                _update_magnitude(lora)
+            del residual
         base.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False)
         for name, p in lora.named_parameters():
             if "base_layer" not in name and p.device.type not in ("cpu", "meta"):
@@ -667,10 +775,17 @@ def _olora_conv1d(lora) -> None:
     base.weight.data = (w - s * b @ a).T.contiguous().to(dtype)
     lora.lora_A[ADAPTER_NAME].weight.data = a.to(dtype)
     lora.lora_B[ADAPTER_NAME].weight.data = b.to(dtype)
+    _update_magnitude(lora)
+
+
+@torch.no_grad()
+def _update_magnitude(lora) -> None:
+    """Recompute a DoRA magnitude ||W + s B A||_row from the layer's current base weight, A and B (peft's
+    ``DoraLinearLayer.update_layer``); no-op without DoRA."""
     if ADAPTER_NAME in lora.lora_magnitude_vector:
         lora.lora_magnitude_vector[ADAPTER_NAME].update_layer(
-            base_layer=base, lora_A=lora.lora_A[ADAPTER_NAME].weight, lora_B=lora.lora_B[ADAPTER_NAME].weight,
-            scaling=s)
+            base_layer=lora.get_base_layer(), lora_A=lora.lora_A[ADAPTER_NAME].weight,
+            lora_B=lora.lora_B[ADAPTER_NAME].weight, scaling=lora.scaling[ADAPTER_NAME])
 
 
 def _inject(model: nn.Module, config, materializer: _Materializer):
