@@ -24,53 +24,19 @@ CACHE = ROOT / ".cache" / "bench"
 
 
 def build_checkpoint(dest: Path, layers: int) -> Path:
-    """A Llama-shaped checkpoint (hidden 2048, 22 layers -> 1.1B params), written layer by layer, ~500 MB shards."""
-    if (dest / "config.json").exists():
+    """The attach-lora bench's 1.1B Llama-shaped checkpoint (random bf16, ~500 MB shards) plus a 32000-entry
+    tokenizer, so that tokens can be added by text."""
+    from bench_attach_lora import SHAPES, build_random
+
+    if (dest / "tokenizer.json").exists():
         return dest
-    import torch
-    from safetensors.torch import save_file
+    build_random(dest, {**SHAPES["1b"], "layers": layers})
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
-                      num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False, torch_dtype="bfloat16")
-    cfg.save_pretrained(tmp)
-    g = torch.Generator().manual_seed(0)
-
-    def rnd(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
-
-    h, i, kv = 2048, 5632, 2048 // 32 * 4
-    groups: list[dict[str, torch.Tensor]] = [{"model.embed_tokens.weight": rnd(32000, h)}]
-    for n in range(layers):
-        p = f"model.layers.{n}."
-        groups.append({p + "self_attn.q_proj.weight": rnd(h, h), p + "self_attn.k_proj.weight": rnd(kv, h),
-                       p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, h),
-                       p + "mlp.gate_proj.weight": rnd(i, h), p + "mlp.up_proj.weight": rnd(i, h),
-                       p + "mlp.down_proj.weight": rnd(h, i), p + "input_layernorm.weight": torch.ones(h).bfloat16(),
-                       p + "post_attention_layernorm.weight": torch.ones(h).bfloat16()})
-    groups.append({"model.norm.weight": torch.ones(h).bfloat16(), "lm_head.weight": rnd(32000, h)})
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    for grp in groups:
-        if shards[-1] and sum(t.numel() * 2 for t in shards[-1].values()) > 500e6:
-            shards.append({})
-        shards[-1].update(grp)
-    weight_map, total = {}, 0
-    for k, shard in enumerate(shards, 1):
-        name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(tmp / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-        total += sum(t.numel() * 2 for t in shard.values())
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map}))
-    vocab = {f"t{n}": n for n in range(32000)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok = Tokenizer(models.WordLevel({f"t{n}": n for n in range(32000)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(tmp)
-    tmp.rename(dest)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(dest)
     return dest
 
 
