@@ -45,15 +45,32 @@ and returns float32 rows of shape ``(n, *row_shape)`` on ``ctx.device``; the cal
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 #: Hewitt (2021) samples new rows from N(mu, 1e-5 * Sigma).
 HEWITT_COVARIANCE_SCALE = 1e-5
+#: torch's global RNG is one per process: code that must draw from it (peft's and transformers' own init
+#: functions) holds this lock, so that concurrent requests cannot reseed it in the middle of another's draws.
+_GLOBAL_RNG_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Hold the global-RNG lock, seed torch's global RNG (``torch.manual_seed``, CUDA too when ``device`` is
+    CUDA), and restore the previous state afterwards. For library init code that only draws from the global RNG
+    (peft's LoRA init, transformers' ``_init_weights``): the same seed then gives the same values, even with
+    concurrent requests."""
+    devices = [torch.cuda.current_device()] if device is not None and device.type == "cuda" else []
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 @dataclass

@@ -45,7 +45,7 @@ from torch import nn
 from adapter_surgery.arch import Architecture, quiet_transformers, resolve_architecture
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
-from adapter_surgery.initializers import WEIGHT_INITS, WeightInitArgs, expected_std
+from adapter_surgery.initializers import WEIGHT_INITS, WeightInitArgs, expected_std, seeded_global_rng
 from adapter_surgery.io import Checkpoint, CopiedTensor, NewTensor, atomic_output, describe_files
 from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.writer import Changes, write_checkpoint
@@ -626,8 +626,7 @@ def _transformers_init(target: nn.Module, mod_name: str, seed: int) -> dict[str,
     for t in [*module.parameters(), *module.buffers()]:
         if hasattr(t, "_is_hf_initialized"):
             delattr(t, "_is_hf_initialized")
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(_seed(seed, mod_name))
+    with seeded_global_rng(_seed(seed, mod_name)), torch.no_grad():
         for sub in module.modules():
             if hasattr(sub, "_is_hf_initialized"):
                 delattr(sub, "_is_hf_initialized")

@@ -80,6 +80,7 @@ from torch import nn
 from adapter_surgery.arch import Architecture, build_meta_model, resolve_architecture
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
+from adapter_surgery.initializers import seeded_global_rng
 from adapter_surgery.io import Checkpoint, atomic_output, describe_files
 from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.header import TORCH_TO_SAFETENSORS, TensorInfo
@@ -646,9 +647,7 @@ def _ckpt_key(ckpt: Checkpoint, param: str, prefix: str, arch: Architecture) -> 
 @contextlib.contextmanager
 def _rng(seed: int, device: torch.device) -> Iterator[None]:
     """Seed the global RNG as ``torch.manual_seed(seed); get_peft_model(...)`` would, and restore it afterwards."""
-    devices = [torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded_global_rng(seed, device):
         yield
 
 
