@@ -149,3 +149,19 @@ def test_overwrite_keeps_the_kind(tmp_path: Path) -> None:
     with pytest.raises(InvalidSpec, match="is a file"), atomic_output(tmp_path / "vocab.txt", overwrite=True) as tmp:
         tmp.mkdir()
     assert (tmp_path / "vocab.txt").read_text() == "keep me"
+
+
+def test_digest_cache_hashes_an_unchanged_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import adapter_surgery.io.writer as writer
+
+    calls: list[Path] = []
+    real = writer._sha256
+    monkeypatch.setattr(writer, "_sha256", lambda p: calls.append(p) or real(p))
+    f = tmp_path / "shard.safetensors"
+    f.write_bytes(b"abc")
+    cache = writer.DigestCache()
+    first, second = cache.sha256(f), cache.sha256(f)
+    assert first == second == hashlib.sha256(b"abc").hexdigest() and len(calls) == 1
+    f.write_bytes(b"abd")  # rewritten: new mtime, new digest
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1))
+    assert cache.sha256(f) == hashlib.sha256(b"abd").hexdigest() and len(calls) == 2

@@ -24,6 +24,7 @@ from adapter_surgery import __version__
 from adapter_surgery.api import problems
 from adapter_surgery.api.uploads import pack_output, unpack_upload
 from adapter_surgery.errors import InvalidSpec, PayloadTooLarge
+from adapter_surgery.io.writer import DigestCache
 from adapter_surgery.ops import OPERATIONS, Operation
 from adapter_surgery.ops.common import RunContext
 from adapter_surgery.settings import Settings
@@ -43,6 +44,7 @@ class Health(BaseModel):
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application; ``settings`` default to the environment (``ADAPTER_SURGERY_*``)."""
     settings = settings or Settings()
+    digests = DigestCache()  # per application: repeated requests on one base skip hashing its unchanged shards
     app = FastAPI(title="adapter-surgery", version=__version__,
                   description="Add new tokens, LoRA adapters and classification heads to pretrained checkpoints, "
                               "initialized correctly, at a cost that grows with what changes.")
@@ -54,16 +56,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Health(status="ok", version=__version__, device=device, data_dir=str(settings.data_dir))
 
     for op in OPERATIONS.values():
-        _add_route(app, op, settings)
+        _add_route(app, op, settings, digests)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
 
-def _add_route(app: FastAPI, op: Operation, settings: Settings) -> None:
+def _add_route(app: FastAPI, op: Operation, settings: Settings, digests: DigestCache) -> None:
     async def handler(request: Request) -> Response:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
-            return await _run_json(op, await request.body(), settings)
+            return await _run_json(op, await request.body(), settings, digests)
         if ctype == "multipart/form-data":
             return await _run_upload(op, request, settings)
         return problems.problem(415, "Unsupported media type",
@@ -81,14 +83,14 @@ def _with_default_device(spec: BaseModel, settings: Settings) -> BaseModel:
     return spec
 
 
-async def _run_json(op: Operation, body: bytes, settings: Settings) -> Response:
+async def _run_json(op: Operation, body: bytes, settings: Settings, digests: DigestCache) -> Response:
     try:
         spec = op.spec.model_validate_json(body)
     except ValidationError as exc:
         return problems.validation_problem(list(exc.errors()))
     spec = _with_default_device(spec, settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    result = await run_in_threadpool(op.run, spec, RunContext(settings.data_dir))
+    result = await run_in_threadpool(op.run, spec, RunContext(settings.data_dir, digests=digests))
     return JSONResponse(result.model_dump(mode="json"))
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -252,7 +253,8 @@ def write_single_file(ckpt: Checkpoint, path: Path, changes: Changes) -> None:
 
 
 def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Progress | None = None,
-                     shard_name: str | None = None, hash_linked: bool = True) -> dict[str, str]:
+                     shard_name: str | None = None, hash_linked: bool = True,
+                     cache: DigestCache | None = None) -> dict[str, str]:
     """Write ``ckpt`` with ``changes`` applied as safetensors shards into directory ``out``.
 
     Shards that hold no changed tensor are linked or copied; the others are rewritten in the source's
@@ -260,7 +262,8 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
     ``weight_map`` is exactly the tensors of each shard, ``metadata.total_size`` their byte sum, other
     metadata kept. ``shard_name`` renames a bare file's single shard (e.g. to ``model.safetensors``).
     Returns ``{output shard name: sha256}`` of every shard, hashed on a worker thread while the next shard is
-    written (linked ones from their source; without ``hash_linked`` only the rewritten ones); pass it to
+    written (linked ones from their source, through ``cache`` when given; without ``hash_linked`` only the rewritten
+    ones); pass it to
     :func:`describe_files` as ``known``.
     """
     out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +278,8 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
               if shard not in changed and [n for n in h.order if ckpt.weight_map.get(n) == shard] == h.order}
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         # linked shards are byte-identical to their source: hash those while the changed shards are written
-        pending = {shard_name or shard: pool.submit(_sha256, h.path) for shard, h in linked.items() if hash_linked}
+        hash_source = cache.sha256 if cache is not None else _sha256
+        pending = {shard_name or shard: pool.submit(hash_source, h.path) for shard, h in linked.items() if hash_linked}
         for shard, header in ckpt.shards.items():
             target = out / (shard_name or shard)
             names = [n for n in header.order if ckpt.weight_map.get(n) == shard]
@@ -311,6 +315,35 @@ def _total_parameters(ckpt: Checkpoint, changes: Changes, weight_map: dict[str, 
         shape = src.shape if src is not None else ckpt.info(name).shape
         total += int(torch.Size(shape).numel())
     return total
+
+
+class DigestCache:
+    """sha256 of unchanged files, keyed by (device, inode, size, mtime in ns), kept by a long-running service so
+    that repeated requests on one base do not hash its unchanged shards again (the only cost of a request that
+    grows with the model rather than with what changes). Thread-safe; holds at most ``capacity`` entries."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[int, int, int, int], str] = {}
+        self.capacity = capacity
+
+    @staticmethod
+    def _key(path: Path) -> tuple[int, int, int, int]:
+        st = path.stat()
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+    def sha256(self, path: Path) -> str:
+        key = self._key(path)
+        with self._lock:
+            hit = self._entries.get(key)
+        if hit is not None:
+            return hit
+        digest = _sha256(path)
+        with self._lock:
+            if len(self._entries) >= self.capacity:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = digest
+        return digest
 
 
 def _sha256(path: Path) -> str:

@@ -197,7 +197,7 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
     created = _create(keys.missing, target, spec, config, device, _dtype(ckpt, arch))
     changed = _apply(changes, ckpt, keys, created, pad.changed)
     with atomic_output(output, spec.overwrite) as tmp:
-        digests = write_checkpoint(ckpt, tmp, changes, ctx.say)
+        digests = write_checkpoint(ckpt, tmp, changes, ctx.say, cache=ctx.digests)
         _write_side_files(ckpt, tmp, arch, target_cls.__name__, id2label, problem_type, pad, tok)
         files = describe_files(tmp, known=digests)
     report = None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapter_surgery.io.writer import WrittenFile
+from adapter_surgery.io.writer import DigestCache, WrittenFile
 
 Progress = Callable[[str], None]
 
@@ -49,10 +49,12 @@ class ChangedTensor(BaseModel):
 
 @dataclass(frozen=True)
 class RunContext:
-    """How an operation is run: the data directory that request paths resolve under, a progress callback."""
+    """How an operation is run: the data directory that request paths resolve under, a progress callback, and
+    (in the service) a cache of unchanged files' sha256."""
 
     data_dir: Path
     progress: Progress | None = None
+    digests: DigestCache | None = None
 
     def say(self, message: str) -> None:
         if self.progress is not None:

@@ -175,7 +175,7 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
             digests = {}
         else:
             shard_name = "model.safetensors" if ckpt.is_file else None
-            digests = write_checkpoint(ckpt, tmp, changes, ctx.say, shard_name=shard_name)
+            digests = write_checkpoint(ckpt, tmp, changes, ctx.say, shard_name=shard_name, cache=ctx.digests)
             _write_side_files(ckpt, tmp, arch, plan, spec, tok)
         files = describe_files(tmp, known=digests)
         if single_file:  # the file's final name, not the temporary one
