@@ -94,7 +94,8 @@ class VerifyOptions(StrictModel):
     num_probes: int = Field(4, ge=1, le=64, description="Random probe sequences drawn from the old vocabulary.")
     probe_length: int = Field(16, ge=2, le=1024, description="Tokens per probe (capped at the model's maximum "
                                                              "positions).")
-    seed: int = Field(0, ge=0, description="Seeds the probe draw; the same seed gives the same probes.")
+    seed: int = Field(0, ge=0, le=2**63 - 1,
+                      description="Seeds the probe draw; the same seed gives the same probes.")
     text: str | None = Field(None, max_length=20_000, description="An extra probe: this text, tokenized by the "
                                                                   "base tokenizer.")
     head_init: WeightInitName | None = Field(None, description="The init of a new head's weights, to compare their "

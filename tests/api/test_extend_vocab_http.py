@@ -234,3 +234,39 @@ def test_large_results_fit_in_the_header(client: TestClient, data_dir: Path, bui
     result = json.loads(header)
     assert result["truncated"] is True and result["vocab_size_after"] == 4096
     assert result["padding_rows_total"] == 4096 - 101
+
+
+def test_hostile_files_get_422_not_500(client: TestClient, data_dir: Path) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    r = client.post("/extend-vocab", files={"file": ("m.safetensors", struct.pack("<Q", len(deep)) + deep)},
+                    data={"spec": '{"num_new_tokens": 1}'})
+    assert_problem(r, 422, "checkpoint")
+    (data_dir / "deep").mkdir()
+    (data_dir / "deep" / "config.json").write_bytes(deep)
+    (data_dir / "deep" / "model.safetensors").write_bytes(struct.pack("<Q", len(deep)) + deep)
+    assert_problem(client.post("/extend-vocab", json={"checkpoint": "deep", "output": "o", "num_new_tokens": 1}),
+                   422, "checkpoint")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:  # a file and a directory of one name
+        zf.writestr("a", b"x")
+        zf.writestr("a/model.safetensors", b"y")
+    assert_problem(client.post("/extend-vocab", files={"file": ("m.zip", buf.getvalue())}), 422, "file")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("m/model.safetensors", b"y" * 64)
+    raw = bytearray(buf.getvalue())
+    for sig in (b"PK\x03\x04", b"PK\x01\x02"):  # mark every entry encrypted
+        at = raw.find(sig)
+        flag_at = at + (6 if sig == b"PK\x03\x04" else 8)
+        raw[flag_at] |= 1
+    assert_problem(client.post("/extend-vocab", files={"file": ("m.zip", bytes(raw))}), 422, "file")
+    r = client.post("/extend-vocab", content=b"x", headers={"content-type": "multipart/form-data; boundary=x",
+                                                             "content-length": "abc"})
+    assert r.status_code in (400, 422) and r.headers["content-type"] == "application/problem+json"
+    assert sorted(p.name for p in data_dir.iterdir()) == ["deep"]
+
+
+def test_seed_out_of_range_is_refused(client: TestClient, data_dir: Path, build) -> None:
+    src = build("FX-B")
+    r = client.post("/attach-lora", json={"checkpoint": src, "output": "s", "seed": 2**64 + 5})
+    assert_problem(r, 422, "seed")

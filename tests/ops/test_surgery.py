@@ -121,3 +121,12 @@ def test_plan_validation(data_dir: Path, build) -> None:
                                        "steps": [{"op": "extend-vocab", "tokens": ["<z>"]}]})
     assert ok.status_code == 200 and ok.json()["adapter"] is None
     assert tensors(data_dir / "out")["lm_head.weight"].shape == (129, 32)
+
+
+def test_a_failing_plan_leaves_no_parent_directory(data_dir: Path, build) -> None:
+    src = build("FX-B")
+    with pytest.raises(InvalidSpec):
+        run(data_dir, src, [{"op": "extend-vocab", "tokens": [{"content": "<a>",
+                                                                "init": {"strategy": "copy", "source": "nope"}}]}],
+            output="new/sub/out")
+    assert sorted(p.name for p in data_dir.iterdir()) == [src]

@@ -95,7 +95,11 @@ async def _run_json(op: Operation, body: bytes, settings: Settings, digests: Dig
 
 
 async def _run_upload(op: Operation, request: Request, settings: Settings) -> Response:
-    declared = int(request.headers.get("content-length") or 0)
+    try:
+        declared = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        return problems.problem(400, "Bad request", "the Content-Length header is not a number",
+                                fix="Send a valid Content-Length, or let the client compute it.")
     if declared > settings.max_upload_bytes:
         raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {settings.max_upload_bytes}",
                               field="file", fix="Use the JSON form with a checkpoint under the data directory.")
@@ -118,11 +122,11 @@ async def _run_upload(op: Operation, request: Request, settings: Settings) -> Re
         if saved.stat().st_size > settings.max_upload_bytes:
             raise PayloadTooLarge(f"the upload exceeds {settings.max_upload_bytes} bytes", field="file")
         filename = upload.filename or ""
-        checkpoint = unpack_upload(filename, saved, work, settings.max_upload_bytes)
+        checkpoint = await run_in_threadpool(unpack_upload, filename, saved, work, settings.max_upload_bytes)
         spec = op.spec.model_validate({**options.model_dump(), "checkpoint": checkpoint, "output": "output"})
         spec = _with_default_device(spec, settings)
         result = await run_in_threadpool(op.run, spec, RunContext(work))
-        body, media, name = pack_output(work / "output", filename)
+        body, media, name = await run_in_threadpool(pack_output, work / "output", filename)
     header = _result_header(result.model_dump(mode="json"))
     return Response(body, media_type=media, headers={RESULT_HEADER: header,
                                                      "Content-Disposition": f'attachment; filename="{name}"'})

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import lzma
 import shutil
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from adapter_surgery.errors import InvalidCheckpoint, PayloadTooLarge
@@ -60,8 +62,11 @@ def _unzip(src: Path, dest: Path, limit: int) -> None:
                     raise InvalidCheckpoint(f"archive member {m.filename!r} is a link or escapes the archive",
                                             field="file", fix="Archive plain files with relative paths.")
             zf.extractall(dest)
-    except zipfile.BadZipFile as exc:
-        raise InvalidCheckpoint(f"the uploaded .zip is not a valid zip archive ({exc})", field="file") from None
+    except (zipfile.BadZipFile, RuntimeError, NotImplementedError, ValueError, OSError, EOFError,
+            lzma.LZMAError, zlib.error) as exc:  # encrypted, unknown compression, file/dir name clashes...
+        raise InvalidCheckpoint(f"the uploaded .zip cannot be extracted ({type(exc).__name__}: {exc})", field="file",
+                                fix="Upload a plain (unencrypted, stored or deflated) zip of a model directory.") \
+            from None
 
 
 def _untar(src: Path, dest: Path, limit: int) -> None:
@@ -75,8 +80,9 @@ def _untar(src: Path, dest: Path, limit: int) -> None:
                     raise InvalidCheckpoint(f"archive member {m.name!r} is a link, a device or escapes the archive",
                                             field="file", fix="Archive plain files with relative paths.")
             tf.extractall(dest, filter="data")
-    except tarfile.TarError as exc:
-        raise InvalidCheckpoint(f"the uploaded archive is not a valid tar ({exc})", field="file") from None
+    except (tarfile.TarError, OSError, EOFError, ValueError, lzma.LZMAError, zlib.error) as exc:
+        raise InvalidCheckpoint(f"the uploaded tar cannot be extracted ({type(exc).__name__}: {exc})", field="file",
+                                fix="Upload a plain tar of a model directory.") from None
 
 
 def pack_output(out: Path, upload_name: str) -> tuple[bytes, str, str]:

@@ -90,7 +90,8 @@ class AttachHeadOptions(StrictModel):
     init: HeadInit = Field("kaiming_normal", description="Init of the head's weight matrix; biases are zero.")
     pad_token: PadPolicy = Field("auto", description="Where pad_token_id comes from: auto, eos, add.")
     pad_token_content: str = Field("<pad>", min_length=1, description="The token pad_token 'add' adds.")
-    seed: int = Field(0, ge=0, description="Seeds the head; the same seed gives byte-identical output.")
+    seed: int = Field(0, ge=0, le=2**63 - 1,
+                      description="Seeds the head; the same seed gives byte-identical output.")
     device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
     verify: bool = Field(False, description="Add the preservation report (base vs output) to the result.")
 

@@ -152,7 +152,8 @@ class AttachLoraOptions(StrictModel):
     ensure_weight_tying: bool | None = Field(
         None, description="Keep tied embedding/head copies tied (peft's ensure_weight_tying). None: on when the "
                           "model ties them and modules_to_save names one of them.")
-    seed: int = Field(0, ge=0, description="torch.manual_seed before peft initializes; same seed, identical files.")
+    seed: int = Field(0, ge=0, le=2**63 - 1,
+                      description="torch.manual_seed before peft initializes; same seed, identical files.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of the adapter tensors (lora_A/B, magnitude, trainable token rows).")
     device: DeviceName = Field("auto", description="Where inits that read weights compute: auto (GPU when "

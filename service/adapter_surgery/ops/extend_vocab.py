@@ -90,7 +90,8 @@ class ExtendVocabOptions(StrictModel):
                                            description="Round the row count up to a multiple of this (<= 65536).")
     reinit_existing: bool = Field(False, description="Re-initialize existing tokens whose rows are all zero.")
     untie: bool = Field(False, description="Write the output head as its own tensor and set tie_word_embeddings false.")
-    seed: int = Field(0, ge=0, description="Seeds the random strategies; the same seed gives byte-identical output.")
+    seed: int = Field(0, ge=0, le=2**63 - 1,
+                      description="Seeds the random strategies; the same seed gives byte-identical output.")
     device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
     verify: bool = Field(False, description="Add the preservation report (base vs output) to the result.")
 

@@ -15,6 +15,7 @@ the destination; a failing step leaves nothing (the work directory is removed, t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -125,6 +126,8 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
     results: list[StepResult] = []  # base steps in order, then the adapter
     warnings: list[str] = []
     added: list[int] = []
+    created = [p for p in [output.parent, *output.parent.parents] if not p.exists()]
+    done = False
     try:
         work.mkdir(parents=True)
         current = spec.checkpoint
@@ -164,8 +167,13 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
         report = None
         if spec.verify and patched:
             report = preservation_report(checkpoint, output, VerifyOptions(), progress=ctx.say)
+        done = True
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if not done:  # leave no directory behind that this plan created
+            for p in created:
+                with contextlib.suppress(OSError):
+                    p.rmdir()
     return SurgeryResult(
         output=spec.output, base=spec.output if patched else spec.checkpoint,
         adapter=f"{spec.output}/{ADAPTER_DIR}" if lora is not None else None, steps=results, report=report,
