@@ -49,7 +49,7 @@ from adapter_surgery.initializers import WEIGHT_INITS, WeightInitArgs, expected_
 from adapter_surgery.io import Checkpoint, CopiedTensor, NewTensor, atomic_output, describe_files
 from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.writer import Changes, write_checkpoint
-from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, RunContext, StrictModel
+from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, RunContext, Seed, StrictModel
 from adapter_surgery.paths import resolve_under
 from adapter_surgery.verify import PreservationReport, preservation_report
 
@@ -90,8 +90,7 @@ class AttachHeadOptions(StrictModel):
     init: HeadInit = Field("kaiming_normal", description="Init of the head's weight matrix; biases are zero.")
     pad_token: PadPolicy = Field("auto", description="Where pad_token_id comes from: auto, eos, add.")
     pad_token_content: str = Field("<pad>", min_length=1, description="The token pad_token 'add' adds.")
-    seed: int = Field(0, ge=0, le=2**63 - 1,
-                      description="Seeds the head; the same seed gives byte-identical output.")
+    seed: Seed = Field(0, description="Seeds the head; the same seed gives byte-identical output.")
     device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
     verify: bool = Field(False, description="Add the preservation report (base vs output) to the result.")
 

@@ -86,7 +86,7 @@ from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.header import TORCH_TO_SAFETENSORS, TensorInfo
 from adapter_surgery.io.writer import Changes, CopiedTensor, WrittenFile, tensor_bytes, write_checkpoint
 from adapter_surgery.ops.attach_head import config_mismatch, unexpected_tensors, without_dirs
-from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
+from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, Seed, StrictModel
 from adapter_surgery.paths import resolve_under
 
 ADAPTER_NAME = "default"
@@ -152,8 +152,7 @@ class AttachLoraOptions(StrictModel):
     ensure_weight_tying: bool | None = Field(
         None, description="Keep tied embedding/head copies tied (peft's ensure_weight_tying). None: on when the "
                           "model ties them and modules_to_save names one of them.")
-    seed: int = Field(0, ge=0, le=2**63 - 1,
-                      description="torch.manual_seed before peft initializes; same seed, identical files.")
+    seed: Seed = Field(0, description="torch.manual_seed before peft initializes; same seed, identical files.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of the adapter tensors (lora_A/B, magnitude, trainable token rows).")
     device: DeviceName = Field("auto", description="Where inits that read weights compute: auto (GPU when "

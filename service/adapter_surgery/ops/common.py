@@ -5,12 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapter_surgery.io.writer import DigestCache, WrittenFile
 
 Progress = Callable[[str], None]
+
+
+#: A request seed: any value ``torch.manual_seed`` and ``torch.Generator.manual_seed`` accept.
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
 class StrictModel(BaseModel):

@@ -34,7 +34,7 @@ from adapter_surgery.io.writer import (
     write_checkpoint,
     write_single_file,
 )
-from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, RunContext, StrictModel
+from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, RunContext, Seed, StrictModel
 from adapter_surgery.paths import resolve_under
 from adapter_surgery.verify import PreservationReport, preservation_report
 
@@ -90,8 +90,7 @@ class ExtendVocabOptions(StrictModel):
                                            description="Round the row count up to a multiple of this (<= 65536).")
     reinit_existing: bool = Field(False, description="Re-initialize existing tokens whose rows are all zero.")
     untie: bool = Field(False, description="Write the output head as its own tensor and set tie_word_embeddings false.")
-    seed: int = Field(0, ge=0, le=2**63 - 1,
-                      description="Seeds the random strategies; the same seed gives byte-identical output.")
+    seed: Seed = Field(0, description="Seeds the random strategies; the same seed gives byte-identical output.")
     device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
     verify: bool = Field(False, description="Add the preservation report (base vs output) to the result.")
 
