@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from adapter_surgery import __version__
 from adapter_surgery.api import problems
+from adapter_surgery.api.openapi import build_openapi, request_body, responses
 from adapter_surgery.api.uploads import pack_output, unpack_upload
 from adapter_surgery.errors import InvalidSpec, PayloadTooLarge
 from adapter_surgery.io.writer import DigestCache
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for op in OPERATIONS.values():
         _add_route(app, op, settings, digests)
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app
 
 
@@ -74,7 +74,7 @@ def _add_route(app: FastAPI, op: Operation, settings: Settings, digests: DigestC
 
     handler.__name__ = op.name.replace("-", "_")
     app.add_api_route(f"/{op.name}", handler, methods=["POST"], summary=op.summary, response_model=op.result,
-                      responses=_responses(op), openapi_extra=_request_body(op))
+                      responses=responses(op, RESULT_HEADER), openapi_extra=request_body(op))
 
 
 def _with_default_device(spec: BaseModel, settings: Settings) -> BaseModel:
@@ -151,59 +151,6 @@ def _result_header(result: dict[str, Any]) -> str:
     if len(dump(short)) > MAX_RESULT_HEADER:
         short = {k: v for k, v in short.items() if not isinstance(v, (list, dict))} | {"truncated": True}
     return dump(short)
-
-
-# -- OpenAPI -------------------------------------------------------------------------------------------------
-def _request_body(op: Operation) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": f"#/components/schemas/{op.spec.__name__}"}},
-        "multipart/form-data": {"schema": {
-            "type": "object", "required": ["file"],
-            "properties": {
-                "file": {"type": "string", "format": "binary",
-                         "description": "A .safetensors file, or a .zip/.tar of a model directory."},
-                "spec": {"type": "string", "description": f"JSON of {op.options.__name__} (the spec without "
-                                                          "checkpoint/output)."}}}}}}}
-
-
-def _responses(op: Operation) -> dict[int | str, dict[str, Any]]:
-    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
-    return {
-        200: {"description": f"JSON: the result. Upload form: the patched file or archive, the result JSON in the "
-                             f"{RESULT_HEADER} header.",
-              "content": {"application/octet-stream": {}, "application/zip": {}, "application/x-tar": {}}},
-        403: {"description": "A path resolves outside the data directory.", "content": problem},
-        404: {"description": "The checkpoint does not exist.", "content": problem},
-        409: {"description": "The output exists and overwrite is false.", "content": problem},
-        413: {"description": "The upload is too large.", "content": problem},
-        415: {"description": "Neither JSON nor multipart form data.", "content": problem},
-        422: {"description": "Invalid request or checkpoint; names the field and the fix.", "content": problem},
-    }
-
-
-PROBLEM_SCHEMA = {
-    "type": "object", "title": "Problem",
-    "description": "RFC 9457 problem details; field names the request field at fault, fix says what to change.",
-    "properties": {k: {"type": t} for k, t in [("type", "string"), ("title", "string"), ("status", "integer"),
-                                                ("detail", "string"), ("field", "string"), ("fix", "string")]}
-    | {"errors": {"type": "array", "items": {"type": "object"}}},
-    "required": ["title", "status", "detail"],
-}
-
-
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    if app.openapi_schema:
-        return app.openapi_schema
-    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for op in OPERATIONS.values():
-        for model in (op.spec, op.options):
-            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(js.pop("$defs", {}))
-            components[model.__name__] = js
-    components["Problem"] = PROBLEM_SCHEMA
-    app.openapi_schema = schema
-    return schema
 
 
 def app_from_env() -> FastAPI:
