@@ -87,6 +87,26 @@ class PayloadTooLarge(SurgeryError):
     title = "Upload too large"
 
 
+class RequestTooLarge(PayloadTooLarge):
+    """The request body (JSON, or a form field) exceeds its limit."""
+
+    title = "Request too large"
+
+
+class BadRequest(SurgeryError):
+    """The request cannot be parsed at all (malformed multipart, missing boundary, too many parts)."""
+
+    status = 400
+    title = "Bad request"
+
+
+class Unauthorized(SurgeryError):
+    """No bearer token, or not the configured one; answered with ``WWW-Authenticate: Bearer``."""
+
+    status = 401
+    title = "Unauthorized"
+
+
 def validation_problem_body(errors: Iterable[Mapping[str, Any]], prefix: tuple[str, ...] = ()) -> dict[str, Any]:
     """The problem+json body of a 422 for pydantic errors: the first field at fault, every error, the fix."""
     items = field_errors(errors, prefix)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,6 +17,14 @@ class Settings(BaseSettings):
     - ``max_upload_bytes`` (``ADAPTER_SURGERY_MAX_UPLOAD_BYTES``, default 2 GiB): the upload form's size limit,
       archive contents included.
     - ``device`` (``ADAPTER_SURGERY_DEVICE``): the default for requests that say ``"auto"``.
+    - ``api_token`` (``ADAPTER_SURGERY_API_TOKEN``) or ``api_token_file`` (``ADAPTER_SURGERY_API_TOKEN_FILE``, a
+      mounted secret; a trailing newline is stripped): when set, every route but ``/healthz`` and ``/readyz``
+      requires ``Authorization: Bearer <token>``. Unset: no authentication.
+    - ``max_json_bytes`` (``ADAPTER_SURGERY_MAX_JSON_BYTES``, default 16 MiB): the JSON body's size limit (413).
+    - ``max_archive_members`` (``ADAPTER_SURGERY_MAX_ARCHIVE_MEMBERS``, default 10000): members of an uploaded
+      archive at most (413).
+    - ``log_json`` (``ADAPTER_SURGERY_LOG_JSON``, default true): ``serve`` logs one JSON object per line; false:
+      plain text.
     """
 
     model_config = SettingsConfigDict(env_prefix="ADAPTER_SURGERY_")
@@ -24,3 +32,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    api_token: SecretStr | None = None
+    api_token_file: Path | None = None
+    max_json_bytes: int = Field(default=16 * 1024**2, gt=0)
+    max_archive_members: int = Field(default=10_000, gt=0)
+    log_json: bool = True

@@ -33,6 +33,13 @@ def assert_problem(r, status: int, field: str | None) -> dict:
     return body
 
 
+def user_entries(data_dir: Path) -> list[str]:
+    """The data directory's entries besides the service's own area, which must hold no upload scratch left."""
+    scratch = data_dir / ".adapter-surgery" / "scratch"
+    assert not scratch.is_dir() or list(scratch.iterdir()) == []
+    return sorted(p.name for p in data_dir.iterdir() if p.name != ".adapter-surgery")
+
+
 def test_json_form(client: TestClient, data_dir: Path, build) -> None:
     src = build("FX-B")
     r = client.post("/extend-vocab", json={"checkpoint": src, "output": "out", "tokens": ["<a>", "hello"]})
@@ -89,7 +96,7 @@ def test_upload_refusals(client: TestClient, data_dir: Path) -> None:
     r = client.post("/extend-vocab", files={"file": ("m.safetensors", b"123")}, data={"spec": '{"bogus": 1}'})
     assert_problem(r, 422, "spec.bogus")
     assert_problem(client.post("/extend-vocab", files={"spec": (None, "{}")}), 422, "file")
-    assert list(data_dir.iterdir()) == []
+    assert user_entries(data_dir) == []
 
 
 def _corrupt_header(path: Path) -> None:
@@ -263,7 +270,7 @@ def test_hostile_files_get_422_not_500(client: TestClient, data_dir: Path) -> No
     r = client.post("/extend-vocab", content=b"x", headers={"content-type": "multipart/form-data; boundary=x",
                                                              "content-length": "abc"})
     assert r.status_code in (400, 422) and r.headers["content-type"] == "application/problem+json"
-    assert sorted(p.name for p in data_dir.iterdir()) == ["deep"]
+    assert user_entries(data_dir) == ["deep"]
 
 
 def test_seed_out_of_range_is_refused(client: TestClient, data_dir: Path, build) -> None:

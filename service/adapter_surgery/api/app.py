@@ -6,32 +6,23 @@ form (``multipart/form-data`` with ``file`` and ``spec``) and only translates to
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
-from pathlib import Path
-from typing import Any
-
 import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
 
 from adapter_surgery import __version__
-from adapter_surgery.api import problems
+from adapter_surgery.api import middleware, observability, problems
 from adapter_surgery.api.openapi import build_openapi, request_body, responses
-from adapter_surgery.api.uploads import pack_output, unpack_upload
-from adapter_surgery.errors import InvalidSpec, PayloadTooLarge
+from adapter_surgery.api.uploads import MAX_RESULT_HEADER, RESULT_HEADER, answer_upload, receive_upload, sweep_scratch
+from adapter_surgery.api.uploads import result_header as _result_header
 from adapter_surgery.io.writer import DigestCache
 from adapter_surgery.ops import OPERATIONS, Operation
 from adapter_surgery.ops.common import RunContext
 from adapter_surgery.settings import Settings
 
-RESULT_HEADER = "X-Adapter-Surgery-Result"
-#: Bytes of result JSON in the header at most.
-MAX_RESULT_HEADER = 7 * 1024
+__all__ = ["MAX_RESULT_HEADER", "RESULT_HEADER", "_result_header", "app_from_env", "create_app"]
 
 
 class Health(BaseModel):
@@ -49,6 +40,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Add new tokens, LoRA adapters and classification heads to pretrained checkpoints, "
                               "initialized correctly, at a cost that grows with what changes.")
     problems.install(app)
+    metrics = observability.install(app, settings)  # /metrics, /readyz
+    middleware.install(app, settings, metrics.observe)  # request id, access log, token, body limits
+    sweep_scratch(settings.data_dir)  # upload scratch directories of processes that died
 
     @app.get("/healthz", response_model=Health)
     def healthz() -> Health:
@@ -57,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for op in OPERATIONS.values():
         _add_route(app, op, settings, digests)
-    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: middleware.add_security_scheme(build_openapi(app))  # type: ignore[method-assign]
     return app
 
 
@@ -95,62 +89,15 @@ async def _run_json(op: Operation, body: bytes, settings: Settings, digests: Dig
 
 
 async def _run_upload(op: Operation, request: Request, settings: Settings) -> Response:
+    upload = await receive_upload(request, settings, op.options)  # streamed to the scratch area, unpacked
     try:
-        declared = int(request.headers.get("content-length") or 0)
-    except ValueError:
-        return problems.problem(400, "Bad request", "the Content-Length header is not a number",
-                                fix="Send a valid Content-Length, or let the client compute it.")
-    if declared > settings.max_upload_bytes:
-        raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {settings.max_upload_bytes}",
-                              field="file", fix="Use the JSON form with a checkpoint under the data directory.")
-    form = await request.form(max_files=1, max_fields=4)
-    upload, raw_spec = form.get("file"), form.get("spec") or "{}"
-    if not isinstance(upload, UploadFile):
-        raise InvalidSpec("the form has no file part", field="file",
-                          fix="Send the checkpoint as the 'file' part (.safetensors, .zip or .tar).")
-    if not isinstance(raw_spec, str):
-        raise InvalidSpec("the spec part must be a JSON text field, not a file", field="spec")
-    try:
-        options = op.options.model_validate_json(raw_spec)
-    except ValidationError as exc:
-        return problems.validation_problem(list(exc.errors()), prefix=("spec",))
-    with tempfile.TemporaryDirectory(prefix="adapter-surgery-") as tmp:
-        work = Path(tmp)
-        saved = work / "upload.bin"
-        with saved.open("wb") as fh:
-            await run_in_threadpool(shutil.copyfileobj, upload.file, fh, 1 << 20)
-        if saved.stat().st_size > settings.max_upload_bytes:
-            raise PayloadTooLarge(f"the upload exceeds {settings.max_upload_bytes} bytes", field="file")
-        filename = upload.filename or ""
-        checkpoint = await run_in_threadpool(unpack_upload, filename, saved, work, settings.max_upload_bytes)
-        spec = op.spec.model_validate({**options.model_dump(), "checkpoint": checkpoint, "output": "output"})
+        spec = op.spec.model_validate(upload.spec_fields())
         spec = _with_default_device(spec, settings)
-        result = await run_in_threadpool(op.run, spec, RunContext(work))
-        body, media, name = await run_in_threadpool(pack_output, work / "output", filename)
-    header = _result_header(result.model_dump(mode="json"))
-    return Response(body, media_type=media, headers={RESULT_HEADER: header,
-                                                     "Content-Disposition": f'attachment; filename="{name}"'})
-
-
-def _result_header(result: dict[str, Any]) -> str:
-    """The result as ASCII JSON for a response header, at most ``MAX_RESULT_HEADER`` bytes (proxies cap headers
-    at 8-16 KB): long lists are cut to their first items (with ``<key>_total``), then dropped if still too long,
-    and ``"truncated": true`` says so."""
-    def dump(doc: dict[str, Any]) -> str:
-        return json.dumps(doc, ensure_ascii=True, separators=(",", ":"))
-
-    text = dump(result)
-    if len(text) <= MAX_RESULT_HEADER:
-        return text
-    short: dict[str, Any] = {"truncated": True}
-    for key, value in result.items():
-        if isinstance(value, list) and len(value) > 8:
-            short[key], short[f"{key}_total"] = value[:8], len(value)
-        else:
-            short[key] = value
-    if len(dump(short)) > MAX_RESULT_HEADER:
-        short = {k: v for k, v in short.items() if not isinstance(v, (list, dict))} | {"truncated": True}
-    return dump(short)
+        result = await run_in_threadpool(op.run, spec, RunContext(upload.work))
+    except BaseException:
+        upload.discard()
+        raise
+    return await answer_upload(upload, result.model_dump(mode="json"))  # streamed from disk, then removed
 
 
 def app_from_env() -> FastAPI:
