@@ -86,10 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         from adapter_surgery.api.app import create_app
+        from adapter_surgery.logs import configure_logging
         from adapter_surgery.settings import Settings
 
         settings = Settings(data_dir=Path(args.data_dir)) if args.data_dir else Settings()
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, timeout_graceful_shutdown=30)
+        configure_logging(settings.log_json)
+        try:
+            app = create_app(settings)
+        except ValueError as exc:  # unusable settings (an empty or unreadable token file...)
+            _problem({"title": "Invalid settings", "detail": str(exc)})
+            return 2
+        # our access log (one JSON line per request, with its request id) replaces uvicorn's
+        uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=30, log_config=None,
+                    access_log=False)
         return 0
     if args.command == "openapi":
         from adapter_surgery.api.app import create_app

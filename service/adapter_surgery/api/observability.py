@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from adapter_surgery.api.problems import PROBLEM, problem
 from adapter_surgery.settings import Settings
@@ -99,7 +100,7 @@ class JobCollector(Collector):
         counts = [sum(d <= b for d in durations) for b in JOB_BUCKETS]
         hist = HistogramMetricFamily(f"{PREFIX}_job_duration_seconds", "Time from a job's start to its end "
                                      "(finished records in the store).")
-        hist.add_metric([], [*((str(b), c) for b, c in zip(JOB_BUCKETS, counts, strict=True)),
+        hist.add_metric([], [*((floatToGoString(b), c) for b, c in zip(JOB_BUCKETS, counts, strict=True)),
                              ("+Inf", len(durations))], sum_value=sum(durations))
         yield hist
         yield CounterMetricFamily(f"{PREFIX}_job_bytes_read", "Bytes read by the jobs in the store.", value=read)
