@@ -7,9 +7,13 @@ import asyncio
 import io
 import json
 import os
+import socket
+import subprocess
+import sys
 import tarfile
+import time
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -31,6 +35,7 @@ from adapter_surgery.api.uploads import (
 )
 from adapter_surgery.ops import OPERATIONS
 from adapter_surgery.settings import Settings
+from tests.fixtures import make
 
 BOUNDARY = "bNd"
 CHUNK = 4096
@@ -341,3 +346,82 @@ def test_sweep_removes_scratch_of_dead_processes_only(data_dir: Path) -> None:
     assert live.is_dir() and other_host.is_dir()
     create_app(Settings(data_dir=data_dir))  # the sweep runs when the app is built
     assert live.is_dir()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _memory_mib(pid: int) -> dict[str, int]:
+    """Peak (VmHWM) and current RSS of a process, MiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {k: int(fields[k].split()[0]) // 1024 for k in ("VmHWM", "VmRSS")}
+
+
+def _streamed_upload(base: str, path: Path, name: str) -> tuple[int, int]:
+    """Send ``path`` as the form's file (chunked, 1 MiB pieces), read the answer as it comes; (status, bytes)."""
+    def body() -> Iterator[bytes]:
+        yield f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="spec"\r\n\r\n{{"num_new_tokens": 1}}\r\n'.encode()
+        yield f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n'.encode()
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                yield chunk
+        yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+    received = 0
+    with httpx.stream("POST", f"{base}/extend-vocab", content=body(), headers=MULTIPART, timeout=300) as r:
+        for piece in r.iter_bytes():
+            received += len(piece)
+        return r.status_code, received
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status")
+def test_memory_stays_flat_for_a_64_mb_upload(tmp_path: Path) -> None:
+    """A real server (uvicorn, in a subprocess) receives a 64 MiB upload, runs the operation and answers the patched
+    file, then a 64 MiB zip: its peak RSS grows by a few MiB, not by the upload's size (before: +196 MiB)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import adapter_surgery
+
+    fixture = make("FX-A", tmp_path / "fx") / "model.safetensors"
+    tensors = load_file(str(fixture))
+    big = tmp_path / "big.safetensors"
+    save_file({**tensors, "extra.weight": torch.ones(4096, 4096)}, str(big))  # 64 MiB that the operation copies
+    assert big.stat().st_size > 64 * 2**20
+    big_zip, small_zip = tmp_path / "big.zip", tmp_path / "small.zip"
+    for archive, weights in ((big_zip, big), (small_zip, fixture)):
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.write(weights, "m/model.safetensors")
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(adapter_surgery.__file__).parents[1]),
+           "ADAPTER_SURGERY_DATA_DIR": str(tmp_path / "served"), "ADAPTER_SURGERY_DEVICE": "cpu"}
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "adapter_surgery.api.app:app_from_env",
+                               "--port", str(port), "--log-level", "warning"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(1200):
+            try:
+                if httpx.get(f"{base}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        for _ in range(1):  # warm up: every import and first-call cost paid before the baseline
+            assert _streamed_upload(base, fixture, "m.safetensors")[0] == 200
+            assert _streamed_upload(base, small_zip, "m.zip")[0] == 200
+        baseline = _memory_mib(server.pid)
+        status, answered = _streamed_upload(base, big, "m.safetensors")
+        assert status == 200 and answered > 64 * 2**20
+        after_file = _memory_mib(server.pid)
+        status, answered = _streamed_upload(base, big_zip, "m.zip")
+        assert status == 200 and answered > 64 * 2**20
+        after_zip = _memory_mib(server.pid)
+    finally:
+        server.terminate()
+        server.wait(30)
+    growth = after_zip["VmHWM"] - baseline["VmHWM"]
+    print(f"peak RSS MiB: baseline {baseline}, after the file {after_file}, after the zip {after_zip}")
+    assert growth <= 24, (baseline, after_file, after_zip)
+    assert list((tmp_path / "served" / ".adapter-surgery" / "scratch").iterdir()) == []
