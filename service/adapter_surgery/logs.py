@@ -19,7 +19,8 @@ LOGGER = "adapter_surgery"
 request_id: ContextVar[str | None] = ContextVar("adapter_surgery_request_id", default=None)
 
 #: Attributes every ``LogRecord`` has; anything else on a record came from ``extra=`` and is logged as a field.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName",
+                                                                              "color_message"}  # uvicorn's ANSI copy
 
 
 class JsonFormatter(logging.Formatter):
