@@ -1,8 +1,8 @@
-"""The command line: ``adapter-surgery <operation> --spec FILE|-``, ``serve`` and ``openapi``.
+"""The command line: ``adapter-surgery <operation> --spec FILE|-``, ``serve``, ``openapi`` and ``jobs``.
 
 Operation commands take the same JSON as the endpoints (paths relative to ``--data-dir``), print the same
 result JSON on stdout, report progress on stderr, and print a problem JSON on stderr with exit code 2 for
-bad input.
+bad input. With ``--server URL`` they run on that service instead (``cli_remote``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from adapter_surgery.cli_remote import add_jobs_parser, add_remote_arguments, run_remote
 from adapter_surgery.errors import SurgeryError, validation_problem_body
 from adapter_surgery.ops import OPERATIONS
 from adapter_surgery.ops.common import RunContext
@@ -72,11 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(op.name, help=op.summary, description=op.summary)
         p.add_argument("--spec", required=True, help="JSON spec file, or - for standard input")
         p.add_argument("--data-dir", default=".", help="directory the spec's paths are relative to (default: .)")
+        add_remote_arguments(p)
     serve = sub.add_parser("serve", help="start the HTTP service")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", default=None, help="overrides ADAPTER_SURGERY_DATA_DIR")
     sub.add_parser("openapi", help="print the OpenAPI spec (JSON) that the service serves")
+    add_jobs_parser(sub)
     return parser
 
 
@@ -105,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(create_app().openapi(), indent=2, sort_keys=True))
         return 0
+    if args.command == "jobs" or getattr(args, "server", None) or getattr(args, "async_", False):
+        return run_remote(args)
     return _run_operation(args.command, args)
 
 
