@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from adapter_surgery import __version__
 from adapter_surgery.api import middleware, observability, problems
-from adapter_surgery.api.openapi import build_openapi, request_body, responses
+from adapter_surgery.api.openapi import build_openapi, request_body, responses, takes_upload
 from adapter_surgery.api.uploads import MAX_RESULT_HEADER, RESULT_HEADER, answer_upload, receive_upload, sweep_scratch
 from adapter_surgery.api.uploads import result_header as _result_header
 from adapter_surgery.io.writer import DigestCache
@@ -60,11 +60,12 @@ def _add_route(app: FastAPI, op: Operation, settings: Settings, digests: DigestC
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
             return await _run_json(op, await request.body(), settings, digests)
-        if ctype == "multipart/form-data":
+        if ctype == "multipart/form-data" and takes_upload(op):
             return await _run_upload(op, request, settings)
-        return problems.problem(415, "Unsupported media type",
-                                f"POST /{op.name} takes application/json or multipart/form-data, not {ctype!r}",
-                                fix="Send the spec as JSON, or upload the checkpoint as multipart form data.")
+        takes = "application/json or multipart/form-data" if takes_upload(op) else "application/json only"
+        return problems.problem(415, "Unsupported media type", f"POST /{op.name} takes {takes}, not {ctype!r}",
+                                fix="Send the spec as JSON" + (", or upload the checkpoint as multipart form data."
+                                                               if takes_upload(op) else "."))
 
     handler.__name__ = op.name.replace("-", "_")
     app.add_api_route(f"/{op.name}", handler, methods=["POST"], summary=op.summary, response_model=op.result,

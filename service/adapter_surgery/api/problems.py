@@ -16,9 +16,10 @@ PROBLEM = "application/problem+json"
 log = logging.getLogger("adapter_surgery")
 
 
-def problem(status: int, title: str, detail: str, **extra: object) -> JSONResponse:
+def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None,
+            **extra: object) -> JSONResponse:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
-    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
 def validation_problem(errors: list[dict], prefix: tuple[str, ...] = ()) -> JSONResponse:
@@ -46,7 +47,7 @@ def install(app: FastAPI) -> None:
         fixes = {404: "See GET /docs for the endpoints.", 405: "See GET /docs for each endpoint's method.",
                  400: "Send a well-formed JSON body or multipart form (fields: file, spec)."}
         return problem(exc.status_code, str(exc.detail), f"{request.method} {request.url.path}: {exc.detail}",
-                       fix=fixes.get(exc.status_code, "See GET /docs."))
+                       headers=exc.headers, fix=fixes.get(exc.status_code, "See GET /docs."))  # 405: Allow
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
