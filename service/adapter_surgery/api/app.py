@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for op in OPERATIONS.values():
         _add_route(app, op, settings, digests)
-    app.openapi = lambda: middleware.add_security_scheme(build_openapi(app))  # type: ignore[method-assign]
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app
 
 

@@ -17,7 +17,6 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -212,16 +211,3 @@ def install(app: FastAPI, settings: Settings, observe: Observer | None = None) -
     if token is not None:
         app.add_middleware(BearerAuth, token=token)
     app.add_middleware(RequestContext, routes=app.router.routes, observe=observe)
-
-
-def add_security_scheme(schema: dict[str, Any]) -> dict[str, Any]:
-    """Declare the optional bearer token in an OpenAPI document: a ``bearerAuth`` scheme, required by every
-    operation when the service has a token (``security``: the token, or nothing), none for the probes."""
-    schema.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER_SCHEME] = {
-        "type": "http", "scheme": "bearer",
-        "description": "Required when the service runs with ADAPTER_SURGERY_API_TOKEN(_FILE); else ignored."}
-    schema["security"] = [{BEARER_SCHEME: []}, {}]
-    for path in OPEN_PATHS:
-        for operation in schema.get("paths", {}).get(path, {}).values():
-            operation["security"] = []
-    return schema

@@ -250,7 +250,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         "type": "http", "scheme": "bearer",
         "description": "ADAPTER_SURGERY_API_TOKEN (or _FILE): when the service has a token, every route but "
                        "/healthz and /readyz requires `Authorization: Bearer <token>`."}}
-    schema["security"] = [{SECURITY_SCHEME: []}]
+    schema["security"] = [{SECURITY_SCHEME: []}, {}]  # optional: a service without a token takes anonymous calls
     names = {(r.path, m.lower()): r.name for r in app.routes if isinstance(r, APIRoute) for m in r.methods}
     for path, item in schema.get("paths", {}).items():
         for method, operation in item.items():
