@@ -131,6 +131,9 @@ def markdown(results: dict[str, Any], plot: bool) -> str:
         variants = {p["variant"]: p.get("note", "") for p in pairs}
         notes += [f"`{k}`: {n}." for k, n in variants.items() if n]
         lines += [""] + [f"- {n}" for n in notes] + [""]
+    if m.get("uncovered"):
+        lines += [f"Operations of the service with no variant in `bench/workloads.py` (not measured): "
+                  f"{', '.join(m['uncovered'])}.", ""]
     if plot:
         lines += [f"![time and peak RSS against model size]({PLOT})", ""]
     else:

@@ -32,7 +32,7 @@ from typing import Any
 
 import checkpoints
 import report
-from workloads import PATCHED, Variant, select
+from workloads import PATCHED, VARIANTS, Variant, select
 
 ROOT = checkpoints.ROOT
 BENCH = ROOT / "bench"
@@ -230,14 +230,18 @@ def run_pair(v: Variant, size: str, args: argparse.Namespace, mem_total: int) ->
             return entry
     warm_page_cache(base)
     out, out_warm, out_anchor = data / "out-ours", data / "out-warm", data / "out-anchor"
-    warm = Warm(data, args.cap_ours, logs)
+    for p in (out, out_warm, out_anchor):
+        _rm(p)
+    warm: Warm | None = None
     try:
-        for p in (out, out_warm, out_anchor):
-            _rm(p)
+        warm = Warm(data, args.cap_ours, logs)
         first = warm.call(v.op, v.spec("out-warm", args.device))  # warms the process (imports, caches)
         _rm(out_warm)
         if first.get("error"):
             entry["error"] = f"warm-up call failed: {first['error']}"
+    except RuntimeError as exc:
+        entry["error"] = f"no warm process: {exc}"
+    try:
         for rep in range(args.reps):
             rec: dict[str, Any] = {"rep": rep}
             sides = ["ours", "anchor"] if rep % 2 == 0 else ["anchor", "ours"]
@@ -248,8 +252,9 @@ def run_pair(v: Variant, size: str, args: argparse.Namespace, mem_total: int) ->
                     if v.op != "verify" and out.exists():
                         rec["floor"] = floor(changed_files(out, base), data / "floor-scratch")
                     _rm(out)
-                    rec["warm"] = warm.call(v.op, v.spec("out-warm", args.device))
-                    _rm(out_warm)
+                    if warm is not None:
+                        rec["warm"] = warm.call(v.op, v.spec("out-warm", args.device))
+                        _rm(out_warm)
                 elif not skip_anchor:
                     target = data / PATCHED if v.op == "verify" else out_anchor
                     cmd = [sys.executable, str(BENCH / "anchors.py"), v.anchor, str(base), str(target)]
@@ -260,7 +265,8 @@ def run_pair(v: Variant, size: str, args: argparse.Namespace, mem_total: int) ->
                 f"{k} {rec[k]['wall']:.2f}s" + (" ERROR" if rec[k].get("error") else "")
                 for k in ("ours", "warm", "anchor", "floor") if k in rec and "wall" in rec[k]), file=sys.stderr)
     finally:
-        warm.close()
+        if warm is not None:
+            warm.close()
         for p in (out, out_warm, out_anchor):
             _rm(p)
     return entry
@@ -296,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     info.update(label=args.label, command="python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 caps={"ours": args.cap_ours, "anchor": args.cap_anchor}, reps=args.reps, device=args.device)
     outdir = Path(args.out)
+    known = subprocess.run([sys.executable, "-c", "from adapter_surgery.ops import OPERATIONS; print(*OPERATIONS)"],
+                           capture_output=True, text=True, env=_env()).stdout.split()
+    info["uncovered"] = sorted(set(known) - {v.op for v in VARIANTS})  # operations added since workloads.py was
     results: dict[str, Any] = {"machine": info, "pairs": []}
     t0 = time.perf_counter()
     for size in sizes:
