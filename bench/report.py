@@ -185,7 +185,11 @@ def draw(results: dict[str, Any], path: Path) -> bool:
 
 
 def write(results: dict[str, Any], outdir: Path) -> None:
-    plot = draw(results, outdir / PLOT)
+    try:
+        plot = draw(results, outdir / PLOT)
+    except Exception as exc:  # a plotting problem must not lose the tables of a long run
+        print(f"plot not drawn: {type(exc).__name__}: {exc}", file=sys.stderr)
+        plot = False
     (outdir / "RESULTS.md").write_text(markdown(results, plot))
 
 
