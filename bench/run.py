@@ -299,7 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     variants = select(args.ops)
     info = machine()
     info["load_start"] = os.getloadavg()
-    info.update(label=args.label, command="python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    shown = list(argv if argv is not None else sys.argv[1:])
+    if "--label" in shown:  # the label is printed on its own
+        del shown[shown.index("--label"):shown.index("--label") + 2]
+    shown = [a for a in shown if not a.startswith("--label=")]
+    info.update(label=args.label, command=" ".join(["python bench/run.py", *shown]),
                 caps={"ours": args.cap_ours, "anchor": args.cap_anchor}, reps=args.reps, device=args.device)
     outdir = Path(args.out)
     known = subprocess.run([sys.executable, "-c", "from adapter_surgery.ops import OPERATIONS; print(*OPERATIONS)"],
