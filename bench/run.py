@@ -183,13 +183,18 @@ def machine() -> dict[str, Any]:
             "python": sys.version.split()[0], "versions": versions}
 
 
+def _cap_ours(v: Variant, args: argparse.Namespace) -> float:
+    """Our cap: the anchors' where our operation holds the model by its nature (verify: float32 copies)."""
+    return args.cap_anchor if v.ours_memory else args.cap_ours
+
+
 def _skip(v: Variant, size: str, args: argparse.Namespace, mem_total: int) -> tuple[str | None, str | None]:
     """(reason to skip the whole pair, reason to skip the anchor only), or None."""
     shape, nbytes = checkpoints.SIZES[size], checkpoints.model_bytes(size)
     if shape.sparse and v.reads_weights:
         return ("the layer shards of this shape are sparse (holes read as zeros): an init or a report that reads "
                 "the weights would time holes"), None
-    limit = min(args.cap_ours * GIB, 0.85 * mem_total)
+    limit = min(_cap_ours(v, args) * GIB, 0.85 * mem_total)
     if v.ours_memory and v.ours_memory * nbytes + 1.5 * GIB > limit:
         return (f"needs ~{(v.ours_memory * nbytes + 1.5 * GIB) / GIB:.0f} GiB (the models in float32), over the "
                 f"{limit / GIB:.0f} GiB available"), None
@@ -232,9 +237,10 @@ def run_pair(v: Variant, size: str, args: argparse.Namespace, mem_total: int) ->
     out, out_warm, out_anchor = data / "out-ours", data / "out-warm", data / "out-anchor"
     for p in (out, out_warm, out_anchor):
         _rm(p)
+    cap = _cap_ours(v, args)
     warm: Warm | None = None
     try:
-        warm = Warm(data, args.cap_ours, logs)
+        warm = Warm(data, cap, logs)
         first = warm.call(v.op, v.spec("out-warm", args.device))  # warms the process (imports, caches)
         _rm(out_warm)
         if first.get("error"):
@@ -248,7 +254,7 @@ def run_pair(v: Variant, size: str, args: argparse.Namespace, mem_total: int) ->
             for side in sides:
                 if side == "ours":
                     cmd = [*_cli(), v.op, "--spec", str(spec_file), "--data-dir", str(data)]
-                    rec["ours"] = measure(cmd, args.cap_ours, logs.with_name(f"{logs.name}.ours.{rep}"))
+                    rec["ours"] = measure(cmd, cap, logs.with_name(f"{logs.name}.ours.{rep}"))
                     if v.op != "verify" and out.exists():
                         rec["floor"] = floor(changed_files(out, base), data / "floor-scratch")
                     _rm(out)
