@@ -31,5 +31,8 @@ lint: setup
 openapi: setup
 	$(BIN)/python -m adapter_surgery.cli openapi > openapi/openapi.json
 
+# The side-by-side bench (bench/README.md): every operation at 0.13B, 1B, 3B and 7B shape, 3 reps; writes
+# bench/RESULTS.md. BENCH_ARGS narrows it, e.g. make bench BENCH_ARGS="--sizes 0.13b --ops extend-vocab --reps 1".
+BENCH_ARGS ?=
 bench: setup
-	$(BIN)/python bench/bench_extend_vocab.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)

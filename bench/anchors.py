@@ -1,0 +1,124 @@
+"""The anchors: what a user does today with transformers/peft for the same result, as a whole process.
+
+``python bench/anchors.py NAME BASE OUT`` (for ``verify``, OUT is the patched checkpoint to compare with BASE):
+
+- ``extend-vocab``: ``AutoTokenizer.add_tokens`` + ``AutoModelForCausalLM.from_pretrained`` (bf16) +
+  ``resize_token_embeddings(mean_resizing=True)`` + ``save_pretrained`` (model and tokenizer);
+- ``attach-lora:<init>``: ``from_pretrained`` (bf16) + ``get_peft_model(LoraConfig(r=16, lora_alpha=32,
+  target_modules="all-linear", ...))`` + ``save_pretrained`` (the adapter; for PiSSA peft mutates the base in
+  memory and does not write it);
+- ``attach-head``: ``AutoModelForSequenceClassification.from_pretrained(num_labels=3)`` (bf16), pad id set, +
+  ``save_pretrained`` (model and tokenizer);
+- ``surgery``: the sequence of those: add tokens, load for sequence classification, resize (mean), save, LoRA on
+  the result, save the adapter into ``OUT/adapter``;
+- ``verify``: load each checkpoint in float32 in turn and run the same 4 x 16 random old-vocabulary probes with
+  hidden states, then compare logits over the old vocabulary and hidden states.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+NEW_TOKENS = [f"<bench_tok_{k}>" for k in range(8)]
+NUM_LABELS = 3
+LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
+
+
+def extend_vocab(base: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(NEW_TOKENS)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    model.resize_token_embeddings(len(tok), mean_resizing=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def attach_lora(base: Path, out: Path, init: str) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    extra = {"use_dora": True} if init == "dora" else {"init_lora_weights": init} if init != "default" else {}
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA, **extra))
+    model.save_pretrained(out)
+
+
+def _head_model(base: Path, tok: object) -> object:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=NUM_LABELS, dtype=torch.bfloat16)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # type: ignore[attr-defined]
+    model.config.pad_token_id = pad
+    return model
+
+
+def attach_head(base: Path, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    model = _head_model(base, tok)
+    model.save_pretrained(out)  # type: ignore[attr-defined]
+    tok.save_pretrained(out)
+
+
+def surgery(base: Path, out: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(NEW_TOKENS)
+    model = _head_model(base, tok)
+    model.resize_token_embeddings(len(tok), mean_resizing=True)  # type: ignore[attr-defined]
+    model.save_pretrained(out)  # type: ignore[attr-defined]
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", **LORA))  # type: ignore[arg-type]
+    peft_model.save_pretrained(out / "adapter")
+
+
+def verify(base: Path, patched: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    vocab = AutoConfig.from_pretrained(base).vocab_size
+    probes = torch.randint(0, vocab, (4, 16), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for path in (base, patched):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            outs = [model(input_ids=p[None], output_hidden_states=True) for p in probes]
+        runs.append([(o.logits[..., :vocab], o.hidden_states) for o in outs])
+        del model
+    worst = max(float((a[0] - b[0]).abs().max()) for a, b in zip(*runs, strict=True))
+    ratios = [float(hb.pow(2).mean().sqrt() / ha.pow(2).mean().sqrt())
+              for a, b in zip(*runs, strict=True) for ha, hb in zip(a[1], b[1], strict=True)]
+    print(f"max |d logits| {worst:.3g}; hidden RMS ratio {min(ratios):.4f}..{max(ratios):.4f}")
+
+
+def main() -> None:
+    name, base, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    op, _, init = name.partition(":")
+    if op == "extend-vocab":
+        extend_vocab(base, out)
+    elif op == "attach-lora":
+        attach_lora(base, out, init or "default")
+    elif op == "attach-head":
+        attach_head(base, out)
+    elif op == "surgery":
+        surgery(base, out)
+    elif op == "verify":
+        verify(base, out)
+    else:
+        raise SystemExit(f"unknown anchor {name!r}")
+
+
+if __name__ == "__main__":
+    main()

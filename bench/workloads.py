@@ -1,0 +1,75 @@
+"""What the bench runs: each operation variant as our spec, the anchor that does the same with transformers/peft,
+and what each needs (memory, real weights), so that a run can say why it skips a pair instead of failing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from anchors import LORA, NEW_TOKENS, NUM_LABELS
+
+#: The checkpoint (relative to a size's data directory) that verify compares with ``base``.
+PATCHED = "patched-ev"
+
+
+@dataclass(frozen=True)
+class Variant:
+    op: str  # the CLI command / service operation
+    name: str
+    spec: Callable[[str, str], dict]  # (output, device) -> our spec
+    anchor: str  # bench/anchors.py NAME
+    anchor_memory: float  # the anchor's peak RSS, in multiples of the bf16 model's bytes (measured at 1-3B, rounded up)
+    ours_memory: float = 0.0  # ours, when it holds the model (verify loads it in float32)
+    reads_weights: bool = False  # reads tensor data beyond the embedding/head rows (meaningless on sparse shards)
+    note: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.op}:{self.name}"
+
+
+def _ev(init: str) -> Callable[[str, str], dict]:
+    return lambda out, dev: {"checkpoint": "base", "output": out, "tokens": NEW_TOKENS, "init": init, "device": dev}
+
+
+def _lora(**extra: object) -> Callable[[str, str], dict]:
+    return lambda out, dev: {"checkpoint": "base", "output": out, **LORA, **extra, "device": dev}
+
+
+def _surgery(out: str, dev: str) -> dict:
+    return {"checkpoint": "base", "output": out, "steps": [
+        {"op": "extend-vocab", "tokens": NEW_TOKENS, "init": "mean", "device": dev},
+        {"op": "attach-head", "num_labels": NUM_LABELS, "device": dev},
+        {"op": "attach-lora", **LORA, "device": dev}]}
+
+
+VARIANTS: list[Variant] = [
+    Variant("extend-vocab", "mean", _ev("mean"), "extend-vocab", 1.4, note="8 tokens"),
+    Variant("extend-vocab", "hewitt", _ev("hewitt"), "extend-vocab", 1.4,
+            note="8 tokens; the anchor is the same (transformers' mean_resizing samples from the rows' mean and "
+                 "covariance, Hewitt's method)"),
+    Variant("attach-lora", "default", _lora(), "attach-lora:default", 0.3, note="r=16, all-linear, data-free"),
+    Variant("attach-lora", "pissa_niter_4", _lora(init_lora_weights="pissa_niter_4"), "attach-lora:pissa_niter_4",
+            2.2, reads_weights=True, note="ours also writes the residual base; peft only mutates it in memory"),
+    Variant("attach-lora", "dora", _lora(use_dora=True), "attach-lora:dora", 1.4, reads_weights=True),
+    Variant("attach-head", "seq-cls-3", lambda out, dev: {"checkpoint": "base", "output": out, "num_labels": NUM_LABELS,
+                                                         "task": "sequence_classification", "device": dev},
+            "attach-head", 1.4),
+    Variant("surgery", "ev+head+lora", _surgery, "surgery", 1.4,
+            note="extend-vocab (mean) + attach-head (3 labels) + attach-lora (r=16)"),
+    Variant("verify", "extend-vocab", lambda out, dev: {"checkpoint": "base", "patched": PATCHED, "device": dev},
+            "verify", 2.3, ours_memory=2.3, reads_weights=True,
+            note="base vs its extend-vocab (mean) output; both load each model in float32 in turn"),
+]
+
+
+def select(ops: str) -> list[Variant]:
+    """``extend-vocab,attach-lora:dora``: whole operations or single variants (``all`` for every one)."""
+    wanted = [w.strip() for w in ops.split(",") if w.strip()]
+    if wanted == ["all"]:
+        return list(VARIANTS)
+    chosen = [v for v in VARIANTS if v.op in wanted or v.key in wanted]
+    unknown = [w for w in wanted if not any(w in (v.op, v.key) for v in VARIANTS)]
+    if unknown:
+        raise SystemExit(f"unknown operation(s) {unknown}; choose from {sorted({v.key for v in VARIANTS})}")
+    return chosen
