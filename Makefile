@@ -35,4 +35,5 @@ openapi: setup
 # bench/RESULTS.md. BENCH_ARGS narrows it, e.g. make bench BENCH_ARGS="--sizes 0.13b --ops extend-vocab --reps 1".
 BENCH_ARGS ?=
 bench: setup
+	$(BIN)/pip install -q -e ".[dev,bench]"
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
