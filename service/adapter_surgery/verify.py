@@ -56,6 +56,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapter_surgery.arch import quiet_transformers
+from adapter_surgery.config_check import check_config
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidSpec, SurgeryError
 from adapter_surgery.initializers import WEIGHT_INITS, expected_std
@@ -225,12 +226,14 @@ def verify(spec: VerifySpec, ctx: RunContext) -> VerifyResult:
         exc.field = "patched"
         raise
     pick_device(spec.device)
+    check_config(base_ckpt)
     if base_ckpt.config is not None and patched_ckpt.config is not None:
         reason = not_derived(base_ckpt, patched_ckpt, _tokenizer(base_ckpt), _tokenizer(patched_ckpt))
         if reason is not None:
             raise InvalidSpec(f"the patched checkpoint is not derived from this base: {reason}", field="patched",
                               fix="Send as checkpoint the base the patched checkpoint was made from (the checkpoint "
                                   "of its extend-vocab, attach-head or surgery request).")
+    check_config(patched_ckpt, "patched.config")
     options = VerifyOptions.model_validate(spec.model_dump(exclude={"checkpoint", "patched"}))
     report = preservation_report(base, patched, options, progress=ctx.say)
     return VerifyResult(checkpoint=spec.checkpoint, patched=spec.patched, report=report)
@@ -308,6 +311,10 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
             ckpts[role] = Checkpoint.open(path)
         except SurgeryError as exc:
             raise _Skip(f"the {role} checkpoint cannot be opened: {exc.detail}") from None
+        try:
+            check_config(ckpts[role])
+        except SurgeryError as exc:
+            raise _Skip(f"the {role} checkpoint's config.json contradicts its weights: {exc.detail}") from None
         if ckpts[role].config is None:
             raise _Skip(f"the {role} checkpoint has no usable config.json ({ckpts[role].config_problem}), so it "
                         "cannot be run")
