@@ -23,6 +23,7 @@ import torch
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from adapter_surgery.arch import Architecture, resolve_architecture
+from adapter_surgery.config_check import text_config
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
 from adapter_surgery.initializers import ROW_INITS, RowContext, RowStats, row_stats
@@ -159,9 +160,6 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     ckpt = Checkpoint.open(checkpoint)
     arch = resolve_architecture(ckpt)
     warnings = list(ckpt.warnings) + arch.notes
-    if arch.config_vocab_size is not None and arch.config_vocab_size != arch.vocab_rows:
-        warnings.append(f"config.json says vocab_size {arch.config_vocab_size} but {arch.input_embedding} has "
-                        f"{arch.vocab_rows} rows; the output's vocab_size is set to its row count")
     tok = _load_tokenizer(ckpt, spec)
     plan = plan_vocab(spec, ckpt, arch, tok)
     if not plan.rows and plan.rows_after == arch.vocab_rows and not spec.reinit_existing and not spec.untie:
@@ -275,9 +273,12 @@ def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok)
             else:
                 init, special, text = raw.init or default, raw.special, raw.description or content
             pending.append((content, special, _row_for(-1, init, text, vocab, tok, f"tokens.{i}", rows_before)))
+        size = len(tok)
         _add_to_tokenizer(tok, [(content, special) for content, special, _ in pending])
-        for content, _special, row in pending:
-            row.id = tok.convert_tokens_to_ids(content)
+        first, last = (tok.convert_tokens_to_ids(pending[i][0]) for i in (0, -1)) if pending else (0, -1)
+        consecutive = first == size and last == size + len(pending) - 1 == len(tok) - 1
+        for i, (content, _special, row) in enumerate(pending):  # ids are consecutive but for odd tokenizers
+            row.id = size + i if consecutive else tok.convert_tokens_to_ids(content)
             rows.append(row)
             added.append(TokenId(token=content, id=row.id))
         tok_after = len(tok)
@@ -462,10 +463,16 @@ def _write_side_files(ckpt: Checkpoint, out: Path, arch: Architecture, plan: Voc
                       tok) -> None:
     for path in ckpt.other_files():  # small files, copied (never linked) since some are rewritten below
         shutil.copyfile(path, out / path.name)
-    if ckpt.config is not None and arch.source == "config":
+    if ckpt.config is not None:
         config = json.loads(json.dumps(ckpt.config))
-        target = config[arch.text_config_key] if arch.text_config_key else config
-        target["vocab_size"] = plan.rows_after
+        if arch.source == "config":
+            target = config[arch.text_config_key] if arch.text_config_key else config
+            target["vocab_size"] = plan.rows_after
+        else:  # roles from the headers (transformers cannot build this config): every vocab_size it declares
+            text, _ = text_config(config)
+            holders = [h for h in {id(text): text, id(config): config}.values() if "vocab_size" in h]
+            for holder in holders or [config]:
+                holder["vocab_size"] = plan.rows_after
         if spec.untie and arch.tied:
             config["tie_word_embeddings"] = False
             if arch.text_config_key and "tie_word_embeddings" in target:
