@@ -22,6 +22,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
+from adapter_surgery import resources
 from adapter_surgery.arch import Architecture, resolve_architecture
 from adapter_surgery.config_check import text_config
 from adapter_surgery.devices import DeviceName, pick_device
@@ -80,7 +81,8 @@ InitSpec = Annotated[
 class TokenSpec(StrictModel):
     content: TokenText = Field(description="The token's text (not whitespace-only, no control characters).")
     special: bool = Field(False, description="Add as a special token (never split, skipped when decoding).")
-    description: str | None = Field(None, description="Text whose subword pieces define the row for subword_mean.")
+    description: str | None = Field(None, max_length=10_000,
+                                    description="Text whose subword pieces define the row for subword_mean.")
     init: InitSpec | None = Field(None, description="Overrides the request's init for this token.")
 
 
@@ -161,6 +163,7 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     arch = resolve_architecture(ckpt)
     warnings = list(ckpt.warnings) + arch.notes
     tok = _load_tokenizer(ckpt, spec)
+    _check_memory(spec, ckpt, arch, tok)
     plan = plan_vocab(spec, ckpt, arch, tok)
     if not plan.rows and plan.rows_after == arch.vocab_rows and not spec.reinit_existing and not spec.untie:
         warnings.append("nothing to add: every token already exists (or none was given); the output is the input, "
@@ -312,6 +315,26 @@ def _check_size(new_rows: int, ckpt: Checkpoint, arch: Architecture, spec: Exten
         raise InvalidSpec(f"the request would add {new_rows} rows of {row} values ({new_rows * row * 4 / 2**30:.1f} "
                           f"GiB in float32) to a vocabulary of {arch.vocab_rows}", field=field,
                           fix=f"Add at most {MAX_NEW_ROWS} rows and {MAX_NEW_BYTES >> 30} GiB per request.")
+
+
+def _check_memory(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok) -> None:
+    """Refuse (503) before the tokenizer grows when the new rows cannot fit in the memory available
+    (:func:`adapter_surgery.resources.extend_vocab_bytes`; an upper bound: every token new)."""
+    info = ckpt.info(arch.input_embedding)
+    n = len(spec.tokens) if tok is not None else (spec.num_new_tokens or 0)
+    needed = max(arch.vocab_rows, (len(tok) if tok is not None else arch.vocab_rows) + n)
+    if spec.pad_to_multiple_of:
+        needed = math.ceil(needed / spec.pad_to_multiple_of) * spec.pad_to_multiple_of
+    new_rows = needed - arch.vocab_rows
+    row = info.numel // max(arch.vocab_rows, 1)
+    inits = [spec.init] + [t.init for t in spec.tokens if not isinstance(t, str) and t.init is not None]
+    estimate = resources.extend_vocab_bytes(
+        new_rows, row, len(arch.vocab_tensors), max(1, info.nbytes // max(info.numel, 1)),
+        covariance_of=row if "hewitt" in inits else 0, tokens=n)
+    field = "pad_to_multiple_of" if spec.pad_to_multiple_of else ("tokens" if spec.tokens else "num_new_tokens")
+    resources.require(estimate, field=field, what=f"adding up to {new_rows} rows of {row} values",
+                      fix="Add fewer tokens per request (several requests, each on the previous output), or give "
+                          "the service more memory (ADAPTER_SURGERY_MEMORY_LIMIT_BYTES, the container's limit).")
 
 
 def _row_for(row_id: int, init, text: str | None, vocab: dict[str, int] | None, tok, where: str,

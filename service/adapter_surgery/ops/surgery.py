@@ -31,7 +31,7 @@ from adapter_surgery.errors import InvalidSpec, SurgeryError
 from adapter_surgery.io import Checkpoint, atomic_output, describe_files
 from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.ops.attach_head import AttachHeadOptions, AttachHeadSpec, attach_head
-from adapter_surgery.ops.attach_lora import AttachLoraOptions, AttachLoraSpec, attach_lora
+from adapter_surgery.ops.attach_lora import AttachLoraOptions, AttachLoraSpec, Name, TokenIds, attach_lora
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
 from adapter_surgery.ops.extend_vocab import ExtendVocabOptions, ExtendVocabSpec, extend_vocab
 from adapter_surgery.paths import resolve_under
@@ -55,7 +55,7 @@ Added = Literal["added"]
 
 class AttachLoraStep(AttachLoraOptions):
     op: Literal["attach-lora"]
-    trainable_token_indices: Added | list[int] | dict[str, list[int] | Added] | None = Field(  # type: ignore[assignment]
+    trainable_token_indices: Added | TokenIds | dict[Name, TokenIds | Added] | None = Field(  # type: ignore[assignment]
         None, description='As in attach-lora, or "added" (per module too): the ids the plan\'s extend-vocab steps '
                           "added.")
 
