@@ -37,8 +37,11 @@ after the other, never both at once), runs both on the same probe inputs and com
 The report never raises: a checkpoint without ``config.json``, a patched checkpoint not derived from the base, a
 model that ``transformers`` cannot load, or models that do not fit in memory give ``status: "skipped"`` with the
 reason (``POST /verify`` refuses the underived pair with a 422 first). Memory is estimated from the
-safetensors headers (float32 copy of the larger model, plus activations) against ``MemAvailable`` of
-``/proc/meminfo`` (``os.sysconf`` elsewhere) or, on CUDA, the free device memory.
+safetensors headers (float32 copy of the larger model, plus activations:
+:func:`adapter_surgery.resources.verify_bytes`) against the memory available to the process
+(:func:`adapter_surgery.resources.available_memory`: its cgroup limit, ``MemAvailable``, or
+``ADAPTER_SURGERY_MEMORY_LIMIT_BYTES``) or, on CUDA, the free device memory. ``POST /verify`` refuses a report
+over it with ``NotEnoughMemory`` (503) before loading anything; ``"verify": true`` on another operation skips it.
 """
 
 from __future__ import annotations
