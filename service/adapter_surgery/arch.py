@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from adapter_surgery.config_check import check_config, text_config
 from adapter_surgery.errors import InvalidCheckpoint
 from adapter_surgery.io.checkpoint import Checkpoint
 
@@ -86,9 +87,11 @@ def resolve_architecture(ckpt: Checkpoint) -> Architecture:
     """Resolve tensor roles for ``ckpt``: from its config on the meta device, else from headers.
 
     Raises:
-        InvalidCheckpoint: no input embedding can be found, or the config says the head is untied but the
-            checkpoint has no head tensor.
+        InvalidCheckpoint: no input embedding can be found, the config says the head is untied but the
+            checkpoint has no head tensor, or config.json contradicts the weights
+            (:func:`adapter_surgery.config_check.check_config`; the input embedding's shape in the model it builds).
     """
+    check_config(ckpt)
     if ckpt.config is not None:
         model, problem = build_meta_model(ckpt)
         if model is not None:
@@ -115,8 +118,14 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def build_meta_model(ckpt: Checkpoint) -> tuple[nn.Module | None, str | None]:
-    """Build the checkpoint's ``transformers`` model on the ``meta`` device; ``(None, why)`` if impossible."""
+    """Build the checkpoint's ``transformers`` model on the ``meta`` device; ``(None, why)`` if impossible.
+
+    Raises:
+        InvalidCheckpoint: config.json contradicts the weights (checked first: :func:`check_config`).
+    """
     import transformers
+
+    check_config(ckpt)
 
     try:
         with quiet_transformers():
@@ -172,6 +181,7 @@ def _from_model(ckpt: Checkpoint, model: nn.Module) -> Architecture:
     if head_mod is not None and not head_names:
         head_names = [f"{n}.weight" for n, m in model.named_modules(remove_duplicate=False) if m is head_mod]
     head_key = next((k for n in head_names if (k := _checkpoint_key(ckpt, n, prefix))), None)
+    _check_embedding_shape(ckpt, embed_key, embed_mod.weight, text_cfg)
     rows = ckpt.info(embed_key).shape[0]
     bias_key = None
     head_b = getattr(head_mod, "bias", None)
@@ -191,6 +201,36 @@ def _from_model(ckpt: Checkpoint, model: nn.Module) -> Architecture:
             f"no {head_names[0] if head_names else 'output head'} tensor",
             field="checkpoint", fix="Set tie_word_embeddings to true in config.json, or add the head's weights.")
     return arch
+
+
+def _check_embedding_shape(ckpt: Checkpoint, key: str, weight: torch.Tensor, text_cfg: object) -> None:
+    """The input embedding the model built from config.json has must be the checkpoint's, else config.json
+    describes another model (``vocab_size``, ``hidden_size``): a 422 naming the config field."""
+    stored = tuple(ckpt.info(key).shape)
+    built = tuple(weight.shape)
+    if stored == built:
+        return
+    cfg = ckpt.config or {}
+    text, text_path = text_config(cfg)
+
+    def field_of(keys: tuple[str, ...]) -> str:
+        for holder, path in ((text, text_path), (cfg, "")):
+            found = next((k for k in keys if k in holder), None)
+            if found is not None:
+                return f"config.{path}{found}"
+        return f"config.{text_path}{keys[0]}"
+
+    if len(stored) == len(built) == 2 and stored[0] != built[0]:
+        field = field_of(("vocab_size",))
+        what, value = "rows", stored[0]
+    else:
+        field = field_of(("embedding_size", "word_embed_proj_dim", "hidden_size", "n_embd", "d_model"))
+        what, value = "columns", stored[-1]
+    name = field.rsplit(".", 1)[-1]
+    raise InvalidCheckpoint(
+        f"config.json and the weights disagree: {type(text_cfg).__name__} builds an input embedding of shape "
+        f"{list(built)} but {key} has shape {list(stored)}", field=field,
+        fix=f"Send the config.json that belongs to these weights ({name} {value}: the embedding's {what}).")
 
 
 def _linear_modules(model: nn.Module) -> dict[str, LinearModule]:

@@ -107,6 +107,14 @@ class Unauthorized(SurgeryError):
     title = "Unauthorized"
 
 
+class NotEnoughMemory(SurgeryError):
+    """The job's memory estimate exceeds what the process may still allocate (its cgroup limit, or
+    ``ADAPTER_SURGERY_MEMORY_LIMIT_BYTES``); refused before any work. ``field``: the request field that drives it."""
+
+    status = 503
+    title = "Not enough memory"
+
+
 def validation_problem_body(errors: Iterable[Mapping[str, Any]], prefix: tuple[str, ...] = ()) -> dict[str, Any]:
     """The problem+json body of a 422 for pydantic errors: the first field at fault, every error, the fix."""
     items = field_errors(errors, prefix)

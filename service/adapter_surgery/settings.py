@@ -25,6 +25,9 @@ class Settings(BaseSettings):
       archive at most (413).
     - ``log_json`` (``ADAPTER_SURGERY_LOG_JSON``, default true): ``serve`` logs one JSON object per line; false:
       plain text.
+    - ``memory_limit_bytes`` (``ADAPTER_SURGERY_MEMORY_LIMIT_BYTES``, default unset): the memory one job may use;
+      unset, the memory available to the process (cgroup limit less usage, or ``MemAvailable``). A job whose
+      estimate exceeds it is refused with 503 before any work.
     """
 
     model_config = SettingsConfigDict(env_prefix="ADAPTER_SURGERY_")
@@ -37,3 +40,4 @@ class Settings(BaseSettings):
     max_json_bytes: int = Field(default=16 * 1024**2, gt=0)
     max_archive_members: int = Field(default=10_000, gt=0)
     log_json: bool = True
+    memory_limit_bytes: int | None = Field(default=None, ge=0)

@@ -37,8 +37,11 @@ after the other, never both at once), runs both on the same probe inputs and com
 The report never raises: a checkpoint without ``config.json``, a patched checkpoint not derived from the base, a
 model that ``transformers`` cannot load, or models that do not fit in memory give ``status: "skipped"`` with the
 reason (``POST /verify`` refuses the underived pair with a 422 first). Memory is estimated from the
-safetensors headers (float32 copy of the larger model, plus activations) against ``MemAvailable`` of
-``/proc/meminfo`` (``os.sysconf`` elsewhere) or, on CUDA, the free device memory.
+safetensors headers (float32 copy of the larger model, plus activations:
+:func:`adapter_surgery.resources.verify_bytes`) against the memory available to the process
+(:func:`adapter_surgery.resources.available_memory`: its cgroup limit, ``MemAvailable``, or
+``ADAPTER_SURGERY_MEMORY_LIMIT_BYTES``) or, on CUDA, the free device memory. ``POST /verify`` refuses a report
+over it with ``NotEnoughMemory`` (503) before loading anything; ``"verify": true`` on another operation skips it.
 """
 
 from __future__ import annotations
@@ -55,9 +58,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from adapter_surgery import resources
 from adapter_surgery.arch import quiet_transformers
+from adapter_surgery.config_check import check_config
 from adapter_surgery.devices import DeviceName, pick_device
-from adapter_surgery.errors import InvalidSpec, SurgeryError
+from adapter_surgery.errors import InvalidSpec, NotEnoughMemory, SurgeryError
 from adapter_surgery.initializers import WEIGHT_INITS, expected_std
 from adapter_surgery.io import Checkpoint
 from adapter_surgery.paths import resolve_under
@@ -74,7 +79,7 @@ LOGIT_TOLERANCE = 1e-4
 KL_SLACK = 1e-6
 #: Patched/base RMS ratio of every layer's hidden states must stay in this range.
 HIDDEN_RATIO_MIN, HIDDEN_RATIO_MAX = 0.5, 2.0
-#: Memory estimate = SAFETY * float32 bytes of the larger model + activations + FIXED_OVERHEAD.
+#: Memory estimate: :func:`adapter_surgery.resources.verify_bytes` (1.25 x float32 model + activations + 64 MiB).
 SAFETY = 1.25
 FIXED_OVERHEAD = 64 * 1024 * 1024
 
@@ -225,15 +230,42 @@ def verify(spec: VerifySpec, ctx: RunContext) -> VerifyResult:
         exc.field = "patched"
         raise
     pick_device(spec.device)
+    check_config(base_ckpt)
     if base_ckpt.config is not None and patched_ckpt.config is not None:
         reason = not_derived(base_ckpt, patched_ckpt, _tokenizer(base_ckpt), _tokenizer(patched_ckpt))
         if reason is not None:
             raise InvalidSpec(f"the patched checkpoint is not derived from this base: {reason}", field="patched",
                               fix="Send as checkpoint the base the patched checkpoint was made from (the checkpoint "
                                   "of its extend-vocab, attach-head or surgery request).")
+    check_config(patched_ckpt, "patched.config")
     options = VerifyOptions.model_validate(spec.model_dump(exclude={"checkpoint", "patched"}))
+    _require_memory(base_ckpt, patched_ckpt, options, pick_device(spec.device))
     report = preservation_report(base, patched, options, progress=ctx.say)
     return VerifyResult(checkpoint=spec.checkpoint, patched=spec.patched, report=report)
+
+
+def _require_memory(base: Checkpoint, patched: Checkpoint, opts: VerifyOptions, dev: torch.device) -> None:
+    """``POST /verify`` refuses (503, before loading anything) a report that cannot fit in the memory available to
+    the process; a ``memory_limit_bytes`` of the request below the estimate still gives a skipped report."""
+    if base.config is None or patched.config is None:
+        return  # the report is skipped without loading anything
+    needed, available = _memory(base, patched, opts, dev)
+    if needed <= available:
+        return
+    weights = resources.verify_bytes(max(_float32_bytes(base), _float32_bytes(patched)), 0, 0, 0, 0)
+    per_token = max(1, (needed - weights) // max(1, opts.num_probes * opts.probe_length))
+    fits = max(0, (available - weights) // per_token)
+    if weights > available:
+        field, fix = "patched", ("The models alone do not fit: run verify where more memory is available, or give "
+                                 "the service more memory (its container limit, ADAPTER_SURGERY_MEMORY_LIMIT_BYTES).")
+    else:
+        field = "num_probes" if opts.num_probes > 1 else "probe_length"
+        fix = (f"Lower num_probes or probe_length: {opts.num_probes} x {opts.probe_length} probe tokens need "
+               f"{resources.gib(needed - weights)} GiB of activations; about {fits} tokens fit.")
+    raise NotEnoughMemory(
+        f"the report needs about {resources.gib(needed)} GiB in float32 (the larger model plus the probes' "
+        f"activations) but only {resources.gib(available)} GiB is available on {dev.type} to the service",
+        field=field, fix=fix)
 
 
 # -- the core ------------------------------------------------------------------------------------------------
@@ -308,6 +340,10 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
             ckpts[role] = Checkpoint.open(path)
         except SurgeryError as exc:
             raise _Skip(f"the {role} checkpoint cannot be opened: {exc.detail}") from None
+        try:
+            check_config(ckpts[role])
+        except SurgeryError as exc:
+            raise _Skip(f"the {role} checkpoint's config.json contradicts its weights: {exc.detail}") from None
         if ckpts[role].config is None:
             raise _Skip(f"the {role} checkpoint has no usable config.json ({ckpts[role].config_problem}), so it "
                         "cannot be run")
@@ -353,20 +389,11 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
 
 # -- memory --------------------------------------------------------------------------------------------------
 def available_memory(device: torch.device) -> int:
-    """Bytes available for new allocations: free CUDA memory, else ``MemAvailable`` (or free pages)."""
+    """Bytes available for new allocations: free CUDA memory, else what the process may still allocate
+    (:func:`adapter_surgery.resources.available_memory`: the cgroup limit, ``MemAvailable``, or the setting)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 0
+    return resources.available_memory()
 
 
 def _float32_bytes(ckpt: Checkpoint) -> int:
@@ -380,8 +407,7 @@ def _memory(base: Checkpoint, patched: Checkpoint, opts: VerifyOptions, dev: tor
     layers = int(text.get("num_hidden_layers") or text.get("n_layer") or 1)  # type: ignore[union-attr]
     vocab = int(text.get("vocab_size") or 0)  # type: ignore[union-attr]
     tokens = opts.num_probes * opts.probe_length + (4 * len(opts.text) if opts.text else 0)
-    activations = 4 * tokens * (hidden * (layers + 1) * 2 + vocab * 3)
-    needed = int(SAFETY * max(_float32_bytes(base), _float32_bytes(patched)) + activations + FIXED_OVERHEAD)
+    needed = resources.verify_bytes(max(_float32_bytes(base), _float32_bytes(patched)), tokens, hidden, layers, vocab)
     available = available_memory(dev)
     if dev.type != "cpu":  # the weights pass through host memory on the way to the device
         available = min(available, available_memory(torch.device("cpu")))

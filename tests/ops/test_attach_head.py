@@ -577,3 +577,14 @@ def test_without_dirs_keeps_paths_relative(tmp_path: Path) -> None:
     text = f"no file named model.safetensors in {work}/input (see {work})"
     assert without_dirs(text, work) == "no file named model.safetensors in input (see .)"
     assert without_dirs("nothing to do", work) == "nothing to do"
+
+
+def test_label_counts_are_bounded_by_the_spec() -> None:
+    from pydantic import ValidationError
+
+    props = AttachHeadSpec.model_json_schema()["properties"]
+    assert props["num_labels"]["anyOf"][0]["maximum"] == 1_000_000
+    assert {s.get("maxItems") or s.get("maxProperties") for s in props["id2label"]["anyOf"] if "type" in s
+            and s["type"] != "null"} == {1_000_000}
+    with pytest.raises(ValidationError, match="at most 1000 characters"):
+        AttachHeadSpec(checkpoint="a", output="b", id2label=["x" * 1001])

@@ -737,3 +737,27 @@ def test_upload_form_result_names_no_temporary_directory(client: TestClient, dat
         assert not any(p.startswith("/") for p in [f["path"] for f in result["adapter_files"]])
         # the core records the work path it was given (the upload's "input" directory, or "output/base")
         assert result["base_model_name_or_path"] in ("input/model", "output/base")
+
+
+# -- bounded request fields -----------------------------------------------------------------------------------
+def test_pissa_niter_is_bounded_by_the_spec(client: TestClient, data_dir: Path, build) -> None:
+    """On main 'pissa_niter_999999999' was accepted and never ended, burning CPU after the client had gone."""
+    from pydantic import ValidationError
+
+    src = build("FX-B")
+    with pytest.raises(ValidationError, match=r"at most N = 64 power iterations"):
+        AttachLoraSpec(checkpoint=src, output="out", init_lora_weights="pissa_niter_999999999")
+    assert AttachLoraSpec(checkpoint=src, output="out", init_lora_weights="pissa_niter_64").init_lora_weights
+    r = client.post("/attach-lora", json={"checkpoint": src, "output": "out", "init_lora_weights": "pissa_niter_65"})
+    assert r.status_code == 422 and r.json()["field"] == "init_lora_weights" and "64" in r.json()["detail"], r.text
+    assert not (data_dir / "out").exists()
+
+
+def test_sizing_fields_have_maxima_in_the_schema() -> None:
+    props = AttachLoraSpec.model_json_schema()["properties"]
+    assert props["r"]["maximum"] == 65536
+    assert "1 <= N <= 64" in props["init_lora_weights"]["description"]
+    lists = [s for s in props["target_modules"]["anyOf"] if s.get("type") == "array"]
+    assert lists and lists[0]["maxItems"] == 1024
+    assert props["rank_pattern"]["maxProperties"] == 1024
+    assert props["rank_pattern"]["additionalProperties"]["maximum"] == 65536

@@ -382,3 +382,21 @@ def test_no_op_request_warns_and_links(data_dir: Path, build) -> None:
     assert any("nothing to add" in w for w in r.warnings) and r.changed_tensors == []
     for shard in (data_dir / src).glob("*.safetensors"):
         assert (data_dir / "out" / shard.name).stat().st_ino == shard.stat().st_ino
+
+
+@pytest.mark.parametrize("sub", [False, True])
+def test_headers_fallback_writes_the_row_count_as_vocab_size(data_dir: Path, build, sub: bool) -> None:
+    """On main the copied config kept vocab_size 128 over 129 rows (transformers cannot build this config, so
+    roles came from the tensor names and config.json was copied as it was)."""
+    src = build("FX-B")
+    cfg = config(data_dir / src)
+    cfg["model_type"] = "made-up-model"
+    cfg["architectures"] = ["MadeUpForCausalLM"]
+    if sub:  # a multimodal-style config: the text config holds the vocabulary size
+        cfg["text_config"] = {"vocab_size": cfg.pop("vocab_size"), "hidden_size": 32}
+    (data_dir / src / "config.json").write_text(json.dumps(cfg))
+    r = run(data_dir, src, tokens=["<a>"], pad_to_multiple_of=8)
+    assert r.architecture_source == "headers" and r.vocab_size_after == 136
+    out = config(data_dir / "out")
+    assert (out["text_config"] if sub else out)["vocab_size"] == 136 == tensors(data_dir / "out")[EMB].shape[0]
+    assert ("vocab_size" in out) is not sub

@@ -36,12 +36,13 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 from torch import nn
 
+from adapter_surgery import resources
 from adapter_surgery.arch import Architecture, quiet_transformers, resolve_architecture
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
@@ -65,6 +66,11 @@ TASK_MAPPINGS = {
 }
 
 
+#: Labels per head at most; a label name's length at most.
+MAX_LABELS = 1_000_000
+Label = Annotated[str, StringConstraints(max_length=1000)]
+
+
 class AttachHeadOptions(StrictModel):
     """The head to attach and how to initialize it (everything but the paths).
 
@@ -82,14 +88,16 @@ class AttachHeadOptions(StrictModel):
     """
 
     task: Task = Field("sequence_classification", description="Which transformers head class to target.")
-    num_labels: int | None = Field(None, ge=1, le=1_000_000, description="Number of labels (or give id2label).")
-    id2label: dict[int, str] | list[str] | None = Field(None, description="Label names by id 0..n-1 (a list is "
-                                                                          "taken in order).")
+    num_labels: int | None = Field(None, ge=1, le=MAX_LABELS, description="Number of labels (or give id2label); "
+                                                                          "at most 1,000,000.")
+    id2label: Annotated[dict[int, Label], Field(max_length=MAX_LABELS)] | Annotated[
+        list[Label], Field(max_length=MAX_LABELS)] | None = Field(
+        None, description="Label names by id 0..n-1 (a list is taken in order); at most 1,000,000.")
     problem_type: ProblemType | None = Field(None, description="Written to the config when given; otherwise "
                                                                "transformers infers it from the labels.")
     init: HeadInit = Field("kaiming_normal", description="Init of the head's weight matrix; biases are zero.")
     pad_token: PadPolicy = Field("auto", description="Where pad_token_id comes from: auto, eos, add.")
-    pad_token_content: str = Field("<pad>", min_length=1, description="The token pad_token 'add' adds.")
+    pad_token_content: str = Field("<pad>", min_length=1, max_length=1000, description="The token 'add' adds.")
     seed: Seed = Field(0, description="Seeds the head; the same seed gives byte-identical output.")
     device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
     verify: bool = Field(False, description="Add the preservation report (base vs output) to the result.")
@@ -185,6 +193,10 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
         raise InvalidCheckpoint(f"config.json cannot be used to build the model: {'; '.join(arch.notes)}",
                                 field="checkpoint", fix="Send a config.json that transformers can load.")
     warnings = list(ckpt.warnings)
+    head = 2 * 4 * len(id2label) * arch.hidden_size + 4 * 4 * arch.hidden_size * arch.hidden_size  # + a pooler
+    resources.require(head, field="id2label" if spec.id2label is not None else "num_labels",
+                      what=f"a head of {len(id2label)} labels over {arch.hidden_size} features",
+                      fix="Use fewer labels, or give the service more memory.")
     config = _auto_config(ckpt)
     target_cls = _target_class(config, spec.task)
     tok = _load_tokenizer(ckpt)

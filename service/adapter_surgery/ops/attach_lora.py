@@ -74,9 +74,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints, field_validator
 from torch import nn
 
+from adapter_surgery import resources
 from adapter_surgery.arch import Architecture, build_meta_model, resolve_architecture
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
@@ -117,36 +118,49 @@ TASK_MODULES_TO_SAVE = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["class
 TargetModules = list[str] | str
 
 
+#: Largest LoRA rank, pissa_niter_N, list lengths, token ids accepted by the request model.
+MAX_RANK = 1 << 16
+MAX_PISSA_NITER = 64
+MAX_NAMES = 1024
+MAX_LAYERS = 1024
+MAX_TOKEN_IDS = 1 << 20
+Name = Annotated[str, StringConstraints(max_length=1000)]
+Names = Annotated[list[Name], Field(max_length=MAX_NAMES)] | Name
+LayerIndex = Annotated[int, Field(ge=0, lt=MAX_LAYERS)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=1 << 26)]], Field(max_length=MAX_TOKEN_IDS)]
+
+
 class AttachLoraOptions(StrictModel):
     """The adapter (everything but the paths). Field names and defaults are ``peft.LoraConfig``'s."""
 
-    r: int = Field(8, description="LoRA rank: A is (r, in_features), B is (out_features, r). 1 <= r <= "
-                                  "min(in, out) of every target.")
+    r: int = Field(8, le=MAX_RANK, description="LoRA rank: A is (r, in_features), B is (out_features, r). 1 <= r <= "
+                                               "min(in, out) of every target (and <= 65536).")
     lora_alpha: float = Field(8, gt=0, allow_inf_nan=False,
                               description="Scaling numerator: s = lora_alpha / r (or / sqrt(r) with use_rslora); > 0.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
-    target_modules: TargetModules | None = Field(
+    target_modules: Names | None = Field(
         None, description="Module names or suffixes (e.g. ['q_proj', 'v_proj']), a regex string matched against "
                           "full names, or 'all-linear' (every Linear/Conv1D but the output head). None: peft's "
                           "default for the model type.")
-    exclude_modules: TargetModules | None = Field(None, description="Names/suffixes or a regex of modules to skip.")
-    layers_to_transform: list[int] | int | None = Field(None, description="Only these layer indices.")
-    layers_pattern: list[str] | str | None = Field(None, description="Name of the layer list for layers_to_transform "
-                                                                     "(e.g. 'layers'); None: any.")
-    rank_pattern: dict[str, int] = Field(default_factory=dict, description="Regex of a module name -> its rank "
-                                                                          "(>= 1).")
-    alpha_pattern: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
-        default_factory=dict, description="Regex of a module name -> its lora_alpha (> 0).")
+    exclude_modules: Names | None = Field(None, description="Names/suffixes or a regex of modules to skip.")
+    layers_to_transform: Annotated[list[LayerIndex], Field(max_length=MAX_LAYERS)] | LayerIndex | None = Field(
+        None, description="Only these layer indices (0..1023).")
+    layers_pattern: Names | None = Field(None, description="Name of the layer list for layers_to_transform "
+                                                           "(e.g. 'layers'); None: any.")
+    rank_pattern: dict[Name, Annotated[int, Field(le=MAX_RANK)]] = Field(
+        default_factory=dict, max_length=MAX_NAMES, description="Regex of a module name -> its rank (1..65536).")
+    alpha_pattern: dict[Name, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict, max_length=MAX_NAMES, description="Regex of a module name -> its lora_alpha (> 0).")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained (and saved).")
     use_rslora: bool = Field(False, description="Rank-stabilized scaling lora_alpha / sqrt(r) (Kalajdzievski 2023).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (Liu et al. 2024): reads the targeted weights.")
     init_lora_weights: bool | str = Field(
         True, description="true (Kaiming-uniform A, zero B), 'gaussian', 'orthogonal' (even r): headers only. "
-                          "'pissa', 'pissa_niter_N', 'olora': read the targeted weights and also write a residual "
-                          "base into <output>/base.")
-    modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved with the "
-                                                                "adapter (e.g. ['embed_tokens', 'lm_head']).")
-    trainable_token_indices: list[int] | dict[str, list[int]] | None = Field(
+                          "'pissa', 'pissa_niter_N' (1 <= N <= 64), 'olora': read the targeted weights and also "
+                          "write a residual base into <output>/base.")
+    modules_to_save: Annotated[list[Name], Field(max_length=MAX_NAMES)] | None = Field(
+        None, description="Modules trained in full and saved with the adapter (e.g. ['embed_tokens', 'lm_head']).")
+    trainable_token_indices: TokenIds | dict[Name, TokenIds] | None = Field(
         None, description="Token ids whose embedding rows are trained (e.g. the ids /extend-vocab added); a dict "
                           "maps embedding module names to ids.")
     ensure_weight_tying: bool | None = Field(
@@ -157,6 +171,16 @@ class AttachLoraOptions(StrictModel):
         "float32", description="dtype of the adapter tensors (lora_A/B, magnitude, trainable token rows).")
     device: DeviceName = Field("auto", description="Where inits that read weights compute: auto (GPU when "
                                                    "present), cpu, cuda.")
+
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _bounded_niter(cls, value: bool | str) -> bool | str:
+        m = PISSA.match(value.lower()) if isinstance(value, str) else None
+        if m and m.group(2) is not None and int(m.group(2)) > MAX_PISSA_NITER:
+            raise ValueError(f"init_lora_weights 'pissa_niter_N' takes at most N = {MAX_PISSA_NITER} power "
+                             f"iterations (got {m.group(2)}; peft's usual value is 4)")
+        return value
 
 
 class AttachLoraSpec(PathFields, AttachLoraOptions):
@@ -249,6 +273,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
     warnings_out = list(ckpt.warnings) + arch.notes
     warnings_out += _check_weights_fit_config(ckpt, model, arch)
     targets = _plan(config, model, ckpt, arch, spec, warnings_out)
+    _check_memory(targets, init, spec, needs_weights)
     base_path = f"{spec.output.rstrip('/')}/{RESIDUAL_DIR}" if decompose else spec.checkpoint
     ctx.say(f"{len(targets)} target modules, init {init}")
 
@@ -279,6 +304,19 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
 
 
 # -- request checks -------------------------------------------------------------------------------------------
+def _check_memory(targets: list[_Target], init: str, spec: AttachLoraSpec, needs_weights: bool) -> None:
+    """Refuse (503) before any weight is read when the adapter (float32, peft's copy and the saved one) plus the
+    largest target's factorization (:func:`adapter_surgery.resources.decomposition_bytes`) cannot fit."""
+    adapter = sum(2 * 4 * t.r * (t.in_features + t.out_features) for t in targets)
+    one = max((resources.decomposition_bytes(t.out_features, t.in_features, t.r, init if init not in DATA_FREE_INITS
+                                             else "dora") for t in targets), default=0) if needs_weights else 0
+    field = "r" if adapter >= one else ("init_lora_weights" if init not in DATA_FREE_INITS else "use_dora")
+    resources.require(adapter + one, field=field,
+                      what=f"an adapter on {len(targets)} target(s)" + (f" with init {init}" if needs_weights else ""),
+                      fix="Lower r (or rank_pattern), target fewer modules, use 'pissa_niter_N' instead of an exact "
+                          "'pissa', or give the service more memory.")
+
+
 def _check_init(spec: AttachLoraSpec) -> str:
     """The init's canonical name: ``true``, ``gaussian``, ``orthogonal``, ``pissa``, ``pissa_niter_N``, ``olora``."""
     value = spec.init_lora_weights

@@ -9,11 +9,12 @@ Initialization strategies and their sources are in :mod:`adapter_surgery.initial
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
+import re
 import shutil
 import time
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -21,7 +22,9 @@ from typing import Annotated, Literal
 import torch
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
+from adapter_surgery import resources
 from adapter_surgery.arch import Architecture, resolve_architecture
+from adapter_surgery.config_check import text_config
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
 from adapter_surgery.initializers import ROW_INITS, RowContext, RowStats, row_stats
@@ -44,14 +47,18 @@ MAX_NEW_ROWS = 1 << 20
 MAX_NEW_BYTES = 4 << 30
 
 
+#: Unicode category Cc (U+0000-U+001F, U+007F-U+009F) but tab, newline and carriage return.
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 def _token_text(text: str) -> str:
     """Refuse token texts that would silently break tokenization."""
     if not text.strip():
         raise ValueError("a whitespace-only token would match every such run of whitespace in every text, "
                          "replacing the pieces the model was trained on by one untrained token")
-    bad = next((c for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
+    bad = CONTROL.search(text)
     if bad is not None:
-        raise ValueError(f"the token holds the control character U+{ord(bad):04X}")
+        raise ValueError(f"the token holds the control character U+{ord(bad.group()):04X}")
     return text
 
 
@@ -74,7 +81,8 @@ InitSpec = Annotated[
 class TokenSpec(StrictModel):
     content: TokenText = Field(description="The token's text (not whitespace-only, no control characters).")
     special: bool = Field(False, description="Add as a special token (never split, skipped when decoding).")
-    description: str | None = Field(None, description="Text whose subword pieces define the row for subword_mean.")
+    description: str | None = Field(None, max_length=10_000,
+                                    description="Text whose subword pieces define the row for subword_mean.")
     init: InitSpec | None = Field(None, description="Overrides the request's init for this token.")
 
 
@@ -154,10 +162,8 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     ckpt = Checkpoint.open(checkpoint)
     arch = resolve_architecture(ckpt)
     warnings = list(ckpt.warnings) + arch.notes
-    if arch.config_vocab_size is not None and arch.config_vocab_size != arch.vocab_rows:
-        warnings.append(f"config.json says vocab_size {arch.config_vocab_size} but {arch.input_embedding} has "
-                        f"{arch.vocab_rows} rows; the output's vocab_size is set to its row count")
     tok = _load_tokenizer(ckpt, spec)
+    _check_memory(spec, ckpt, arch, tok)
     plan = plan_vocab(spec, ckpt, arch, tok)
     if not plan.rows and plan.rows_after == arch.vocab_rows and not spec.reinit_existing and not spec.untie:
         warnings.append("nothing to add: every token already exists (or none was given); the output is the input, "
@@ -256,24 +262,30 @@ def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok)
         ids = torch.tensor([i for i in vocab.values() if i < rows_before], dtype=torch.long)
         has_entry[ids] = True
         seen: set[str] = set()
-        pending: list[tuple[TokenSpec, str]] = []
+        pending: list[tuple[str, bool, _Row]] = []  # plain tuples: 2^20 pydantic objects would cost seconds
         for i, raw in enumerate(spec.tokens):
-            t = TokenSpec(content=raw) if isinstance(raw, str) else raw
-            if t.content in seen:
+            content = raw if isinstance(raw, str) else raw.content
+            if content in seen:
                 continue
-            seen.add(t.content)
-            if t.content in vocab:
-                existing.append(TokenId(token=t.content, id=vocab[t.content]))
+            seen.add(content)
+            if content in vocab:
+                existing.append(TokenId(token=content, id=vocab[content]))
+                continue
+            if isinstance(raw, str):
+                init, special, text = default, False, content
             else:
-                pending.append((t, f"tokens.{i}"))
-        specs = [(t, where, _row_for(-1, t.init or default, t.description or t.content, vocab, tok, where,
-                                     rows_before)) for t, where in pending]
-        _add_to_tokenizer(tok, [t for t, _ in pending])
-        for t, _where, row in specs:
-            row.id = tok.convert_tokens_to_ids(t.content)
+                init, special, text = raw.init or default, raw.special, raw.description or content
+            pending.append((content, special, _row_for(-1, init, text, vocab, tok, f"tokens.{i}", rows_before)))
+        size = len(tok)
+        _add_to_tokenizer(tok, [(content, special) for content, special, _ in pending])
+        first, last = (tok.convert_tokens_to_ids(pending[i][0]) for i in (0, -1)) if pending else (0, -1)
+        consecutive = first == size and last == size + len(pending) - 1 == len(tok) - 1
+        for i, (content, _special, row) in enumerate(pending):  # ids are consecutive but for odd tokenizers
+            row.id = size + i if consecutive else tok.convert_tokens_to_ids(content)
             rows.append(row)
-            added.append(TokenId(token=t.content, id=row.id))
-        needed = max(rows_before, len(tok))
+            added.append(TokenId(token=content, id=row.id))
+        tok_after = len(tok)
+        needed = max(rows_before, tok_after)
     rows_after = needed
     if spec.pad_to_multiple_of:
         rows_after = math.ceil(needed / spec.pad_to_multiple_of) * spec.pad_to_multiple_of
@@ -284,9 +296,15 @@ def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok)
     padding = [i for i in range(rows_before, rows_after) if i not in taken]
     for r in padding:
         rows.append(_row_for(r, pad_strategy, None, None, tok, "init", rows_before))
-    with_token = set(range(rows_after)) if tok is None else set(tok.get_vocab().values())
+    if tok is None:
+        rows_without_token = []
+    else:  # the base's ids and the added ones (get_vocab of a tokenizer with 2^20 added tokens takes seconds)
+        has_id = torch.zeros(rows_after, dtype=torch.bool)
+        has_id[torch.tensor([i for i in vocab.values() if i < rows_after], dtype=torch.long)] = True
+        has_id[torch.tensor([a.id for a in added if 0 <= a.id < rows_after], dtype=torch.long)] = True
+        rows_without_token = torch.nonzero(~has_id).flatten().tolist()
     return VocabPlan(rows_after=rows_after, rows=rows, added=added, existing=existing, untrained=[], reinit=[],
-                 padding_rows=padding, rows_without_token=[i for i in range(rows_after) if i not in with_token],
+                 padding_rows=padding, rows_without_token=rows_without_token,
                  tok_before=tok_before, has_entry=has_entry)
 
 
@@ -297,6 +315,26 @@ def _check_size(new_rows: int, ckpt: Checkpoint, arch: Architecture, spec: Exten
         raise InvalidSpec(f"the request would add {new_rows} rows of {row} values ({new_rows * row * 4 / 2**30:.1f} "
                           f"GiB in float32) to a vocabulary of {arch.vocab_rows}", field=field,
                           fix=f"Add at most {MAX_NEW_ROWS} rows and {MAX_NEW_BYTES >> 30} GiB per request.")
+
+
+def _check_memory(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok) -> None:
+    """Refuse (503) before the tokenizer grows when the new rows cannot fit in the memory available
+    (:func:`adapter_surgery.resources.extend_vocab_bytes`; an upper bound: every token new)."""
+    info = ckpt.info(arch.input_embedding)
+    n = len(spec.tokens) if tok is not None else (spec.num_new_tokens or 0)
+    needed = max(arch.vocab_rows, (len(tok) if tok is not None else arch.vocab_rows) + n)
+    if spec.pad_to_multiple_of:
+        needed = math.ceil(needed / spec.pad_to_multiple_of) * spec.pad_to_multiple_of
+    new_rows = needed - arch.vocab_rows
+    row = info.numel // max(arch.vocab_rows, 1)
+    inits = [spec.init] + [t.init for t in spec.tokens if not isinstance(t, str) and t.init is not None]
+    estimate = resources.extend_vocab_bytes(
+        new_rows, row, len(arch.vocab_tensors), max(1, info.nbytes // max(info.numel, 1)),
+        covariance_of=row if "hewitt" in inits else 0, tokens=n)
+    field = "pad_to_multiple_of" if spec.pad_to_multiple_of else ("tokens" if spec.tokens else "num_new_tokens")
+    resources.require(estimate, field=field, what=f"adding up to {new_rows} rows of {row} values",
+                      fix="Add fewer tokens per request (several requests, each on the previous output), or give "
+                          "the service more memory (ADAPTER_SURGERY_MEMORY_LIMIT_BYTES, the container's limit).")
 
 
 def _row_for(row_id: int, init, text: str | None, vocab: dict[str, int] | None, tok, where: str,
@@ -323,15 +361,18 @@ def _row_for(row_id: int, init, text: str | None, vocab: dict[str, int] | None, 
     return _Row(row_id, init)
 
 
-def _add_to_tokenizer(tok, tokens: list[TokenSpec]) -> None:
+def _add_to_tokenizer(tok, tokens: list[tuple[str, bool]]) -> None:
+    """Add ``(content, special)`` tokens in order."""
     from transformers import AddedToken
 
-    for t in tokens:  # one at a time, so ids follow the request's order
-        if t.special:
-            tok.add_special_tokens({"extra_special_tokens": [AddedToken(t.content, special=True, normalized=False)]},
-                                   replace_extra_special_tokens=False)
+    # runs of ordinary / special tokens are added in one call each, so ids follow the request's order; one call per
+    # token made 2^20 tokens quadratic (the tokenizer rebuilds its added-token matcher on every call)
+    for special, run in itertools.groupby(tokens, key=lambda t: t[1]):
+        batch = [AddedToken(content, special=special, normalized=False) for content, _ in run]
+        if special:
+            tok.add_special_tokens({"extra_special_tokens": batch}, replace_extra_special_tokens=False)
         else:
-            tok.add_tokens([AddedToken(t.content, special=False, normalized=False)])
+            tok.add_tokens(batch)
 
 
 # -- values ---------------------------------------------------------------------------------------------------
@@ -353,9 +394,8 @@ def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, p
     need_cov = any(r.strategy == "hewitt" for r in plan.rows) or (spec.reinit_existing and spec.init == "hewitt")
     stats = {k: _stats(ckpt, k, plan, device, need_cov) for k in arch.vocab_tensors}
     zero = sorted(set().union(*(set(s.zero_rows) for s in stats.values())))
-    vocab = {} if tok is None else tok.get_vocab()
-    id_to_tok = {i: t for t, i in vocab.items() if i in set(zero)}
-    plan.untrained = [TokenId(token=id_to_tok.get(i), id=i) for i in zero]
+    names = [None] * len(zero) if tok is None else tok.convert_ids_to_tokens(zero)
+    plan.untrained = [TokenId(token=name, id=i) for name, i in zip(names, zero, strict=True)]
     if zero:
         warnings.append(f"{len(zero)} existing token(s) have all-zero rows (reserved or untrained), e.g. id {zero[0]}"
                         + ("; re-initialized" if spec.reinit_existing else "; send reinit_existing: true to "
@@ -417,23 +457,27 @@ def _patched(ckpt: Checkpoint, key: str, stats: RowStats, plan: VocabPlan, spec:
     def read_rows(ids: list[int]) -> torch.Tensor:
         return torch.cat([ckpt.read_rows(key, i, i + 1) for i in ids]).to(device).float()
 
-    values: dict[int, torch.Tensor] = {}
     by_strategy: dict[str, list[_Row]] = {}
     for row in plan.rows:
         by_strategy.setdefault(row.strategy, []).append(row)
     init_range = float((ckpt.config or {}).get("initializer_range", 0.02) or 0.02)
+    rows_before = info.shape[0]
+    overrides: dict[int, torch.Tensor] = {}
+    appended = None
+    if plan.rows_after > rows_before:  # filled by index below: no per-row tensors for 2^20 new rows
+        appended = torch.empty(plan.rows_after - rows_before, *row_shape, dtype=dtype)
     for strategy, group in by_strategy.items():
         rctx = RowContext(name=key, stats=stats, row_shape=row_shape, read_rows=read_rows,
                           initializer_range=init_range, seed=spec.seed, device=device,
                           source_ids=[r.sources for r in group])
         out = ROW_INITS[strategy](rctx, len(group)).to(dtype).cpu()
-        for r, v in zip(group, out, strict=True):
-            values[r.id] = v
-    rows_before = info.shape[0]
-    overrides = {i: v for i, v in values.items() if i < rows_before}
-    appended = None
-    if plan.rows_after > rows_before:
-        appended = torch.stack([values[i] for i in range(rows_before, plan.rows_after)])
+        ids = torch.tensor([r.id for r in group], dtype=torch.long)
+        new = ids >= rows_before
+        if appended is not None and bool(new.any()):
+            appended[ids[new] - rows_before] = out[new]
+        for j in torch.nonzero(~new).flatten().tolist():
+            overrides[int(ids[j])] = out[j].clone()
+        del out
     return RowPatchedTensor(info, ckpt.path_of(key), overrides, appended)
 
 
@@ -442,10 +486,16 @@ def _write_side_files(ckpt: Checkpoint, out: Path, arch: Architecture, plan: Voc
                       tok) -> None:
     for path in ckpt.other_files():  # small files, copied (never linked) since some are rewritten below
         shutil.copyfile(path, out / path.name)
-    if ckpt.config is not None and arch.source == "config":
+    if ckpt.config is not None:
         config = json.loads(json.dumps(ckpt.config))
-        target = config[arch.text_config_key] if arch.text_config_key else config
-        target["vocab_size"] = plan.rows_after
+        if arch.source == "config":
+            target = config[arch.text_config_key] if arch.text_config_key else config
+            target["vocab_size"] = plan.rows_after
+        else:  # roles from the headers (transformers cannot build this config): every vocab_size it declares
+            text, _ = text_config(config)
+            holders = [h for h in {id(text): text, id(config): config}.values() if "vocab_size" in h]
+            for holder in holders or [config]:
+                holder["vocab_size"] = plan.rows_after
         if spec.untie and arch.tied:
             config["tie_word_embeddings"] = False
             if arch.text_config_key and "tie_word_embeddings" in target:

@@ -26,11 +26,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from adapter_surgery.config_check import check_config
 from adapter_surgery.errors import InvalidSpec, SurgeryError
-from adapter_surgery.io import atomic_output, describe_files
+from adapter_surgery.io import Checkpoint, atomic_output, describe_files
 from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.ops.attach_head import AttachHeadOptions, AttachHeadSpec, attach_head
-from adapter_surgery.ops.attach_lora import AttachLoraOptions, AttachLoraSpec, attach_lora
+from adapter_surgery.ops.attach_lora import AttachLoraOptions, AttachLoraSpec, Name, TokenIds, attach_lora
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
 from adapter_surgery.ops.extend_vocab import ExtendVocabOptions, ExtendVocabSpec, extend_vocab
 from adapter_surgery.paths import resolve_under
@@ -54,7 +55,7 @@ Added = Literal["added"]
 
 class AttachLoraStep(AttachLoraOptions):
     op: Literal["attach-lora"]
-    trainable_token_indices: Added | list[int] | dict[str, list[int] | Added] | None = Field(  # type: ignore[assignment]
+    trainable_token_indices: Added | TokenIds | dict[Name, TokenIds | Added] | None = Field(  # type: ignore[assignment]
         None, description='As in attach-lora, or "added" (per module too): the ids the plan\'s extend-vocab steps '
                           "added.")
 
@@ -120,6 +121,7 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
     if output.suffix == ".safetensors":
         raise InvalidSpec("a surgery output is a directory (the patched base, and the adapter beside it)",
                           field="output", fix="Name the output without the .safetensors suffix.")
+    check_config(Checkpoint.open(checkpoint))  # before any step: config.json against the weights
     root = ctx.data_dir.resolve()
     work = output.parent / f".{output.name}.surgery-{uuid.uuid4().hex[:12]}"
     work_rel = str(work.relative_to(root))
@@ -196,7 +198,7 @@ def _run_step(i: int, step: BaseModel, checkpoint: str, output: str, ctx: RunCon
         spec = spec_cls.model_validate({**options, "checkpoint": checkpoint, "output": output})
         return run(spec, ctx).model_dump(mode="json")  # type: ignore[operator]
     except SurgeryError as exc:
-        if exc.field not in ("checkpoint", "output"):
+        if exc.field not in ("checkpoint", "output") and not (exc.field or "").startswith("config."):
             exc.field = f"steps.{i}" + (f".{exc.field}" if exc.field else "")
         exc.detail = f"step {i} ({step.op}): {exc.detail}"  # type: ignore[attr-defined]
         raise
