@@ -574,6 +574,12 @@ def _plan(config, model: nn.Module, ckpt: Checkpoint, arch: Architecture, spec: 
                               field="target_modules", fix="Fix the pattern, or send a list of names.") from None
         if found:
             matched.append((key, module))
+    if not matched and spec.layers_to_transform is not None and not spec.exclude_modules:
+        layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+        raise InvalidSpec(f"layers_to_transform {spec.layers_to_transform!r} leaves no module of target_modules "
+                          f"to adapt (the model has {layers} layers)", field="layers_to_transform",
+                          fix=f"Use layer indices from 0 to {layers - 1}." if layers else
+                              "Use the model's layer indices, or drop layers_to_transform.")
     if not matched:
         what = spec.target_modules if spec.target_modules is not None else sorted(cfg.target_modules)
         extra = " after exclude_modules/layers_to_transform" if (spec.exclude_modules or

@@ -160,6 +160,7 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     check_output_path(output, checkpoint, spec.overwrite)
     device = pick_device(spec.device)
     ckpt = Checkpoint.open(checkpoint)
+    _refuse_unreadable_config(ckpt)
     arch = resolve_architecture(ckpt)
     warnings = list(ckpt.warnings) + arch.notes
     tok = _load_tokenizer(ckpt, spec)
@@ -479,6 +480,16 @@ def _patched(ckpt: Checkpoint, key: str, stats: RowStats, plan: VocabPlan, spec:
             overrides[int(ids[j])] = out[j].clone()
         del out
     return RowPatchedTensor(info, ckpt.path_of(key), overrides, appended)
+
+
+def _refuse_unreadable_config(ckpt: Checkpoint) -> None:
+    """A model directory whose config.json cannot be read as a JSON object: the output's ``vocab_size`` could not
+    be made to equal its rows (the file would be copied as it is), so the request is refused before any work."""
+    if ckpt.config is None and not ckpt.is_file and (ckpt.root / "config.json").exists():
+        raise InvalidCheckpoint(f"{ckpt.config_problem}: the output's config.json could not record the new "
+                                "vocabulary size", field="checkpoint",
+                                fix="Repair config.json (save it again with save_pretrained), or remove it: without "
+                                    "one, roles come from the tensor names.")
 
 
 # -- side files -----------------------------------------------------------------------------------------------
