@@ -487,7 +487,8 @@ BAD = [
      "trainable_token_indices.wte", ["embed_tokens"]),
     ("modules-to-save-typo", {"target_modules": ["q_proj"], "modules_to_save": ["lm_haed"]}, "modules_to_save.0",
      ["lm_head"]),
-    ("layers-none", {"target_modules": ["q_proj"], "layers_to_transform": [5]}, "target_modules", ["q_proj"]),
+    ("layers-none", {"target_modules": ["q_proj"], "layers_to_transform": [5]}, "layers_to_transform",
+     ["0 to 1"]),
     ("peft-refuses", {"target_modules": "q_proj", "layers_to_transform": [0]}, "layers_to_transform", []),
 ]
 
