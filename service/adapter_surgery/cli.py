@@ -10,25 +10,40 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
 from adapter_surgery.errors import SurgeryError, validation_problem_body
+from adapter_surgery.jobs.runner import run_operation
 from adapter_surgery.ops import OPERATIONS
-from adapter_surgery.ops.common import RunContext
+from adapter_surgery.ops.common import ProgressEvent, RunContext
 
 
-def _progress() -> tuple[object, object]:
+def _progress() -> tuple[Callable[[ProgressEvent], None], Any]:
+    """A tqdm bar on stderr driven by the run context's :class:`ProgressEvent` (its total is the job's planned
+    bytes, growing when a write plans more), and the bar to close."""
     from tqdm import tqdm
 
-    bar = tqdm(total=None, unit=" step", file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False,
+               dynamic_ncols=True, disable=None)
 
-    def say(message: str) -> None:
-        bar.set_description_str(message)
-        bar.update(1)
+    shown = {"stage": ""}
 
-    return say, bar
+    def show(event: ProgressEvent) -> None:
+        if bar.disable:
+            return
+        if event.total != bar.total:
+            bar.total = event.total
+            bar.refresh()
+        if event.stage and event.stage != shown["stage"]:
+            shown["stage"] = event.stage
+            bar.set_description_str(event.stage, refresh=False)
+        bar.update(event.done - bar.n)
+
+    return show, bar
 
 
 def _run_operation(name: str, args: argparse.Namespace) -> int:
@@ -45,9 +60,9 @@ def _run_operation(name: str, args: argparse.Namespace) -> int:
     except ValidationError as exc:
         _problem(validation_problem_body(exc.errors()))
         return 2
-    say, bar = _progress()
+    show, bar = _progress()
     try:
-        result = op.run(spec, RunContext(Path(args.data_dir), say))
+        result = run_operation(op, spec, RunContext(Path(args.data_dir), show))
     except SurgeryError as exc:
         _problem(exc.to_problem())
         return 2
@@ -56,7 +71,7 @@ def _run_operation(name: str, args: argparse.Namespace) -> int:
                   "written to the output"})
         return 1
     finally:
-        bar.close()  # type: ignore[attr-defined]
+        bar.close()
     print(result.model_dump_json(indent=2))
     return 0
 

@@ -20,7 +20,9 @@ from tests.conftest import tree_digest
 
 @pytest.fixture
 def client(data_dir: Path) -> TestClient:
-    return TestClient(create_app(Settings(data_dir=data_dir)), raise_server_exceptions=False)
+    app = create_app(Settings(data_dir=data_dir))
+    app.state.jobs.start()  # the service's own directory (.adapter-surgery: queue, scratch) exists from the start
+    return TestClient(app, raise_server_exceptions=False)
 
 
 def assert_problem(r, status: int, field: str | None) -> dict:
@@ -89,7 +91,8 @@ def test_upload_refusals(client: TestClient, data_dir: Path) -> None:
     r = client.post("/extend-vocab", files={"file": ("m.safetensors", b"123")}, data={"spec": '{"bogus": 1}'})
     assert_problem(r, 422, "spec.bogus")
     assert_problem(client.post("/extend-vocab", files={"spec": (None, "{}")}), 422, "file")
-    assert list(data_dir.iterdir()) == []
+    assert [p.name for p in data_dir.iterdir()] == [".adapter-surgery"]  # the service's own: queue, scratch
+    assert list((data_dir / ".adapter-surgery" / "scratch").iterdir()) == []
 
 
 def _corrupt_header(path: Path) -> None:
@@ -263,7 +266,7 @@ def test_hostile_files_get_422_not_500(client: TestClient, data_dir: Path) -> No
     r = client.post("/extend-vocab", content=b"x", headers={"content-type": "multipart/form-data; boundary=x",
                                                              "content-length": "abc"})
     assert r.status_code in (400, 422) and r.headers["content-type"] == "application/problem+json"
-    assert sorted(p.name for p in data_dir.iterdir()) == ["deep"]
+    assert sorted(p.name for p in data_dir.iterdir()) == [".adapter-surgery", "deep"]
 
 
 def test_seed_out_of_range_is_refused(client: TestClient, data_dir: Path, build) -> None:

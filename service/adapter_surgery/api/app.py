@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from pathlib import Path
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
@@ -20,13 +21,15 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from adapter_surgery import __version__
+from adapter_surgery.api import jobs as job_routes
 from adapter_surgery.api import problems
 from adapter_surgery.api.openapi import build_openapi, request_body, responses
 from adapter_surgery.api.uploads import pack_output, unpack_upload
 from adapter_surgery.errors import InvalidSpec, PayloadTooLarge
+from adapter_surgery.io.atomic import make_work_dir
 from adapter_surgery.io.writer import DigestCache
+from adapter_surgery.jobs import Job, JobService, JobState
 from adapter_surgery.ops import OPERATIONS, Operation
-from adapter_surgery.ops.common import RunContext
 from adapter_surgery.settings import Settings
 
 RESULT_HEADER = "X-Adapter-Surgery-Result"
@@ -45,10 +48,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application; ``settings`` default to the environment (``ADAPTER_SURGERY_*``)."""
     settings = settings or Settings()
     digests = DigestCache()  # per application: repeated requests on one base skip hashing its unchanged shards
-    app = FastAPI(title="adapter-surgery", version=__version__,
+    jobs = JobService(settings, digests)  # touches nothing until first used
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(jobs.start)  # recover dead workers' jobs, sweep stale temporaries, start workers
+        yield
+        await run_in_threadpool(jobs.stop_workers)
+
+    app = FastAPI(title="adapter-surgery", version=__version__, lifespan=lifespan,
                   description="Add new tokens, LoRA adapters and classification heads to pretrained checkpoints, "
                               "initialized correctly, at a cost that grows with what changes.")
+    app.state.jobs = jobs
     problems.install(app)
+    job_routes.install(app, jobs)
 
     @app.get("/healthz", response_model=Health)
     def healthz() -> Health:
@@ -56,25 +69,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Health(status="ok", version=__version__, device=device, data_dir=str(settings.data_dir))
 
     for op in OPERATIONS.values():
-        _add_route(app, op, settings, digests)
+        _add_route(app, op, settings, jobs)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app
 
 
-def _add_route(app: FastAPI, op: Operation, settings: Settings, digests: DigestCache) -> None:
+def _add_route(app: FastAPI, op: Operation, settings: Settings, jobs: JobService) -> None:
     async def handler(request: Request) -> Response:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
-            return await _run_json(op, await request.body(), settings, digests)
+            return await _run_json(op, await request.body(), settings, jobs, request)
         if ctype == "multipart/form-data":
-            return await _run_upload(op, request, settings)
+            return await _run_upload(op, request, settings, jobs)
         return problems.problem(415, "Unsupported media type",
                                 f"POST /{op.name} takes application/json or multipart/form-data, not {ctype!r}",
                                 fix="Send the spec as JSON, or upload the checkpoint as multipart form data.")
 
     handler.__name__ = op.name.replace("-", "_")
+    accepted = {202: {"model": Job, "description": "With `Prefer: respond-async`: the job, queued; follow it at "
+                                                   "`Location` (`GET /jobs/{id}`)."}}
     app.add_api_route(f"/{op.name}", handler, methods=["POST"], summary=op.summary, response_model=op.result,
-                      responses=responses(op, RESULT_HEADER), openapi_extra=request_body(op))
+                      responses={**responses(op, RESULT_HEADER), **accepted}, openapi_extra=request_body(op))
 
 
 def _with_default_device(spec: BaseModel, settings: Settings) -> BaseModel:
@@ -83,18 +98,31 @@ def _with_default_device(spec: BaseModel, settings: Settings) -> BaseModel:
     return spec
 
 
-async def _run_json(op: Operation, body: bytes, settings: Settings, digests: DigestCache) -> Response:
+async def _run_json(op: Operation, body: bytes, settings: Settings, jobs: JobService, request: Request) -> Response:
+    """Validate, queue the job; answer 202 + the job (``Prefer: respond-async``), else await it and answer its
+    result or problem as the operation always did (the client going away cancels it)."""
     try:
         spec = op.spec.model_validate_json(body)
     except ValidationError as exc:
         return problems.validation_problem(list(exc.errors()))
     spec = _with_default_device(spec, settings)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    result = await run_in_threadpool(op.run, spec, RunContext(settings.data_dir, digests=digests))
-    return JSONResponse(result.model_dump(mode="json"))
+    job = await job_routes.submit(jobs, op.name, spec.model_dump(mode="json", exclude_unset=True))
+    if job_routes.wants_async(request):
+        return job_routes.accepted(job)
+    job = await job_routes.await_job(jobs, job.id, request)
+    if job.state == JobState.succeeded:
+        return JSONResponse(job.result)
+    return job_routes.problem_of(job)
 
 
-async def _run_upload(op: Operation, request: Request, settings: Settings) -> Response:
+async def _run_upload(op: Operation, request: Request, settings: Settings, jobs: JobService) -> Response:
+    """The upload form, through the same queue: the upload is unpacked into the data directory's scratch area
+    (``.adapter-surgery/scratch/<id>``, where any worker sees it), the job runs there, the answer is the output."""
+    if job_routes.wants_async(request):
+        return problems.problem(400, "Bad request", "the upload form answers with the output itself, so it cannot "
+                                "run asynchronously (Prefer: respond-async)", field="Prefer",
+                                fix="Drop the Prefer header, or place the checkpoint under the data directory and "
+                                    "send the JSON form, which can.")
     try:
         declared = int(request.headers.get("content-length") or 0)
     except ValueError:
@@ -114,8 +142,9 @@ async def _run_upload(op: Operation, request: Request, settings: Settings) -> Re
         options = op.options.model_validate_json(raw_spec)
     except ValidationError as exc:
         return problems.validation_problem(list(exc.errors()), prefix=("spec",))
-    with tempfile.TemporaryDirectory(prefix="adapter-surgery-") as tmp:
-        work = Path(tmp)
+    work = jobs.scratch_dir / uuid.uuid4().hex
+    make_work_dir(work, None)  # owned by this process until the answer is sent; swept if it dies
+    try:
         saved = work / "upload.bin"
         with saved.open("wb") as fh:
             await run_in_threadpool(shutil.copyfileobj, upload.file, fh, 1 << 20)
@@ -125,9 +154,15 @@ async def _run_upload(op: Operation, request: Request, settings: Settings) -> Re
         checkpoint = await run_in_threadpool(unpack_upload, filename, saved, work, settings.max_upload_bytes)
         spec = op.spec.model_validate({**options.model_dump(), "checkpoint": checkpoint, "output": "output"})
         spec = _with_default_device(spec, settings)
-        result = await run_in_threadpool(op.run, spec, RunContext(work))
+        job = await job_routes.submit(jobs, op.name, spec.model_dump(mode="json", exclude_unset=True),
+                                      str(work.relative_to(settings.data_dir)))
+        job = await job_routes.await_job(jobs, job.id, request)
+        if job.state != JobState.succeeded:
+            return job_routes.problem_of(job)
         body, media, name = await run_in_threadpool(pack_output, work / "output", filename)
-    header = _result_header(result.model_dump(mode="json"))
+    finally:
+        await run_in_threadpool(shutil.rmtree, work, True)
+    header = _result_header(job.result or {})
     return Response(body, media_type=media, headers={RESULT_HEADER: header,
                                                      "Content-Disposition": f'attachment; filename="{name}"'})
 
