@@ -1,4 +1,4 @@
-"""The command line: ``adapter-surgery <operation> --spec FILE|-``, ``serve`` and ``openapi``.
+"""The command line: ``adapter-surgery <operation> --spec FILE|-``, ``serve``, ``worker`` and ``openapi``.
 
 Operation commands take the same JSON as the endpoints (paths relative to ``--data-dir``), print the same
 result JSON on stdout, report progress on stderr, and print a problem JSON on stderr with exit code 2 for
@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", default=None, help="overrides ADAPTER_SURGERY_DATA_DIR")
+    worker = sub.add_parser("worker", help="run queued jobs (with ADAPTER_SURGERY_QUEUE_URL=redis://...: on any "
+                            "machine that mounts the data directory) until SIGINT/SIGTERM")
+    worker.add_argument("--data-dir", default=None, help="overrides ADAPTER_SURGERY_DATA_DIR")
+    worker.add_argument("--workers", type=int, default=None, help="jobs at once (overrides ADAPTER_SURGERY_WORKERS)")
     sub.add_parser("openapi", help="print the OpenAPI spec (JSON) that the service serves")
     return parser
 
@@ -105,6 +109,18 @@ def main(argv: list[str] | None = None) -> int:
 
         settings = Settings(data_dir=Path(args.data_dir)) if args.data_dir else Settings()
         uvicorn.run(create_app(settings), host=args.host, port=args.port, timeout_graceful_shutdown=30)
+        return 0
+    if args.command == "worker":
+        import logging
+
+        from adapter_surgery.jobs import JobService
+        from adapter_surgery.settings import Settings
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        overrides: dict[str, Any] = {"data_dir": Path(args.data_dir)} if args.data_dir else {}
+        if args.workers is not None:
+            overrides["workers"] = args.workers
+        JobService(Settings(**overrides)).run_consumer()
         return 0
     if args.command == "openapi":
         from adapter_surgery.api.app import create_app

@@ -48,7 +48,7 @@ class JobRecord(BaseModel):
     """What the store keeps: the job, the request, and the bookkeeping of the process that runs it."""
 
     job: Job
-    spec: dict[str, Any]
+    spec: dict[str, Any] = Field(default_factory=dict)
     data_dir_rel: str = ""
     task_id: str | None = None
     host: str | None = None

@@ -107,6 +107,7 @@ class JobService:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._running: dict[str, _Running] = {}
+        self._unrecorded: dict[str, Job] = {}  # finished here, but the store refused the write (a full disk)
         self._listeners: dict[str, list[Callable[[], None]]] = {}
         self._started = False
 
@@ -187,6 +188,10 @@ class JobService:
 
     def get(self, job_id: str) -> Job:
         rec = self.store.load(job_id) if re.fullmatch(r"[0-9a-f]{32}", job_id) else None
+        if job_id in self._unrecorded:
+            if rec is None or rec.job.state not in FINISHED:
+                return self._unrecorded[job_id]
+            self._unrecorded.pop(job_id, None)
         if rec is None:
             raise NotFound(f"no job {job_id!r} (finished jobs are kept up to job_retention)", field="id",
                            fix="GET /jobs lists the jobs this service keeps.")
@@ -354,7 +359,8 @@ class JobService:
         rec.job.state, rec.job.started_at, rec.job.worker = JobState.running, _now(), self.identity
         rec.host, rec.pid, rec.pid_start, rec.heartbeat = socket.gethostname(), os.getpid(), \
             _process_start(os.getpid()), time.time()
-        self.store.save(rec)
+        with contextlib.suppress(Exception):  # the outcome is written at the end in any case
+            self.store.save(rec)
         log.info("job %s running on %s", job_id, self.identity, extra={"job_id": job_id})
         beat_stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(run, beat_stop), daemon=True,
@@ -419,12 +425,14 @@ class JobService:
 
     def _progress(self, run: _Running, ev: ProgressEvent) -> None:
         with run.lock:
+            planned = ev.total != run.rec.job.progress.total  # a new plan is always written, then throttled
             run.rec.job.progress = JobProgress(fraction=ev.fraction, stage=ev.stage[:200], done=ev.done,
                                                total=ev.total, unit=ev.unit)
             now = time.monotonic()
-            if now - run.last_write >= 1 / PROGRESS_WRITES_PER_S:
+            if planned or now - run.last_write >= 1 / PROGRESS_WRITES_PER_S:
                 run.last_write = now
-                self.store.save(run.rec)
+                with contextlib.suppress(Exception):  # progress is best effort; the job goes on
+                    self.store.save(run.rec)
 
     def _should_cancel(self, run: _Running) -> bool:
         if run.cancel.is_set():
@@ -506,7 +514,7 @@ class JobService:
                     if d.is_dir() and not self._owner_live(read_owner(d), _mtime(d)):
                         shutil.rmtree(d, ignore_errors=True)
                         removed.append(d)
-        for path in _walk_temps(roots, depth):
+        for path in sorted(_walk_temps(roots, depth), key=lambda p: p.name.endswith(OWNER_SUFFIX)):  # records last
             name = path.name
             if name.endswith(OWNER_SUFFIX):
                 tmp = path.with_name(name[: -len(OWNER_SUFFIX)])
@@ -524,6 +532,7 @@ class JobService:
                 dest = path.with_name(name[1:].rsplit(".old-", 1)[0])
                 if not dest.exists():  # interrupted between moving the old output aside and the new one in
                     os.replace(path, dest)
+                    owner_of.with_name(owner_of.name + OWNER_SUFFIX).unlink(missing_ok=True)
                     log.warning("restored %s, left aside by an interrupted overwrite", dest)
                     continue
             _remove(path)

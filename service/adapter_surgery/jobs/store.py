@@ -7,6 +7,7 @@ process can set and the running job polls.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
@@ -56,8 +57,15 @@ class JobStore(ABC):
         """Raise if the store cannot be reached."""
 
 
-def _decode(doc: str | bytes, cancel: Any) -> JobRecord:
+def _doc(rec: JobRecord) -> str:
+    """The record without its spec (written once, at insert: progress writes stay small)."""
+    return rec.model_dump_json(exclude={"spec"})
+
+
+def _decode(doc: str | bytes, cancel: Any, spec: str | bytes | None = None) -> JobRecord:
     rec = JobRecord.model_validate_json(doc)
+    if spec:
+        rec.spec = json.loads(spec)
     if cancel and str(cancel) not in ("0", "b'0'"):
         rec.job.cancel_requested = True
     return rec
@@ -71,9 +79,10 @@ class SqliteJobStore(JobStore):
         self._db = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
         self._db.execute("pragma journal_mode=wal")
         self._db.execute("pragma synchronous=normal")
+        self._db.execute("pragma journal_size_limit=1048576")  # the WAL shrinks back to 1 MiB after checkpoints
         self._db.execute("create table if not exists jobs (id text primary key, created real not null, state text "
-                         "not null, doc text not null, claimed integer not null default 0, cancel integer not null "
-                         "default 0)")
+                         "not null, doc text not null, spec text not null default '{}', claimed integer not null "
+                         "default 0, cancel integer not null default 0)")
         self._db.execute("create index if not exists jobs_created on jobs (created desc, id desc)")
         self._db.execute("create index if not exists jobs_state on jobs (state)")
 
@@ -82,16 +91,15 @@ class SqliteJobStore(JobStore):
             return self._db.execute(sql, args).fetchall()
 
     def insert(self, rec: JobRecord) -> None:
-        self._q("insert into jobs (id, created, state, doc) values (?, ?, ?, ?)",
-                (rec.job.id, rec.job.created_at.timestamp(), rec.job.state.value, rec.model_dump_json()))
+        self._q("insert into jobs (id, created, state, doc, spec) values (?, ?, ?, ?, ?)",
+                (rec.job.id, rec.job.created_at.timestamp(), rec.job.state.value, _doc(rec), json.dumps(rec.spec)))
 
     def load(self, job_id: str) -> JobRecord | None:
-        rows = self._q("select doc, cancel from jobs where id = ?", (job_id,))
+        rows = self._q("select doc, cancel, spec from jobs where id = ?", (job_id,))
         return _decode(*rows[0]) if rows else None
 
     def save(self, rec: JobRecord) -> None:
-        self._q("update jobs set state = ?, doc = ? where id = ?", (rec.job.state.value, rec.model_dump_json(),
-                                                                    rec.job.id))
+        self._q("update jobs set state = ?, doc = ? where id = ?", (rec.job.state.value, _doc(rec), rec.job.id))
 
     def claim(self, job_id: str) -> bool:
         with self._lock:
@@ -117,7 +125,7 @@ class SqliteJobStore(JobStore):
         return [_decode(*r) for r in rows]
 
     def with_state(self, state: JobState) -> list[JobRecord]:
-        return [_decode(*r) for r in self._q("select doc, cancel from jobs where state = ?", (state.value,))]
+        return [_decode(*r) for r in self._q("select doc, cancel, spec from jobs where state = ?", (state.value,))]
 
     def count(self, state: JobState) -> int:
         return int(self._q("select count(*) from jobs where state = ?", (state.value,))[0][0])
@@ -150,15 +158,15 @@ class RedisJobStore(JobStore):
 
     def insert(self, rec: JobRecord) -> None:
         pipe = self.r.pipeline()
-        pipe.hset(self._key(rec.job.id), mapping={"doc": rec.model_dump_json(), "state": rec.job.state.value,
-                                                  "claimed": 0, "cancel": 0})
+        pipe.hset(self._key(rec.job.id), mapping={"doc": _doc(rec), "spec": json.dumps(rec.spec),
+                                                  "state": rec.job.state.value, "claimed": 0, "cancel": 0})
         pipe.zadd(f"{self.p}:jobs", {rec.job.id: rec.job.created_at.timestamp()})
         pipe.sadd(f"{self.p}:state:{rec.job.state.value}", rec.job.id)
         pipe.execute()
 
     def load(self, job_id: str) -> JobRecord | None:
-        doc, cancel = self.r.hmget(self._key(job_id), "doc", "cancel")
-        return _decode(doc, int(cancel or 0)) if doc else None
+        doc, cancel, spec = self.r.hmget(self._key(job_id), "doc", "cancel", "spec")
+        return _decode(doc, int(cancel or 0), spec) if doc else None
 
     def save(self, rec: JobRecord) -> None:
         key = self._key(rec.job.id)
@@ -167,7 +175,7 @@ class RedisJobStore(JobStore):
             if s != rec.job.state:
                 pipe.srem(f"{self.p}:state:{s.value}", rec.job.id)
         pipe.sadd(f"{self.p}:state:{rec.job.state.value}", rec.job.id)
-        pipe.hset(key, mapping={"doc": rec.model_dump_json(), "state": rec.job.state.value})
+        pipe.hset(key, mapping={"doc": _doc(rec), "state": rec.job.state.value})
         pipe.execute()
 
     def claim(self, job_id: str) -> bool:
@@ -179,11 +187,11 @@ class RedisJobStore(JobStore):
     def cancel_requested(self, job_id: str) -> bool:
         return bool(int(self.r.hget(self._key(job_id), "cancel") or 0))
 
-    def _records(self, ids: list[Any]) -> list[JobRecord]:
+    def _records(self, ids: list[Any], spec: bool = False) -> list[JobRecord]:
         pipe = self.r.pipeline()
         for i in ids:
-            pipe.hmget(self._key(i.decode() if isinstance(i, bytes) else i), "doc", "cancel")
-        return [_decode(doc, int(cancel or 0)) for doc, cancel in pipe.execute() if doc]
+            pipe.hmget(self._key(i.decode() if isinstance(i, bytes) else i), "doc", "cancel", "spec" if spec else "-")
+        return [_decode(doc, int(cancel or 0), sp) for doc, cancel, sp in pipe.execute() if doc]
 
     def page(self, state: JobState | None, limit: int, after: tuple[float, str] | None) -> list[JobRecord]:
         top = f"({after[0]}" if after is not None else "+inf"
@@ -208,7 +216,7 @@ class RedisJobStore(JobStore):
         return out[:limit]
 
     def with_state(self, state: JobState) -> list[JobRecord]:
-        return self._records(list(self.r.smembers(f"{self.p}:state:{state.value}")))
+        return self._records(list(self.r.smembers(f"{self.p}:state:{state.value}")), spec=True)
 
     def count(self, state: JobState) -> int:
         return int(self.r.scard(f"{self.p}:state:{state.value}"))
