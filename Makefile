@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint openapi bench
+.PHONY: setup demo test lint openapi bench redis
 
 setup: $(VENV)/.installed
 
@@ -18,7 +18,13 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/python -m adapter_surgery.demo
 
-test: setup
+# The Redis job tests need redis-server (Debian's package); as root without it, install it (skipped otherwise).
+redis:
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } \
+		|| echo "redis-server not installed: the Redis job tests will be skipped"
+
+test: setup redis
 	$(BIN)/python -m adapter_surgery.demo.checkpoints all
 	$(BIN)/ruff check service tests bench docker
 	$(BIN)/python -m adapter_surgery.cli openapi | diff -q - openapi/openapi.json \

@@ -1,4 +1,4 @@
-"""The command line: ``adapter-surgery <operation> --spec FILE|-``, ``serve``, ``openapi`` and ``jobs``.
+"""The command line: ``adapter-surgery <operation> --spec FILE|-``, ``serve``, ``worker``, ``openapi`` and ``jobs``.
 
 Operation commands take the same JSON as the endpoints (paths relative to ``--data-dir``), print the same
 result JSON on stdout, report progress on stderr, and print a problem JSON on stderr with exit code 2 for
@@ -10,26 +10,41 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
 from adapter_surgery.cli_remote import add_jobs_parser, add_remote_arguments, run_remote
 from adapter_surgery.errors import SurgeryError, validation_problem_body
+from adapter_surgery.jobs.runner import run_operation
 from adapter_surgery.ops import OPERATIONS
-from adapter_surgery.ops.common import RunContext
+from adapter_surgery.ops.common import ProgressEvent, RunContext
 
 
-def _progress() -> tuple[object, object]:
+def _progress() -> tuple[Callable[[ProgressEvent], None], Any]:
+    """A tqdm bar on stderr driven by the run context's :class:`ProgressEvent` (its total is the job's planned
+    bytes, growing when a write plans more), and the bar to close."""
     from tqdm import tqdm
 
-    bar = tqdm(total=None, unit=" step", file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False,
+               dynamic_ncols=True, disable=None)
 
-    def say(message: str) -> None:
-        bar.set_description_str(message)
-        bar.update(1)
+    shown = {"stage": ""}
 
-    return say, bar
+    def show(event: ProgressEvent) -> None:
+        if bar.disable:
+            return
+        if event.total != bar.total:
+            bar.total = event.total
+            bar.refresh()
+        if event.stage and event.stage != shown["stage"]:
+            shown["stage"] = event.stage
+            bar.set_description_str(event.stage, refresh=False)
+        bar.update(event.done - bar.n)
+
+    return show, bar
 
 
 def _run_operation(name: str, args: argparse.Namespace) -> int:
@@ -46,9 +61,9 @@ def _run_operation(name: str, args: argparse.Namespace) -> int:
     except ValidationError as exc:
         _problem(validation_problem_body(exc.errors()))
         return 2
-    say, bar = _progress()
+    show, bar = _progress()
     try:
-        result = op.run(spec, RunContext(Path(args.data_dir), say))
+        result = run_operation(op, spec, RunContext(Path(args.data_dir), show))
     except SurgeryError as exc:
         _problem(exc.to_problem())
         return 2
@@ -57,7 +72,7 @@ def _run_operation(name: str, args: argparse.Namespace) -> int:
                   "written to the output"})
         return 1
     finally:
-        bar.close()  # type: ignore[attr-defined]
+        bar.close()
     print(result.model_dump_json(indent=2))
     return 0
 
@@ -78,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", default=None, help="overrides ADAPTER_SURGERY_DATA_DIR")
+    worker = sub.add_parser("worker", help="run queued jobs (with ADAPTER_SURGERY_QUEUE_URL=redis://...: on any "
+                            "machine that mounts the data directory) until SIGINT/SIGTERM")
+    worker.add_argument("--data-dir", default=None, help="overrides ADAPTER_SURGERY_DATA_DIR")
+    worker.add_argument("--workers", type=int, default=None, help="jobs at once (overrides ADAPTER_SURGERY_WORKERS)")
     sub.add_parser("openapi", help="print the OpenAPI spec (JSON) that the service serves")
     add_jobs_parser(sub)
     return parser
@@ -102,6 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         # our access log (one JSON line per request, with its request id) replaces uvicorn's
         uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=30, log_config=None,
                     access_log=False)
+        return 0
+    if args.command == "worker":
+        import logging
+
+        from adapter_surgery.jobs import JobService
+        from adapter_surgery.settings import Settings
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        overrides: dict[str, Any] = {"data_dir": Path(args.data_dir)} if args.data_dir else {}
+        if args.workers is not None:
+            overrides["workers"] = args.workers
+        JobService(Settings(**overrides)).run_consumer()
         return 0
     if args.command == "openapi":
         from adapter_surgery.api.app import create_app

@@ -123,3 +123,28 @@ def validation_problem_body(errors: Iterable[Mapping[str, Any]], prefix: tuple[s
             "detail": "; ".join(f"{i['field']}: {i['message']}" for i in items[:5]), "field": first["field"],
             "errors": items, "fix": "Correct the named field(s); GET /docs (or openapi/openapi.json) lists every "
                                     "field with its type."}
+
+
+class Cancelled(SurgeryError):
+    """The job was cancelled (``DELETE /jobs/{id}``, or the client of a synchronous request went away)."""
+
+    status = 409
+    title = "Cancelled"
+
+
+class DiskFull(SurgeryError):
+    """The output's filesystem is full (ENOSPC), over quota (EDQUOT) or over the file-size limit (EFBIG)."""
+
+    status = 507
+    title = "Insufficient storage"
+
+
+class QueueFull(SurgeryError):
+    """The job queue holds ``max_queue`` pending jobs; the API answers 429 with ``Retry-After``."""
+
+    status = 429
+    title = "Too many jobs"
+
+    def __init__(self, detail: str, *, retry_after: int = 5, field: str | None = None, fix: str | None = None) -> None:
+        super().__init__(detail, field=field, fix=fix)
+        self.retry_after = retry_after

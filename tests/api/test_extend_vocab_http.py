@@ -20,7 +20,9 @@ from tests.conftest import tree_digest
 
 @pytest.fixture
 def client(data_dir: Path) -> TestClient:
-    return TestClient(create_app(Settings(data_dir=data_dir)), raise_server_exceptions=False)
+    app = create_app(Settings(data_dir=data_dir))
+    app.state.jobs.start()  # the service's own directory (.adapter-surgery: queue, scratch) exists from the start
+    return TestClient(app, raise_server_exceptions=False)
 
 
 def assert_problem(r, status: int, field: str | None) -> dict:

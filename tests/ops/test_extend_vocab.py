@@ -341,7 +341,7 @@ def test_pickle_weights_are_refused(data_dir: Path) -> None:
 def test_unreadable_config_is_refused_missing_config_falls_back_to_headers(data_dir: Path, build) -> None:
     src = build("FX-B")
     (data_dir / src / "config.json").write_text("{not json")
-    with pytest.raises(InvalidCheckpoint, match="config.json is not valid JSON") as exc:
+    with pytest.raises(InvalidCheckpoint, match=r"config\.json is not valid JSON") as exc:
         run(data_dir, src, tokens=["<a>"])
     assert exc.value.field == "checkpoint" and "remove it" in (exc.value.fix or "")
     assert not (data_dir / "out").exists()

@@ -6,6 +6,9 @@ form (``multipart/form-data`` with ``file`` and ``spec``) and only translates to
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -13,13 +16,14 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from adapter_surgery import __version__
+from adapter_surgery.api import jobs as job_routes
 from adapter_surgery.api import middleware, observability, problems
 from adapter_surgery.api.openapi import build_openapi, request_body, responses, takes_upload
-from adapter_surgery.api.uploads import MAX_RESULT_HEADER, RESULT_HEADER, answer_upload, receive_upload, sweep_scratch
+from adapter_surgery.api.uploads import MAX_RESULT_HEADER, RESULT_HEADER, answer_upload, receive_upload
 from adapter_surgery.api.uploads import result_header as _result_header
 from adapter_surgery.io.writer import DigestCache
+from adapter_surgery.jobs import Job, JobService, JobState
 from adapter_surgery.ops import OPERATIONS, Operation
-from adapter_surgery.ops.common import RunContext
 from adapter_surgery.settings import Settings
 
 __all__ = ["MAX_RESULT_HEADER", "RESULT_HEADER", "_result_header", "app_from_env", "create_app"]
@@ -36,13 +40,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application; ``settings`` default to the environment (``ADAPTER_SURGERY_*``)."""
     settings = settings or Settings()
     digests = DigestCache()  # per application: repeated requests on one base skip hashing its unchanged shards
-    app = FastAPI(title="adapter-surgery", version=__version__,
+    jobs = JobService(settings, digests)  # touches nothing until first used
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(jobs.start)  # recover dead workers' jobs, sweep stale temporaries, start workers
+        yield
+        await run_in_threadpool(jobs.stop_workers)
+
+    app = FastAPI(title="adapter-surgery", version=__version__, lifespan=lifespan,
                   description="Add new tokens, LoRA adapters and classification heads to pretrained checkpoints, "
                               "initialized correctly, at a cost that grows with what changes.")
+    app.state.jobs = jobs
     problems.install(app)
     metrics = observability.install(app, settings)  # /metrics, /readyz
     middleware.install(app, settings, metrics.observe)  # request id, access log, token, body limits
-    sweep_scratch(settings.data_dir)  # upload scratch directories of processes that died
+    job_routes.install(app, jobs)
 
     @app.get("/healthz", response_model=Health)
     def healthz() -> Health:
@@ -50,26 +63,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Health(status="ok", version=__version__, device=device, data_dir=str(settings.data_dir))
 
     for op in OPERATIONS.values():
-        _add_route(app, op, settings, digests)
+        _add_route(app, op, settings, jobs)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app
 
 
-def _add_route(app: FastAPI, op: Operation, settings: Settings, digests: DigestCache) -> None:
+def _add_route(app: FastAPI, op: Operation, settings: Settings, jobs: JobService) -> None:
     async def handler(request: Request) -> Response:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
-            return await _run_json(op, await request.body(), settings, digests)
+            return await _run_json(op, await request.body(), settings, jobs, request)
         if ctype == "multipart/form-data" and takes_upload(op):
-            return await _run_upload(op, request, settings)
+            return await _run_upload(op, request, settings, jobs)
         takes = "application/json or multipart/form-data" if takes_upload(op) else "application/json only"
         return problems.problem(415, "Unsupported media type", f"POST /{op.name} takes {takes}, not {ctype!r}",
                                 fix="Send the spec as JSON" + (", or upload the checkpoint as multipart form data."
                                                                if takes_upload(op) else "."))
 
     handler.__name__ = op.name.replace("-", "_")
+    accepted = {202: {"model": Job, "description": "With `Prefer: respond-async`: the job, queued; follow it at "
+                                                   "`Location` (`GET /jobs/{id}`)."}}
     app.add_api_route(f"/{op.name}", handler, methods=["POST"], summary=op.summary, response_model=op.result,
-                      responses=responses(op, RESULT_HEADER), openapi_extra=request_body(op))
+                      responses={**responses(op, RESULT_HEADER), **accepted}, openapi_extra=request_body(op))
 
 
 def _with_default_device(spec: BaseModel, settings: Settings) -> BaseModel:
@@ -78,27 +93,45 @@ def _with_default_device(spec: BaseModel, settings: Settings) -> BaseModel:
     return spec
 
 
-async def _run_json(op: Operation, body: bytes, settings: Settings, digests: DigestCache) -> Response:
+async def _run_json(op: Operation, body: bytes, settings: Settings, jobs: JobService, request: Request) -> Response:
+    """Validate, queue the job; answer 202 + the job (``Prefer: respond-async``), else await it and answer its
+    result or problem as the operation always did (the client going away cancels it)."""
     try:
         spec = op.spec.model_validate_json(body)
     except ValidationError as exc:
         return problems.validation_problem(list(exc.errors()))
     spec = _with_default_device(spec, settings)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    result = await run_in_threadpool(op.run, spec, RunContext(settings.data_dir, digests=digests))
-    return JSONResponse(result.model_dump(mode="json"))
+    job = await job_routes.submit(jobs, op.name, spec.model_dump(mode="json", exclude_unset=True))
+    if job_routes.wants_async(request):
+        return job_routes.accepted(job)
+    job = await job_routes.await_job(jobs, job.id, request)
+    if job.state == JobState.succeeded:
+        return JSONResponse(job.result)
+    return job_routes.problem_of(job)
 
 
-async def _run_upload(op: Operation, request: Request, settings: Settings) -> Response:
+async def _run_upload(op: Operation, request: Request, settings: Settings, jobs: JobService) -> Response:
+    """The upload form, through the same queue: the upload is streamed into the data directory's scratch area
+    (``.adapter-surgery/scratch/<id>``, where any worker sees it), the job runs there, and the answer (the output)
+    is streamed from disk."""
+    if job_routes.wants_async(request):
+        return problems.problem(400, "Bad request", "the upload form answers with the output itself, so it cannot "
+                                "run asynchronously (Prefer: respond-async)", field="Prefer",
+                                fix="Drop the Prefer header, or place the checkpoint under the data directory and "
+                                    "send the JSON form, which can.")
     upload = await receive_upload(request, settings, op.options)  # streamed to the scratch area, unpacked
     try:
-        spec = op.spec.model_validate(upload.spec_fields())
-        spec = _with_default_device(spec, settings)
-        result = await run_in_threadpool(op.run, spec, RunContext(upload.work))
+        spec = _with_default_device(op.spec.model_validate(upload.spec_fields()), settings)
+        job = await job_routes.submit(jobs, op.name, spec.model_dump(mode="json", exclude_unset=True),
+                                      upload.data_dir_rel)
+        job = await job_routes.await_job(jobs, job.id, request)
     except BaseException:
         upload.discard()
         raise
-    return await answer_upload(upload, result.model_dump(mode="json"))  # streamed from disk, then removed
+    if job.state != JobState.succeeded:
+        upload.discard()
+        return job_routes.problem_of(job)
+    return await answer_upload(upload, job.result or {})  # streamed from disk, then removed
 
 
 def app_from_env() -> FastAPI:

@@ -4,14 +4,77 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from adapter_surgery.errors import InvalidSpec, OutputExists
+
+#: Suffix of the owner record beside a temporary output (``.<name>.tmp-<tag>.owner``).
+OWNER_SUFFIX = ".owner"
+#: The owner record inside a work directory (surgery's ``.<name>.surgery-<tag>``, an upload's scratch directory).
+OWNER_FILE = ".adapter-surgery-owner.json"
+
+
+def _process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks since boot; tells a reused pid apart), None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def owner_record(job: str | None) -> dict[str, Any]:
+    """Who writes a temporary path: the job id (None outside the service), host, pid (and its start time)."""
+    return {"job": job, "host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
+            "created_at": datetime.now(UTC).isoformat()}
+
+
+def write_owner(path: Path, job: str | None) -> None:
+    path.write_text(json.dumps(owner_record(job)), encoding="utf-8")
+
+
+def read_owner(tmp: Path) -> dict[str, Any] | None:
+    """The owner record of temporary path ``tmp`` (beside it, or inside a work directory), None if it has none."""
+    for p in (tmp.with_name(tmp.name + OWNER_SUFFIX), tmp / OWNER_FILE):
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict):
+            return doc
+    return None
+
+
+def process_alive(record: dict[str, Any]) -> bool | None:
+    """Whether the process of an owner record still runs: None when it ran on another host (unknowable here)."""
+    if record.get("host") != socket.gethostname():
+        return None
+    pid = record.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    started = record.get("pid_start")
+    return started is None or _process_start(pid) in (None, started)
+
+
+def make_work_dir(path: Path, owner: str | None) -> None:
+    """Create work directory ``path`` (parents too) with its owner record inside."""
+    path.mkdir(parents=True)
+    write_owner(path / OWNER_FILE, owner)
 
 
 def _exists(path: Path) -> OutputExists:
@@ -40,7 +103,7 @@ def check_output_path(output: Path, checkpoint: Path, overwrite: bool, field: st
 
 
 @contextmanager
-def atomic_output(dest: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output(dest: Path, overwrite: bool = False, owner: str | None = None) -> Iterator[Path]:
     """Yield a fresh temporary path beside ``dest``; on success move it to ``dest`` atomically.
 
     The temporary path is in the same directory, so the final rename is atomic. Without ``overwrite`` the move
@@ -49,6 +112,9 @@ def atomic_output(dest: Path, overwrite: bool = False) -> Iterator[Path]:
     later request gets ``OutputExists``. With ``overwrite`` an existing ``dest`` of the same kind (file or
     directory) is swapped out after the new output is complete, then removed. On any exception the temporary
     path is removed and ``dest`` is left as it was.
+
+    Beside the temporary path, ``<tmp>.owner`` records its ``owner`` (job id), host and pid while it exists, so
+    that a start-up sweep (``adapter_surgery.jobs``) removes only the temporaries of processes that are gone.
 
     Raises:
         OutputExists: ``dest`` exists and ``overwrite`` is false.
@@ -60,8 +126,10 @@ def atomic_output(dest: Path, overwrite: bool = False) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]
     tmp = dest.parent / f".{dest.name}.tmp-{tag}"
+    owner_file = tmp.with_name(tmp.name + OWNER_SUFFIX)
     done = False
     try:
+        write_owner(owner_file, owner)
         yield tmp
         _readable(tmp)
         if overwrite and dest.exists():
@@ -79,6 +147,7 @@ def atomic_output(dest: Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists() or tmp.is_symlink():
             _remove(tmp)
+        owner_file.unlink(missing_ok=True)
         if not done:  # leave no directory behind that this call created
             for p in created:
                 with contextlib.suppress(OSError):

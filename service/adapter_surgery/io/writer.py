@@ -26,6 +26,51 @@ from adapter_surgery.io.checkpoint import INDEX_NAME, Checkpoint
 from adapter_surgery.io.header import DTYPES, TORCH_TO_SAFETENSORS, ShardHeader, TensorInfo
 
 Progress = Callable[[str], None]
+
+
+class WriteObserver(Protocol):
+    """What the writer reports to and asks (``RunContext`` is one): stages, bytes planned and written (after each
+    tensor), and whether to stop (polled before each shard and each tensor; raises to stop)."""
+
+    def say(self, stage: str) -> None: ...
+
+    def plan(self, stage: str, units: int, unit: str = "bytes") -> None: ...
+
+    def add_done(self, stage: str, units: int, unit: str = "bytes") -> None: ...
+
+    def check_cancelled(self) -> None: ...
+
+
+class _Quiet:
+    """An observer for callers that pass a plain message callback (or nothing)."""
+
+    def __init__(self, say: Progress | None) -> None:
+        self._say = say
+
+    def say(self, stage: str) -> None:
+        if self._say is not None:
+            self._say(stage)
+
+    def plan(self, stage: str, units: int, unit: str = "bytes") -> None:
+        pass
+
+    def add_done(self, stage: str, units: int, unit: str = "bytes") -> None:
+        pass
+
+    def check_cancelled(self) -> None:
+        pass
+
+
+def observer(progress: Progress | WriteObserver | None) -> WriteObserver:
+    """``progress`` as a :class:`WriteObserver`: a run context as it is, a message callback wrapped."""
+    if progress is not None and hasattr(progress, "check_cancelled"):
+        return progress  # type: ignore[return-value]
+    owner = getattr(progress, "__self__", None)  # a run context's bound ``say``: report to the context itself
+    if owner is not None and hasattr(owner, "check_cancelled") and hasattr(owner, "add_done"):
+        return owner  # type: ignore[no-any-return]
+    return _Quiet(progress)  # type: ignore[arg-type]
+
+
 #: Bytes per read when a copy passes through Python: bounded memory.
 COPY_CHUNK = 8 * 1024 * 1024
 
@@ -197,11 +242,14 @@ class Changes:
         return {ckpt.weight_map[n] for n in names if n in ckpt.weight_map}
 
 
-def write_shard(path: Path, entries: Iterable[tuple[str, TensorSource]], metadata: dict[str, str] | None) -> int:
+def write_shard(path: Path, entries: Iterable[tuple[str, TensorSource]], metadata: dict[str, str] | None,
+                progress: Progress | WriteObserver | None = None, stage: str = "") -> int:
     """Write a safetensors file at ``path`` from ``(name, source)`` pairs, in that order; return the data bytes.
 
-    The header JSON is padded with spaces to a multiple of 8 bytes, as the reference writer does.
+    The header JSON is padded with spaces to a multiple of 8 bytes, as the reference writer does. ``progress``
+    hears the bytes of each tensor once written, and may stop the write before any tensor.
     """
+    watch = observer(progress)
     entries = list(entries)
     header: dict[str, object] = {}
     if metadata is not None:
@@ -218,10 +266,12 @@ def write_shard(path: Path, entries: Iterable[tuple[str, TensorSource]], metadat
         fd = fh.fileno()
         _write_all(fd, len(raw).to_bytes(8, "little") + raw)
         for name, src in entries:
+            watch.check_cancelled()
             before = os.lseek(fd, 0, os.SEEK_CUR)
             src.write(fd)
             if os.lseek(fd, 0, os.SEEK_CUR) - before != src.nbytes:
                 raise RuntimeError(f"writer produced the wrong byte count for tensor {name!r}")
+            watch.add_done(stage, src.nbytes)
         os.fsync(fd)
     return offset
 
@@ -245,14 +295,19 @@ def _shard_entries(header: ShardHeader, names: list[str], changes: Changes,
     return entries + [(n, changes.add[n][0]) for n in additions]
 
 
-def write_single_file(ckpt: Checkpoint, path: Path, changes: Changes) -> None:
+def write_single_file(ckpt: Checkpoint, path: Path, changes: Changes,
+                      progress: Progress | WriteObserver | None = None) -> None:
     """Write a single-shard ``ckpt`` with ``changes`` as one safetensors file at ``path``."""
     (shard, header), = ckpt.shards.items()
     names = [n for n in header.order if ckpt.weight_map.get(n) == shard]
-    write_shard(path, _shard_entries(header, names, changes, list(changes.add)), header.metadata)
+    entries = _shard_entries(header, names, changes, list(changes.add))
+    watch = observer(progress)
+    stage = f"rewriting {path.name.split('.tmp-')[0].lstrip('.')}"
+    watch.plan(stage, sum(src.nbytes for _, src in entries))
+    write_shard(path, entries, header.metadata, watch, stage)
 
 
-def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Progress | None = None,
+def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Progress | WriteObserver | None = None,
                      shard_name: str | None = None, hash_linked: bool = True,
                      cache: DigestCache | None = None) -> dict[str, str]:
     """Write ``ckpt`` with ``changes`` applied as safetensors shards into directory ``out``.
@@ -264,8 +319,11 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
     Returns ``{output shard name: sha256}`` of every shard, hashed on a worker thread while the next shard is
     written (linked ones from their source, through ``cache`` when given; without ``hash_linked`` only the rewritten
     ones); pass it to
-    :func:`describe_files` as ``known``.
+    :func:`describe_files` as ``known``. ``progress`` (a message callback, or a :class:`WriteObserver` such as the
+    run context) hears the bytes planned for the rewritten shards, then each tensor's bytes once written, and may
+    stop the write before each shard and tensor (the caller's ``atomic_output`` then removes what was written).
     """
+    watch = observer(progress)
     out.mkdir(parents=True, exist_ok=True)
     changed = changes.changed_shards(ckpt)
     additions: dict[str, list[str]] = {}
@@ -276,6 +334,15 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
     total = 0
     linked = {shard: h for shard, h in ckpt.shards.items()
               if shard not in changed and [n for n in h.order if ckpt.weight_map.get(n) == shard] == h.order}
+    entries_of: dict[str, list[tuple[str, TensorSource]]] = {}
+    for shard, header in ckpt.shards.items():
+        if shard not in linked:
+            names = [n for n in header.order if ckpt.weight_map.get(n) == shard]
+            entries_of[shard] = _shard_entries(header, names, changes,
+                                               additions.get(shard, []) if shard in changed else [])
+    watch.plan(f"rewriting {len(entries_of)} of {len(ckpt.shards)} shards",
+               sum(src.nbytes for entries in entries_of.values() for _, src in entries))
+    rewritten = 0
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         # linked shards are byte-identical to their source: hash those while the changed shards are written
         hash_source = cache.sha256 if cache is not None else _sha256
@@ -283,17 +350,18 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
         for shard, header in ckpt.shards.items():
             target = out / (shard_name or shard)
             names = [n for n in header.order if ckpt.weight_map.get(n) == shard]
+            watch.check_cancelled()
             if shard in linked:
-                if progress:
-                    progress(f"link {shard}")
+                watch.say(f"link {shard}")
                 link_or_copy(header.path, target)
                 total += sum(header.tensors[n].nbytes for n in names)
                 kept = names
             else:  # changed, or holding tensors the index does not map to it (dropped, as transformers would)
-                if progress:
-                    progress(f"write {shard}")
-                entries = _shard_entries(header, names, changes, additions.get(shard, []) if shard in changed else [])
-                total += write_shard(target, entries, header.metadata)
+                rewritten += 1
+                stage = f"rewriting shard {rewritten}/{len(entries_of)}"
+                watch.say(stage)
+                entries = entries_of[shard]
+                total += write_shard(target, entries, header.metadata, watch, stage)
                 pending[target.name] = pool.submit(_sha256, target)  # from the page cache, while the next is written
                 kept = [n for n, _ in entries]
             weight_map.update(dict.fromkeys(kept, target.name))

@@ -208,8 +208,8 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
     keys = _map_keys(ckpt, arch, target, changes)
     created = _create(keys.missing, target, spec, config, device, _dtype(ckpt, arch))
     changed = _apply(changes, ckpt, keys, created, pad.changed)
-    with atomic_output(output, spec.overwrite) as tmp:
-        digests = write_checkpoint(ckpt, tmp, changes, ctx.say, cache=ctx.digests)
+    with atomic_output(output, spec.overwrite, owner=ctx.owner) as tmp:
+        digests = write_checkpoint(ckpt, tmp, changes, ctx, cache=ctx.digests)
         _write_side_files(ckpt, tmp, arch, target_cls.__name__, id2label, problem_type, pad, tok)
         files = describe_files(tmp, known=digests)
     report = None

@@ -279,7 +279,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
 
     with _LOCK, _rng(spec.seed, device), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with atomic_output(output, spec.overwrite) as tmp:
+        with atomic_output(output, spec.overwrite, owner=ctx.owner) as tmp:
             tmp.mkdir(parents=True)
             spill = _Spill(tmp / ".residual.spill") if decompose else None
             materializer = _Materializer(ckpt, targets, device, init, spill)
@@ -946,7 +946,7 @@ def _write_residual(ckpt: Checkpoint, dest: Path, spill: _Spill, base_path: str,
     changes = Changes()
     for key, info in spill.infos.items():
         changes.replace[key] = CopiedTensor(info, spill.path)
-    rewritten = write_checkpoint(ckpt, dest, changes, ctx.say, hash_linked=False)
+    rewritten = write_checkpoint(ckpt, dest, changes, ctx, hash_linked=False)
     for path in ckpt.other_files():
         shutil.copyfile(path, dest / path.name)
     spill.path.unlink()

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from adapter_surgery.errors import Cancelled
 from adapter_surgery.io.writer import DigestCache, WrittenFile
-
-Progress = Callable[[str], None]
-
 
 #: A request seed: any value ``torch.manual_seed`` and ``torch.Generator.manual_seed`` accept.
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
@@ -53,14 +52,88 @@ class ChangedTensor(BaseModel):
 
 
 @dataclass(frozen=True)
+class ProgressEvent:
+    """What a progress callback receives: the stage, and the units done and planned in the whole job.
+
+    ``done`` never decreases; ``total >= done`` and grows when more work is planned (each write plans its bytes
+    when it starts). ``fraction`` is ``done / total`` (0 while nothing is planned).
+    """
+
+    stage: str
+    done: int
+    total: int
+    unit: str  # "bytes" | "tensors" | "steps"
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total > 0 else 0.0
+
+
+Progress = Callable[[ProgressEvent], None]
+
+
+class _Tally:
+    """The job-wide counters behind a run context (shared by the steps of a surgery, which pass it on)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = 0
+        self.total = 0
+        self.unit = "bytes"
+
+
+@dataclass(frozen=True)
 class RunContext:
-    """How an operation is run: the data directory that request paths resolve under, a progress callback, and
-    (in the service) a cache of unchanged files' sha256."""
+    """How an operation is run.
+
+    Attributes:
+        data_dir: the directory that request paths resolve under.
+        progress: receives a :class:`ProgressEvent` at each stage and after each tensor written.
+        digests: (in the service) a cache of unchanged files' sha256.
+        should_cancel: polled at tensor and shard boundaries (:meth:`check_cancelled`).
+        owner: the job id, written into the owner record of every temporary path (see ``io.atomic``).
+    """
 
     data_dir: Path
     progress: Progress | None = None
     digests: DigestCache | None = None
+    should_cancel: Callable[[], bool] | None = None
+    owner: str | None = None
+    _tally: _Tally = field(default_factory=_Tally, repr=False, compare=False)
 
-    def say(self, message: str) -> None:
+    def _emit(self, stage: str) -> None:
         if self.progress is not None:
-            self.progress(message)
+            t = self._tally
+            self.progress(ProgressEvent(stage, t.done, max(t.total, t.done), t.unit))
+
+    def say(self, stage: str) -> None:
+        """A new stage, with no new numbers."""
+        self._emit(stage)
+
+    def advance(self, stage: str, done: int, total: int, unit: str = "bytes") -> None:
+        """Set the job-wide numbers (``done`` is kept monotonic)."""
+        with self._tally.lock:
+            self._tally.done = max(self._tally.done, done)
+            self._tally.total = max(total, self._tally.done)
+            self._tally.unit = unit
+        self._emit(stage)
+
+    def plan(self, stage: str, units: int, unit: str = "bytes") -> None:
+        """``units`` more work planned (the total grows)."""
+        with self._tally.lock:
+            self._tally.total += units
+            self._tally.unit = unit
+        self._emit(stage)
+
+    def add_done(self, stage: str, units: int, unit: str = "bytes") -> None:
+        """``units`` more work done."""
+        with self._tally.lock:
+            self._tally.done += units
+            self._tally.unit = unit
+        self._emit(stage)
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`Cancelled` when the job was asked to stop."""
+        if self.should_cancel is not None and self.should_cancel():
+            raise Cancelled("the job was cancelled; nothing was written to the output",
+                            fix="Submit the request again to run it.")

@@ -175,14 +175,14 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     if single_file and not ckpt.is_file:
         raise InvalidSpec("a .safetensors output needs a bare .safetensors checkpoint", field="output",
                           fix="Give a directory as output for a model directory.")
-    with atomic_output(output, spec.overwrite) as tmp:
+    with atomic_output(output, spec.overwrite, owner=ctx.owner) as tmp:
         if single_file:
             ctx.say("write single file")
-            write_single_file(ckpt, tmp, changes)
+            write_single_file(ckpt, tmp, changes, ctx)
             digests = {}
         else:
             shard_name = "model.safetensors" if ckpt.is_file else None
-            digests = write_checkpoint(ckpt, tmp, changes, ctx.say, shard_name=shard_name, cache=ctx.digests)
+            digests = write_checkpoint(ckpt, tmp, changes, ctx, shard_name=shard_name, cache=ctx.digests)
             _write_side_files(ckpt, tmp, arch, plan, spec, tok)
         files = describe_files(tmp, known=digests)
         if single_file:  # the file's final name, not the temporary one

@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field, field_validator
 from adapter_surgery.config_check import check_config
 from adapter_surgery.errors import InvalidSpec, SurgeryError
 from adapter_surgery.io import Checkpoint, atomic_output, describe_files
-from adapter_surgery.io.atomic import check_output_path
+from adapter_surgery.io.atomic import check_output_path, make_work_dir
 from adapter_surgery.ops.attach_head import AttachHeadOptions, AttachHeadSpec, attach_head
 from adapter_surgery.ops.attach_lora import AttachLoraOptions, AttachLoraSpec, Name, TokenIds, attach_lora
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
@@ -131,7 +131,7 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
     created = [p for p in [output.parent, *output.parent.parents] if not p.exists()]
     done = False
     try:
-        work.mkdir(parents=True)
+        make_work_dir(work, ctx.owner)
         current = spec.checkpoint
         base_steps = [(i, s) for i, s in enumerate(spec.steps) if not isinstance(s, AttachLoraStep)]
         lora = next(((i, s) for i, s in enumerate(spec.steps) if isinstance(s, AttachLoraStep)), None)
@@ -158,7 +158,7 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
                       "base_model_name_or_path": final_cfg["base_model_name_or_path"]}
             results.append(StepResult(op=step.op, result=result))
             warnings += [f"steps.{i}: {w}" for w in result.get("warnings", [])]
-        with atomic_output(output, spec.overwrite) as tmp:
+        with atomic_output(output, spec.overwrite, owner=ctx.owner) as tmp:
             if patched:
                 os.replace(root / current, tmp)
             else:

@@ -1,0 +1,55 @@
+"""Test helpers for jobs: a gate that holds a job at its first copied tensor, and a scan for temporary files."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from adapter_surgery.jobs import FINISHED, JobService
+from adapter_surgery.jobs.service import TEMP_NAME
+
+
+class Gate:
+    """While closed, every copied tensor write waits (a job holds at a tensor boundary, deterministically)."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.reached = threading.Event()
+
+    def release(self) -> None:
+        self.open.set()
+
+
+def until(check: Callable[[], object], timeout: float = 20.0) -> object:
+    """Poll ``check`` until it returns a truthy value (a bound on waiting, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def release_when_cancelled(jobs: JobService, job_id: str, gate: Gate) -> threading.Thread:
+    """Open ``gate`` once the job's cancel flag is set (so the job reaches its next boundary after the cancel)."""
+    def run() -> None:
+        until(lambda: jobs.store.cancel_requested(job_id))
+        gate.release()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def temporaries(root: Path) -> list[Path]:
+    """Every temporary output, work directory or owner record under ``root`` (the service's scratch included)."""
+    found = [p for p in root.rglob("*") if TEMP_NAME.match(p.name)]
+    scratch = root / ".adapter-surgery" / "scratch"
+    return found + (list(scratch.iterdir()) if scratch.is_dir() else [])
+
+
+def finished(jobs: JobService, job_id: str) -> bool:
+    return jobs.get(job_id).state in FINISHED
