@@ -68,6 +68,8 @@ def _aim(upload: bytes):
             elif "file" in body:
                 body["file"] = upload
         if case.operation.path == "/verify" and isinstance(body.get("patched"), str):
+            if case.headers:  # the few verify runs answer synchronously, so that some reach 200
+                case.headers.pop("Prefer", None)
             verify_runs["verify"] += 1
             if verify_runs["verify"] > VERIFY_RUNS:
                 body["patched"] = "not-there"
