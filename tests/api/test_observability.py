@@ -52,7 +52,12 @@ def test_request_metrics_by_route_template_and_status(client: TestClient, build)
     hist = ("adapter_surgery_http_request_duration_seconds_count", (("method", "POST"), ("route", "/extend-vocab")))
     assert s[hist] == 3
     assert s[("adapter_surgery_http_request_duration_seconds_sum", hist[1])] > 0
-    assert not any(name.startswith("adapter_surgery_job") for name, _ in s)  # no job service: no job metrics
+    # the two valid requests ran as jobs (the third failed validation before any job): one succeeded, one failed
+    assert s[("adapter_surgery_jobs", (("state", "succeeded"),))] == 1
+    assert s[("adapter_surgery_jobs", (("state", "failed"),))] == 1
+    assert s[("adapter_surgery_job_duration_seconds_count", ())] == 2
+    assert s[("adapter_surgery_job_queue_depth", ())] == 0
+    assert s[("adapter_surgery_job_bytes_written_total", ())] > 0  # the rewritten shards of the succeeded job
 
 
 def test_each_app_has_its_own_registry(data_dir: Path) -> None:
@@ -111,8 +116,8 @@ def test_job_metrics_are_computed_from_the_store(client: TestClient) -> None:
 
 def test_readyz(client: TestClient, data_dir: Path) -> None:
     r = client.get("/readyz")
-    assert r.status_code == 200 and r.json() == {"status": "ready", "checks": {"data_dir": "ok"}}
-    assert sorted(p.name for p in data_dir.iterdir()) == []  # the probe file is removed
+    assert r.status_code == 200 and r.json() == {"status": "ready", "checks": {"data_dir": "ok", "jobs": "ok"}}
+    assert [p.name for p in data_dir.iterdir() if p.name != ".adapter-surgery"] == []  # the probe file is removed
     client.app.state.jobs = FakeJobs()
     assert client.get("/readyz").json()["checks"] == {"data_dir": "ok", "jobs": "ok"}
     client.app.state.jobs = FakeJobs(ok=(False, "no worker alive"))

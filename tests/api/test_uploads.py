@@ -25,14 +25,13 @@ from safetensors.torch import load
 from adapter_surgery.api import uploads
 from adapter_surgery.api.app import RESULT_HEADER, create_app
 from adapter_surgery.api.uploads import (
-    OWNER_FILE,
     ReceivedUpload,
     ScratchFileResponse,
     answer_upload,
     receive_upload,
     scratch_root,
-    sweep_scratch,
 )
+from adapter_surgery.io.atomic import OWNER_FILE
 from adapter_surgery.ops import OPERATIONS
 from adapter_surgery.settings import Settings
 from tests.fixtures import make
@@ -274,7 +273,7 @@ def test_upload_is_received_in_the_data_directory(data_dir: Path) -> None:
     assert upload.checkpoint == "input/m" and upload.filename == "x.zip"
     assert upload.spec_fields()["num_new_tokens"] == 3 and upload.spec_fields()["output"] == "output"
     owner = json.loads((upload.work / OWNER_FILE).read_text())
-    assert owner["pid"] == os.getpid() and owner["kind"] == "upload"
+    assert owner["pid"] == os.getpid() and owner["job"] is None
     upload.discard()
     assert_no_scratch(data_dir)
 
@@ -336,16 +335,15 @@ def test_sweep_removes_scratch_of_dead_processes_only(data_dir: Path) -> None:
     live = uploads.new_scratch(data_dir)
     dead = uploads.new_scratch(data_dir)
     owner = json.loads((dead / OWNER_FILE).read_text())
-    (dead / OWNER_FILE).write_text(json.dumps({**owner, "pid_start": "1"}))  # this pid, another process's start
+    (dead / OWNER_FILE).write_text(json.dumps({**owner, "pid_start": 1}))  # this pid, another process's start
     other_host = uploads.new_scratch(data_dir)
     (other_host / OWNER_FILE).write_text(json.dumps({**owner, "host": "elsewhere"}))
     old_other = uploads.new_scratch(data_dir)
     (old_other / OWNER_FILE).write_text(json.dumps({**owner, "host": "elsewhere"}))
     os.utime(old_other, (0, 0))
-    assert sorted(sweep_scratch(data_dir)) == sorted([dead, old_other])
+    jobs = create_app(Settings(data_dir=data_dir)).state.jobs
+    assert sorted(jobs.sweep()) == sorted([dead, old_other])
     assert live.is_dir() and other_host.is_dir()
-    create_app(Settings(data_dir=data_dir))  # the sweep runs when the app is built
-    assert live.is_dir()
 
 
 def _free_port() -> int:

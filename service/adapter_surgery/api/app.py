@@ -22,7 +22,7 @@ from adapter_surgery.api.openapi import build_openapi, request_body, responses, 
 from adapter_surgery.api.uploads import MAX_RESULT_HEADER, RESULT_HEADER, answer_upload, receive_upload
 from adapter_surgery.api.uploads import result_header as _result_header
 from adapter_surgery.io.writer import DigestCache
-from adapter_surgery.jobs import Job, JobService, JobState
+from adapter_surgery.jobs import JobService, JobState
 from adapter_surgery.ops import OPERATIONS, Operation
 from adapter_surgery.settings import Settings
 
@@ -81,10 +81,8 @@ def _add_route(app: FastAPI, op: Operation, settings: Settings, jobs: JobService
                                                                if takes_upload(op) else "."))
 
     handler.__name__ = op.name.replace("-", "_")
-    accepted = {202: {"model": Job, "description": "With `Prefer: respond-async`: the job, queued; follow it at "
-                                                   "`Location` (`GET /jobs/{id}`)."}}
     app.add_api_route(f"/{op.name}", handler, methods=["POST"], summary=op.summary, response_model=op.result,
-                      responses={**responses(op, RESULT_HEADER), **accepted}, openapi_extra=request_body(op))
+                      responses=responses(op, RESULT_HEADER), openapi_extra=request_body(op))
 
 
 def _with_default_device(spec: BaseModel, settings: Settings) -> BaseModel:

@@ -95,8 +95,12 @@ class JobCollector(Collector):
             if started is not None and finished is not None:
                 durations.append(max((finished - started).total_seconds(), 0.0))
             result = _field(j, "result") or {}
+            progress = _field(j, "progress")
             read += int(result.get("bytes_read") or 0)
-            written += int(result.get("bytes_written") or 0)
+            if result.get("bytes_written") is not None:
+                written += int(result["bytes_written"])
+            elif result and _field(progress, "unit") == "bytes":  # succeeded: the bytes its writer reported
+                written += int(_field(progress, "done") or 0)
         counts = [sum(d <= b for d in durations) for b in JOB_BUCKETS]
         hist = HistogramMetricFamily(f"{PREFIX}_job_duration_seconds", "Time from a job's start to its end "
                                      "(finished records in the store).")

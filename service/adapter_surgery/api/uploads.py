@@ -14,16 +14,12 @@ from __future__ import annotations
 import codecs
 import json
 import lzma
-import os
 import shutil
-import socket
 import tarfile
-import time
 import uuid
 import zipfile
 import zlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
@@ -45,6 +41,7 @@ from adapter_surgery.errors import (
     SurgeryError,
     validation_problem_body,
 )
+from adapter_surgery.io.atomic import make_work_dir
 from adapter_surgery.settings import Settings
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -55,9 +52,6 @@ MAX_RESULT_HEADER = 7 * 1024
 MAX_FILES, MAX_FIELDS = 1, 4
 #: File data is written in batches of this size, off the event loop.
 WRITE_BATCH = 1 << 20
-OWNER_FILE = ".adapter-surgery-owner.json"
-#: A scratch directory of another host (or one without owner) is swept after this many seconds.
-STALE_SCRATCH_SECONDS = 24 * 3600
 
 
 def scratch_root(data_dir: Path) -> Path:
@@ -96,57 +90,12 @@ class SpecInvalid(SurgeryError):
         return self.body
 
 
-def _process_start(pid: int) -> str | None:
-    try:  # field 22 of /proc/<pid>/stat: start time in clock ticks since boot (tells a reused pid apart)
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, started: str | None) -> bool:
-    if started is not None:
-        return _process_start(pid) == started
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def new_scratch(data_dir: Path) -> Path:
-    """A new scratch directory under the data directory, with an owner file (host, pid) for the sweep."""
+    """A new scratch directory under the data directory, with its owner record (host, pid) inside: the job
+    service's start-up sweep (:meth:`adapter_surgery.jobs.JobService.sweep`) removes those of dead processes."""
     work = scratch_root(data_dir) / uuid.uuid4().hex
-    work.mkdir(parents=True)
-    owner = {"job": None, "kind": "upload", "host": socket.gethostname(), "pid": os.getpid(),
-             "pid_start": _process_start(os.getpid()), "created_at": datetime.now(UTC).isoformat()}
-    (work / OWNER_FILE).write_text(json.dumps(owner))
+    make_work_dir(work, None)
     return work
-
-
-def sweep_scratch(data_dir: Path) -> list[Path]:
-    """Remove scratch directories left by a dead process of this host (its pid gone or reused), and any older than
-    ``STALE_SCRATCH_SECONDS`` (replicas on other hosts); return those removed. Safe beside live replicas."""
-    root, removed = scratch_root(data_dir), []
-    if not root.is_dir():
-        return removed
-    host = socket.gethostname()
-    for work in root.iterdir():
-        try:
-            owner = json.loads((work / OWNER_FILE).read_text())
-            mine = owner.get("host") == host
-            alive = mine and _alive(int(owner["pid"]), owner.get("pid_start"))
-        except (OSError, ValueError, KeyError, TypeError):
-            mine = alive = False
-        try:
-            old = time.time() - work.stat().st_mtime > STALE_SCRATCH_SECONDS
-        except OSError:
-            continue
-        if (mine and not alive) or (not mine and old):
-            shutil.rmtree(work, ignore_errors=True)
-            removed.append(work)
-    return removed
 
 
 class _FormReceiver:
