@@ -239,17 +239,18 @@ def verify(spec: VerifySpec, ctx: RunContext) -> VerifyResult:
                                   "of its extend-vocab, attach-head or surgery request).")
     check_config(patched_ckpt, "patched.config")
     options = VerifyOptions.model_validate(spec.model_dump(exclude={"checkpoint", "patched"}))
-    _require_memory(base_ckpt, patched_ckpt, options, pick_device(spec.device))
+    _require_memory(base_ckpt, patched_ckpt, options, pick_device(spec.device), ctx.memory_limit_bytes)
     report = preservation_report(base, patched, options, progress=ctx.say)
     return VerifyResult(checkpoint=spec.checkpoint, patched=spec.patched, report=report)
 
 
-def _require_memory(base: Checkpoint, patched: Checkpoint, opts: VerifyOptions, dev: torch.device) -> None:
+def _require_memory(base: Checkpoint, patched: Checkpoint, opts: VerifyOptions, dev: torch.device,
+                    limit: int | None = None) -> None:
     """``POST /verify`` refuses (503, before loading anything) a report that cannot fit in the memory available to
     the process; a ``memory_limit_bytes`` of the request below the estimate still gives a skipped report."""
     if base.config is None or patched.config is None:
         return  # the report is skipped without loading anything
-    needed, available = _memory(base, patched, opts, dev)
+    needed, available = _memory(base, patched, opts, dev, limit)
     if needed <= available:
         return
     weights = resources.verify_bytes(max(_float32_bytes(base), _float32_bytes(patched)), 0, 0, 0, 0)
@@ -388,19 +389,20 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
 
 
 # -- memory --------------------------------------------------------------------------------------------------
-def available_memory(device: torch.device) -> int:
+def available_memory(device: torch.device, limit: int | None = None) -> int:
     """Bytes available for new allocations: free CUDA memory, else what the process may still allocate
     (:func:`adapter_surgery.resources.available_memory`: the cgroup limit, ``MemAvailable``, or the setting)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    return resources.available_memory()
+    return resources.available_memory(limit)
 
 
 def _float32_bytes(ckpt: Checkpoint) -> int:
     return sum(4 * math.prod(shape) for shape in ckpt.shapes().values())
 
 
-def _memory(base: Checkpoint, patched: Checkpoint, opts: VerifyOptions, dev: torch.device) -> tuple[int, int]:
+def _memory(base: Checkpoint, patched: Checkpoint, opts: VerifyOptions, dev: torch.device,
+            limit: int | None = None) -> tuple[int, int]:
     cfg = patched.config or {}
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
     hidden = int(text.get("hidden_size") or text.get("n_embd") or 1024)  # type: ignore[union-attr]
@@ -408,9 +410,9 @@ def _memory(base: Checkpoint, patched: Checkpoint, opts: VerifyOptions, dev: tor
     vocab = int(text.get("vocab_size") or 0)  # type: ignore[union-attr]
     tokens = opts.num_probes * opts.probe_length + (4 * len(opts.text) if opts.text else 0)
     needed = resources.verify_bytes(max(_float32_bytes(base), _float32_bytes(patched)), tokens, hidden, layers, vocab)
-    available = available_memory(dev)
+    available = available_memory(dev, limit)
     if dev.type != "cpu":  # the weights pass through host memory on the way to the device
-        available = min(available, available_memory(torch.device("cpu")))
+        available = min(available, available_memory(torch.device("cpu"), limit))
     return needed, available
 
 

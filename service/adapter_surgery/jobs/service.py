@@ -370,7 +370,8 @@ class JobService:
         try:
             op = OPERATIONS[rec.job.operation]
             ctx = RunContext(self.settings.data_dir / rec.data_dir_rel, progress=lambda ev: self._progress(run, ev),
-                             digests=self.digests, should_cancel=lambda: self._should_cancel(run), owner=job_id)
+                             digests=self.digests, should_cancel=lambda: self._should_cancel(run), owner=job_id,
+                             memory_limit_bytes=self.settings.memory_limit_bytes)
             spec = op.spec.model_validate(rec.spec)
             run_result = run_operation(op, spec, ctx)
             state, result = JobState.succeeded, run_result.model_dump(mode="json")

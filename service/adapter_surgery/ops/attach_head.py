@@ -194,7 +194,8 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
                                 field="checkpoint", fix="Send a config.json that transformers can load.")
     warnings = list(ckpt.warnings)
     head = 2 * 4 * len(id2label) * arch.hidden_size + 4 * 4 * arch.hidden_size * arch.hidden_size  # + a pooler
-    resources.require(head, field="id2label" if spec.id2label is not None else "num_labels",
+    resources.require(head, available=resources.available_memory(ctx.memory_limit_bytes),
+                      field="id2label" if spec.id2label is not None else "num_labels",
                       what=f"a head of {len(id2label)} labels over {arch.hidden_size} features",
                       fix="Use fewer labels, or give the service more memory.")
     config = _auto_config(ckpt)

@@ -273,7 +273,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
     warnings_out = list(ckpt.warnings) + arch.notes
     warnings_out += _check_weights_fit_config(ckpt, model, arch)
     targets = _plan(config, model, ckpt, arch, spec, warnings_out)
-    _check_memory(targets, init, spec, needs_weights)
+    _check_memory(targets, init, spec, needs_weights, ctx.memory_limit_bytes)
     base_path = f"{spec.output.rstrip('/')}/{RESIDUAL_DIR}" if decompose else spec.checkpoint
     ctx.say(f"{len(targets)} target modules, init {init}")
 
@@ -304,14 +304,15 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
 
 
 # -- request checks -------------------------------------------------------------------------------------------
-def _check_memory(targets: list[_Target], init: str, spec: AttachLoraSpec, needs_weights: bool) -> None:
+def _check_memory(targets: list[_Target], init: str, spec: AttachLoraSpec, needs_weights: bool,
+                  limit: int | None) -> None:
     """Refuse (503) before any weight is read when the adapter (float32, peft's copy and the saved one) plus the
     largest target's factorization (:func:`adapter_surgery.resources.decomposition_bytes`) cannot fit."""
     adapter = sum(2 * 4 * t.r * (t.in_features + t.out_features) for t in targets)
     one = max((resources.decomposition_bytes(t.out_features, t.in_features, t.r, init if init not in DATA_FREE_INITS
                                              else "dora") for t in targets), default=0) if needs_weights else 0
     field = "r" if adapter >= one else ("init_lora_weights" if init not in DATA_FREE_INITS else "use_dora")
-    resources.require(adapter + one, field=field,
+    resources.require(adapter + one, field=field, available=resources.available_memory(limit),
                       what=f"an adapter on {len(targets)} target(s)" + (f" with init {init}" if needs_weights else ""),
                       fix="Lower r (or rank_pattern), target fewer modules, use 'pissa_niter_N' instead of an exact "
                           "'pissa', or give the service more memory.")

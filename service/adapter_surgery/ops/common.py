@@ -92,6 +92,8 @@ class RunContext:
         digests: (in the service) a cache of unchanged files' sha256.
         should_cancel: polled at tensor and shard boundaries (:meth:`check_cancelled`).
         owner: the job id, written into the owner record of every temporary path (see ``io.atomic``).
+        memory_limit_bytes: the service's ``memory_limit_bytes`` setting (None: the environment's, else what the
+            process may still allocate; see :mod:`adapter_surgery.resources`).
     """
 
     data_dir: Path
@@ -99,6 +101,7 @@ class RunContext:
     digests: DigestCache | None = None
     should_cancel: Callable[[], bool] | None = None
     owner: str | None = None
+    memory_limit_bytes: int | None = None
     _tally: _Tally = field(default_factory=_Tally, repr=False, compare=False)
 
     def _emit(self, stage: str) -> None:

@@ -164,7 +164,7 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     arch = resolve_architecture(ckpt)
     warnings = list(ckpt.warnings) + arch.notes
     tok = _load_tokenizer(ckpt, spec)
-    _check_memory(spec, ckpt, arch, tok)
+    _check_memory(spec, ckpt, arch, tok, ctx.memory_limit_bytes)
     plan = plan_vocab(spec, ckpt, arch, tok)
     if not plan.rows and plan.rows_after == arch.vocab_rows and not spec.reinit_existing and not spec.untie:
         warnings.append("nothing to add: every token already exists (or none was given); the output is the input, "
@@ -318,7 +318,7 @@ def _check_size(new_rows: int, ckpt: Checkpoint, arch: Architecture, spec: Exten
                           fix=f"Add at most {MAX_NEW_ROWS} rows and {MAX_NEW_BYTES >> 30} GiB per request.")
 
 
-def _check_memory(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok) -> None:
+def _check_memory(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok, limit: int | None) -> None:
     """Refuse (503) before the tokenizer grows when the new rows cannot fit in the memory available
     (:func:`adapter_surgery.resources.extend_vocab_bytes`; an upper bound: every token new)."""
     info = ckpt.info(arch.input_embedding)
@@ -333,7 +333,8 @@ def _check_memory(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, t
         new_rows, row, len(arch.vocab_tensors), max(1, info.nbytes // max(info.numel, 1)),
         covariance_of=row if "hewitt" in inits else 0, tokens=n)
     field = "pad_to_multiple_of" if spec.pad_to_multiple_of else ("tokens" if spec.tokens else "num_new_tokens")
-    resources.require(estimate, field=field, what=f"adding up to {new_rows} rows of {row} values",
+    resources.require(estimate, available=resources.available_memory(limit), field=field,
+                      what=f"adding up to {new_rows} rows of {row} values",
                       fix="Add fewer tokens per request (several requests, each on the previous output), or give "
                           "the service more memory (ADAPTER_SURGERY_MEMORY_LIMIT_BYTES, the container's limit).")
 
