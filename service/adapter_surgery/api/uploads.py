@@ -271,6 +271,13 @@ def unpack_upload(filename: str, src: Path, work: Path, limit: int, max_members:
     return str(weights[0].parent.relative_to(work))
 
 
+def _reason(exc: BaseException) -> str:
+    """Why an archive could not be extracted, without the server's paths (an OSError names the scratch file)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _safe_member(name: str) -> bool:
     p = PurePosixPath(name)
     return not p.is_absolute() and ".." not in p.parts and "\\" not in name
@@ -308,7 +315,7 @@ def _unzip(src: Path, dest: Path, limit: int, max_members: int | None) -> None:
             zf.extractall(dest)
     except (zipfile.BadZipFile, RuntimeError, NotImplementedError, ValueError, OSError, EOFError,
             lzma.LZMAError, zlib.error) as exc:  # encrypted, unknown compression, file/dir name clashes...
-        raise InvalidCheckpoint(f"the uploaded .zip cannot be extracted ({type(exc).__name__}: {exc})", field="file",
+        raise InvalidCheckpoint(f"the uploaded .zip cannot be extracted ({_reason(exc)})", field="file",
                                 fix="Upload a plain (unencrypted, stored or deflated) zip of a model directory.") \
             from None
 
@@ -329,7 +336,7 @@ def _untar(src: Path, dest: Path, limit: int, max_members: int | None) -> None:
                                             field="file", fix="Archive plain files with relative paths.")
             tf.extractall(dest, members=members, filter="data")
     except (tarfile.TarError, OSError, EOFError, ValueError, lzma.LZMAError, zlib.error) as exc:
-        raise InvalidCheckpoint(f"the uploaded tar cannot be extracted ({type(exc).__name__}: {exc})", field="file",
+        raise InvalidCheckpoint(f"the uploaded tar cannot be extracted ({_reason(exc)})", field="file",
                                 fix="Upload a plain tar of a model directory.") from None
 
 
