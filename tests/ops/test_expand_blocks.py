@@ -301,3 +301,21 @@ def test_http_route(data_dir: Path, build) -> None:
     assert r.status_code == 422 and r.json()["field"] == "num_blocks"
     with safe_open(str(data_dir / "out" / "model-00001-of-00002.safetensors"), "pt") as f:
         assert f.keys()
+
+
+def test_surgery_step_then_lora_on_the_new_block(data_dir: Path, build) -> None:
+    from peft import PeftModel
+
+    from adapter_surgery.ops.surgery import SurgerySpec, surgery
+
+    src = build("FX-B")
+    r = surgery(SurgerySpec(checkpoint=src, output="out", steps=[
+        {"op": "expand-blocks", "positions": [0]},
+        {"op": "attach-lora", "r": 4, "target_modules": ["q_proj", "o_proj"], "layers_to_transform": [1]}]),
+        RunContext(data_dir))
+    assert r.steps[0].op == "expand-blocks" and r.steps[0].result["new_layers"] == [1]
+    assert config(data_dir / "out")["num_hidden_layers"] == 3
+    base = AutoModelForCausalLM.from_pretrained(data_dir / "out", dtype=torch.float32)
+    lora = PeftModel.from_pretrained(base, data_dir / "out" / "adapter")
+    names = [n for n, _ in lora.named_parameters() if "lora_A" in n]
+    assert names and all(".layers.1." in n for n in names)
