@@ -65,7 +65,7 @@ DEFECTS = [
 def request(op: str, src: str) -> dict:
     options = {"extend-vocab": {"tokens": ["<a>"]}, "attach-lora": {"target_modules": "all-linear"},
                "attach-head": {"num_labels": 2}, "surgery": {"steps": [{"op": "extend-vocab", "tokens": ["<a>"]}]},
-               "verify": {}}[op]
+               "expand-blocks": {"num_blocks": 1}, "verify": {}}[op]
     paths = {"checkpoint": src, "patched": src} if op == "verify" else {"checkpoint": src, "output": f"{src}-out"}
     return {**paths, **options}
 

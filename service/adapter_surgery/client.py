@@ -35,13 +35,14 @@ if TYPE_CHECKING:
 
     from adapter_surgery.ops.attach_head import AttachHeadResult, AttachHeadSpec
     from adapter_surgery.ops.attach_lora import AttachLoraResult, AttachLoraSpec
+    from adapter_surgery.ops.expand_blocks import ExpandBlocksResult, ExpandBlocksSpec
     from adapter_surgery.ops.extend_vocab import ExtendVocabResult, ExtendVocabSpec
     from adapter_surgery.ops.surgery import SurgeryResult, SurgerySpec
     from adapter_surgery.verify import VerifyResult, VerifySpec
 
 #: The operations the client knows (the routes ``POST /<name>``); ``tests/test_client.py`` checks that they
 #: are exactly the keys of ``adapter_surgery.ops.OPERATIONS``, without this module importing them.
-OPERATION_NAMES = ("extend-vocab", "attach-lora", "attach-head", "surgery", "verify")
+OPERATION_NAMES = ("extend-vocab", "attach-lora", "attach-head", "expand-blocks", "surgery", "verify")
 TOKEN_ENV = "ADAPTER_SURGERY_API_TOKEN"
 RESULT_HEADER = "X-Adapter-Surgery-Result"
 PROBLEM = "application/problem+json"
@@ -364,6 +365,11 @@ class Client:
                     ) -> AttachHeadResult:
         """``POST /attach-head``: attach a classification head."""
         return self._typed("attach-head", spec, timeout)
+
+    def expand_blocks(self, spec: ExpandBlocksSpec | Mapping[str, Any], *, timeout: float | None = None
+                      ) -> ExpandBlocksResult:
+        """``POST /expand-blocks``: insert new decoder blocks (LLaMA Pro)."""
+        return self._typed("expand-blocks", spec, timeout)
 
     def surgery(self, spec: SurgerySpec | Mapping[str, Any], *, timeout: float | None = None) -> SurgeryResult:
         """``POST /surgery``: several operations as one job with one atomic output."""

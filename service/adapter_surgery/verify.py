@@ -179,6 +179,9 @@ class HeadCheck(BaseModel):
 
 class LayerRMS(BaseModel):
     layer: int = Field(description="Index into hidden_states: 0 is the embedding output.")
+    base_layer: int | None = Field(None, description="The base's hidden state compared, when the patched model has "
+                                                     "other layers (expand-blocks: the same number of base blocks "
+                                                     "passed); None when it is the same index.")
     base: float
     patched: float
     ratio: float
@@ -272,12 +275,15 @@ def _require_memory(base: Checkpoint, patched: Checkpoint, opts: VerifyOptions, 
 # -- the core ------------------------------------------------------------------------------------------------
 def preservation_report(base: Path, patched: Path, options: VerifyOptions | None = None, *,
                         head_init: str | None = None, device: DeviceName | None = None,
-                        progress: Callable[[str], None] | None = None) -> PreservationReport:
+                        progress: Callable[[str], None] | None = None,
+                        layer_map: list[int | None] | None = None) -> PreservationReport:
     """Compare ``patched`` with ``base`` on probe inputs (see the module docstring); never raises.
 
     Args:
         base, patched: model directories (``config.json`` + safetensors).
         options: probe settings; ``head_init`` / ``device`` override the ones in ``options`` when given.
+        layer_map: for a patched model with inserted layers (expand-blocks), the base hidden-state index each
+            patched hidden state is compared with (its length is the patched layer count + 1; ``None``: none).
     Returns:
         A report with ``status: "ok"``, or ``"skipped"`` and the reason.
     """
@@ -287,7 +293,7 @@ def preservation_report(base: Path, patched: Path, options: VerifyOptions | None
     if updates:
         opts = opts.model_copy(update=updates)
     try:
-        report = _report(base, patched, opts, progress or (lambda _m: None))
+        report = _report(base, patched, opts, progress or (lambda _m: None), layer_map)
     except _Skip as skip:
         report = PreservationReport(status="skipped", reason=str(skip), **skip.extra)
     except Exception as exc:  # the report must never make a request fail
@@ -334,7 +340,8 @@ class _Run:
     load_problems: list[str] = field(default_factory=list)
 
 
-def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str], None]) -> PreservationReport:
+def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str], None],
+            layer_map: list[int | None] | None = None) -> PreservationReport:
     ckpts = {}
     for role, path in (("base", base), ("patched", patched)):
         try:
@@ -350,7 +357,8 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
                         "cannot be run")
     tok = _tokenizer(ckpts["base"])
     tok_p = _tokenizer(ckpts["patched"])
-    reason = not_derived(ckpts["base"], ckpts["patched"], tok, tok_p)
+    reason = not_derived(ckpts["base"], ckpts["patched"], tok, tok_p,
+                         patched_layers=None if layer_map is None else len(layer_map) - 1)
     if reason is not None:
         raise _Skip(f"the patched checkpoint is not derived from this base: {reason}")
     try:
@@ -379,7 +387,7 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
     _compare_logits(report, b, p, summary.old_vocab_size, new_ids,
                     mean_rows=lambda old, added: _mean_initialized(ckpts["base"], ckpts["patched"], tok, old, added))
     report.head = _head_check(p, opts.head_init)
-    _compare_hidden(report, b, p)
+    _compare_hidden(report, b, p, layer_map)
     checks = [report.logits_preserved, report.hidden_states_passed,
               None if report.added_tokens is None else report.added_tokens.passed,
               None if report.head is None else report.head.passed]
@@ -679,12 +687,13 @@ def _mean_initialized(base: Checkpoint, patched: Checkpoint, tok_b, old: int,
     return [i for i in added if i in keep], over
 
 
-def not_derived(base: Checkpoint, patched: Checkpoint, tok_b, tok_p) -> str | None:
+def not_derived(base: Checkpoint, patched: Checkpoint, tok_b, tok_p, patched_layers: int | None = None) -> str | None:
     """Why ``patched`` cannot have been made from ``base`` by this service, or ``None``.
 
     Derived checkpoints keep the model type, hidden size and layer count, every tensor's shape but for a grown
     vocabulary (dimension 0), the base tokenizer's ids, and at least the base's vocabulary rows. Anything else
-    (e.g. SmolLM2 against MiniLM) cannot be compared probe by probe.
+    (e.g. SmolLM2 against MiniLM) cannot be compared probe by probe. ``patched_layers``: the layer count the
+    patched checkpoint must have instead of the base's (expand-blocks).
     """
     cb, cp = base.config or {}, patched.config or {}
 
@@ -701,6 +710,10 @@ def not_derived(base: Checkpoint, patched: Checkpoint, tok_b, tok_p) -> str | No
         vb, vp = first(text(cb), keys), first(text(cp), keys)
         if vb is None:
             vb, vp = first(cb, keys), first(cp, keys)
+        if what == "layer count" and patched_layers is not None and vp is not None:
+            if vp != patched_layers:
+                return f"the patched checkpoint has {what} {vp!r}, not the {patched_layers} expected"
+            continue
         if vb is not None and vp is not None and vb != vp:
             return f"the base has {what} {vb!r}, the patched checkpoint {vp!r}"
     shapes_b = base.shapes()
@@ -775,10 +788,13 @@ def _rms(xs: list[torch.Tensor]) -> float:
     return float(flat.pow(2).mean().sqrt())
 
 
-def _compare_hidden(report: PreservationReport, b: _Run, p: _Run) -> None:
+def _compare_hidden(report: PreservationReport, b: _Run, p: _Run, layer_map: list[int | None] | None = None) -> None:
     nb, np_ = len(b.hidden[0]), len(p.hidden[0])
     if not nb or not np_:
         report.warnings.append("hidden states not compared: a model returned none")
+        return
+    if layer_map is not None and len(layer_map) == np_ and all(j is None or j < nb for j in layer_map):
+        _compare_mapped(report, b, p, layer_map)
         return
     if nb != np_:
         report.warnings.append(f"the models have different depths ({nb - 1} vs {np_ - 1} layers); the first "
@@ -791,5 +807,22 @@ def _compare_hidden(report: PreservationReport, b: _Run, p: _Run) -> None:
         delta = max(float((x - y).abs().max()) for x, y in zip(hb, hp, strict=True))
         ratio = rp / rb if rb > 0 else (1.0 if rp == 0 else math.inf)
         layers.append(LayerRMS(layer=i, base=rb, patched=rp, ratio=ratio, max_abs_delta=delta))
+    report.hidden_states = layers
+    report.hidden_states_passed = all(HIDDEN_RATIO_MIN <= layer.ratio <= HIDDEN_RATIO_MAX for layer in layers)
+
+
+def _compare_mapped(report: PreservationReport, b: _Run, p: _Run, layer_map: list[int | None]) -> None:
+    """Every patched hidden state against the base's at index ``layer_map[i]`` (inserted layers; ``None``: no
+    counterpart, not compared)."""
+    layers = []
+    for i, j in enumerate(layer_map):
+        if j is None:
+            continue
+        hb = [h[j] for h in b.hidden]
+        hp = [h[i] for h in p.hidden]
+        rb, rp = _rms(hb), _rms(hp)
+        delta = max(float((x - y).abs().max()) for x, y in zip(hb, hp, strict=True))
+        ratio = rp / rb if rb > 0 else (1.0 if rp == 0 else math.inf)
+        layers.append(LayerRMS(layer=i, base_layer=j, base=rb, patched=rp, ratio=ratio, max_abs_delta=delta))
     report.hidden_states = layers
     report.hidden_states_passed = all(HIDDEN_RATIO_MIN <= layer.ratio <= HIDDEN_RATIO_MAX for layer in layers)

@@ -69,6 +69,9 @@ EXAMPLES: dict[str, dict[str, Any]] = {
                   {"op": "attach-head", "num_labels": 3, "pad_token": "add"},
                   {"op": "attach-lora", "r": 16, "lora_alpha": 32, "target_modules": "all-linear",
                    "trainable_token_indices": "added"}]},
+    "expand-blocks": {
+        "checkpoint": "SmolLM2-135M-Instruct", "output": "SmolLM2-pro", "num_blocks": 6, "positions": "interleave",
+        "init": "zero", "seed": 0, "verify": True},
     "verify": {
         "checkpoint": "SmolLM2-135M-Instruct", "patched": "SmolLM2-135M-Instruct-tools", "num_probes": 4,
         "probe_length": 16, "seed": 0, "text": "The capital of France is"},

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from adapter_surgery.ops.attach_head import AttachHeadOptions, AttachHeadResult, AttachHeadSpec, attach_head
 from adapter_surgery.ops.attach_lora import AttachLoraOptions, AttachLoraResult, AttachLoraSpec, attach_lora
 from adapter_surgery.ops.common import PathFields, RunContext
+from adapter_surgery.ops.expand_blocks import ExpandBlocksOptions, ExpandBlocksResult, ExpandBlocksSpec, expand_blocks
 from adapter_surgery.ops.extend_vocab import ExtendVocabOptions, ExtendVocabResult, ExtendVocabSpec, extend_vocab
 from adapter_surgery.ops.surgery import SurgeryOptions, SurgeryResult, SurgerySpec, surgery
 from adapter_surgery.verify import VerifyOptions, VerifyResult, VerifySpec, verify
@@ -44,6 +45,9 @@ OPERATIONS: dict[str, Operation] = {
         Operation("attach-head", "Attach a classification head (sequence or token): the LM head dropped, the head "
                   "initialized, config and tokenizer made consistent.",
                   AttachHeadSpec, AttachHeadOptions, AttachHeadResult, attach_head),  # type: ignore[arg-type]
+        Operation("expand-blocks", "Insert new decoder blocks (LLaMA Pro): copies of the block before each, residual "
+                  "projections zero (an identity: logits unchanged) or GPT-2's scaled normal; layers renumbered.",
+                  ExpandBlocksSpec, ExpandBlocksOptions, ExpandBlocksResult, expand_blocks),  # type: ignore[arg-type]
         Operation("surgery", "Run several operations (extend-vocab, attach-head, attach-lora) as one job with one "
                   "atomic output: the patched base plus the adapter that names it.",
                   SurgerySpec, SurgeryOptions, SurgeryResult, surgery),  # type: ignore[arg-type]

@@ -1,12 +1,12 @@
 """Surgery: several operations as one job with one atomic output (``POST /surgery``).
 
 ``{"checkpoint", "output", "steps": [{"op": "extend-vocab", ...}, {"op": "attach-head", ...},
-{"op": "attach-lora", ...}]}``. Steps that patch the base (``extend-vocab``, ``attach-head``) run in order, each
-on the previous one's output, in a work directory beside the destination (unchanged shards are hard-linked from
-step to step, so the cost still grows with what changes). An ``attach-lora`` step then builds its adapter on the
-*final* patched base, wherever it stands in the list: an adapter made on an intermediate base would not load on
-the final one (a head added later changes the model class). ``"trainable_token_indices": "added"`` makes the
-rows added by the plan's extend-vocab steps trainable.
+{"op": "attach-lora", ...}]}``. Steps that patch the base (``extend-vocab``, ``attach-head``, ``expand-blocks``) run
+in order, each on the previous one's output, in a work directory beside the destination (unchanged shards are
+hard-linked from step to step, so the cost still grows with what changes). An ``attach-lora`` step then builds its
+adapter on the *final* patched base, wherever it stands in the list: an adapter made on an intermediate base would
+not load on the final one (a head added later changes the model class). ``"trainable_token_indices": "added"`` makes
+the rows added by the plan's extend-vocab steps trainable.
 
 The output holds the patched base (as saved by its last step) and, with an ``attach-lora`` step, the adapter in
 ``<output>/adapter/`` whose ``base_model_name_or_path`` names ``<output>``. No intermediate result ever appears at
@@ -33,6 +33,7 @@ from adapter_surgery.io.atomic import check_output_path, make_work_dir
 from adapter_surgery.ops.attach_head import AttachHeadOptions, AttachHeadSpec, attach_head
 from adapter_surgery.ops.attach_lora import AttachLoraOptions, AttachLoraSpec, Name, TokenIds, attach_lora
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
+from adapter_surgery.ops.expand_blocks import ExpandBlocksOptions, ExpandBlocksSpec, expand_blocks
 from adapter_surgery.ops.extend_vocab import ExtendVocabOptions, ExtendVocabSpec, extend_vocab
 from adapter_surgery.paths import resolve_under
 from adapter_surgery.verify import PreservationReport, VerifyOptions, preservation_report
@@ -50,6 +51,10 @@ class AttachHeadStep(AttachHeadOptions):
     op: Literal["attach-head"]
 
 
+class ExpandBlocksStep(ExpandBlocksOptions):
+    op: Literal["expand-blocks"]
+
+
 Added = Literal["added"]
 
 
@@ -60,7 +65,7 @@ class AttachLoraStep(AttachLoraOptions):
                           "added.")
 
 
-Step = Annotated[ExtendVocabStep | AttachHeadStep | AttachLoraStep, Field(discriminator="op")]
+Step = Annotated[ExtendVocabStep | AttachHeadStep | ExpandBlocksStep | AttachLoraStep, Field(discriminator="op")]
 
 
 class SurgeryOptions(StrictModel):
@@ -186,6 +191,7 @@ _RUNNERS = {
     "extend-vocab": (ExtendVocabSpec, extend_vocab),
     "attach-head": (AttachHeadSpec, attach_head),
     "attach-lora": (AttachLoraSpec, attach_lora),
+    "expand-blocks": (ExpandBlocksSpec, expand_blocks),
 }
 
 
