@@ -8,7 +8,19 @@ import threading
 import pytest
 import torch
 
-from adapter_surgery.initializers import WEIGHT_INITS, WeightInitArgs, expected_std, seeded_global_rng
+from adapter_surgery import initializers
+from adapter_surgery.initializers import (
+    HEWITT_COVARIANCE_SCALE,
+    ROW_INITS,
+    WEIGHT_INITS,
+    RowContext,
+    RowStats,
+    WeightInitArgs,
+    expected_std,
+    hewitt_needs_covariance,
+    row_stats,
+    seeded_global_rng,
+)
 
 
 @pytest.mark.parametrize("name", ["kaiming_normal", "kaiming_uniform", "xavier_uniform", "xavier_normal", "normal",
@@ -44,3 +56,73 @@ def test_seeded_global_rng_is_deterministic_under_concurrency() -> None:
     with seeded_global_rng(7):
         torch.rand(5)
     assert torch.equal(torch.rand(3), a)  # the caller's RNG state is restored
+
+
+# -- hewitt: N(mu, 1e-5 Sigma), through the covariance or straight from the centred rows -------------------------
+def _trained_rows_of(x: torch.Tensor, block: int):
+    def rows():
+        for lo in range(0, x.shape[0], block):
+            yield x[lo:lo + block]
+    return rows
+
+
+def _correlated_rows(n: int, d: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=gen) / math.sqrt(d) + torch.eye(d)
+    return 3.0 + 0.05 * torch.randn(n, d, generator=gen) @ mix  # a mean far from 0, correlated columns
+
+
+@pytest.mark.parametrize("through_covariance", [True, False])
+def test_hewitt_sample_covariance_matches_1e_5_sigma(through_covariance: bool) -> None:
+    x = _correlated_rows(3000, 8, seed=1)
+    chunks = [(lo, x[lo:lo + 700]) for lo in range(0, 3000, 700)]  # several blocks: float64 accumulation
+    stats = row_stats(chunks, lambda first, n: torch.ones(n, dtype=torch.bool), torch.device("cpu"),
+                      covariance=through_covariance)
+    xd = x.double()
+    mu = xd.mean(0)
+    sigma = (xd - mu).T @ (xd - mu) / x.shape[0]  # the population covariance of the trained rows
+    assert stats.count == 3000 and torch.allclose(stats.mean.double(), mu, atol=1e-5)
+    if through_covariance:
+        assert torch.allclose(stats.covariance, sigma, rtol=1e-4, atol=1e-9)
+    ctx = RowContext(name="w", stats=stats, row_shape=(8,), read_rows=lambda ids: x[ids], initializer_range=0.02,
+                     seed=5, device=torch.device("cpu"),
+                     trained_rows=None if through_covariance else _trained_rows_of(x, 512))
+    n = 40_000
+    new = ROW_INITS["hewitt"](ctx, n).double()
+    assert new.shape == (n, 8)
+    sample = (new - mu).T @ (new - mu) / n
+    target = HEWITT_COVARIANCE_SCALE * sigma
+    # sampling error of a covariance estimate from n draws: about sqrt(2 / n) relative, 0.7% here
+    assert float(torch.linalg.matrix_norm(sample - target) / torch.linalg.matrix_norm(target)) < 0.03
+    assert float((new.mean(0) - mu).abs().max()) < 5 * math.sqrt(float(target.diagonal().max()) / n)
+    assert torch.equal(ROW_INITS["hewitt"](ctx, n), new.float())  # seeded: the same draws again
+
+
+def test_hewitt_without_covariance_or_rows_is_refused() -> None:
+    stats = RowStats(mean=torch.zeros(4), covariance=None, count=10)
+    ctx = RowContext(name="w", stats=stats, row_shape=(4,), read_rows=lambda ids: torch.zeros(len(ids), 4),
+                     initializer_range=0.02, seed=0, device=torch.device("cpu"))
+    with pytest.raises(ValueError):
+        ROW_INITS["hewitt"](ctx, 2)
+
+
+def test_hewitt_uses_the_covariance_only_for_many_rows_or_a_bias() -> None:
+    assert not hewitt_needs_covariance(8, (576,))
+    assert hewitt_needs_covariance(200, (576,))
+    assert hewitt_needs_covariance(1, ())
+
+
+def test_row_stats_in_blocks_matches_the_whole_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = _correlated_rows(1000, 16, seed=2).bfloat16()
+    x[10] = 0  # an all-zero row with a tokenizer entry: left out, reported
+    mask = torch.ones(1000, dtype=torch.bool)
+    mask[20:30] = False  # rows without an entry: left out, not reported
+    whole = row_stats([(0, x)], lambda f, n: mask[f:f + n], torch.device("cpu"), covariance=True)
+    monkeypatch.setattr(initializers, "STATS_BLOCK_BYTES", 16 * 4 * 64)  # blocks of 64 rows
+    blocks = row_stats([(0, x[:500]), (500, x[500:])], lambda f, n: mask[f:f + n], torch.device("cpu"),
+                       covariance=True)
+    kept = torch.cat([x[:10], x[11:20], x[30:]]).float()
+    assert whole.count == blocks.count == 989 and whole.zero_rows == blocks.zero_rows == [10]
+    assert torch.equal(whole.mean, kept.mean(0))  # one block: exactly torch's mean
+    assert torch.allclose(blocks.mean, kept.mean(0), rtol=0, atol=1e-6)
+    assert torch.allclose(blocks.covariance, whole.covariance, rtol=1e-4, atol=1e-10)

@@ -11,9 +11,13 @@ and shapes in the safetensors headers, and ``source`` says so.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
+import json
 import logging
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,6 +32,8 @@ from adapter_surgery.io.checkpoint import Checkpoint
 EMBED_PATTERN = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|shared|"
                            r"token_embedding|embeddings)\.weight$")
 HEAD_PATTERN = re.compile(r"(^|\.)(lm_head|embed_out|output|decoder)\.weight$")
+#: Resolved architectures kept per process (see :func:`resolve_architecture`); each entry is a few KB.
+ARCH_CACHE_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,10 @@ def resolve_architecture(ckpt: Checkpoint) -> Architecture:
             (:func:`adapter_surgery.config_check.check_config`; the input embedding's shape in the model it builds).
     """
     check_config(ckpt)
+    return _ARCH_CACHE.get(ckpt)
+
+
+def _resolve(ckpt: Checkpoint) -> Architecture:
     if ckpt.config is not None:
         model, problem = build_meta_model(ckpt)
         if model is not None:
@@ -102,6 +112,51 @@ def resolve_architecture(ckpt: Checkpoint) -> Architecture:
     arch = _from_headers(ckpt)
     arch.notes.append(f"roles were taken from tensor names ({ckpt.config_problem})")
     return arch
+
+
+class _ArchitectureCache:
+    """Architectures resolved in this process, keyed by what determines them: ``config.json``'s content, every
+    tensor's name, dtype and shape, and whether the checkpoint is a bare file (never by path or weight values).
+
+    Resolution builds the model on the meta device, which costs tens of ms per request and, the first time per
+    model type, the import of its ``transformers`` modeling module; a service sees the same few architectures
+    again and again. Bounded (LRU, :data:`ARCH_CACHE_SIZE` entries), thread-safe; callers get a deep copy.
+    Only clean results from config.json are kept: errors and header-guessed roles are computed again each time.
+    """
+
+    def __init__(self, capacity: int = ARCH_CACHE_SIZE) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, Architecture] = OrderedDict()
+
+    @staticmethod
+    def key(ckpt: Checkpoint) -> str:
+        tensors = sorted((n, i.dtype, i.shape) for n, i in ((n, ckpt.info(n)) for n in ckpt.weight_map))
+        return json.dumps([ckpt.config, ckpt.config_problem, ckpt.is_file, tensors], sort_keys=True,
+                          default=str)
+
+    def get(self, ckpt: Checkpoint) -> Architecture:
+        key = self.key(ckpt)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                return copy.deepcopy(hit)
+        arch = _resolve(ckpt)
+        if arch.source != "config" or arch.notes:  # headers-only is cheap; notes may quote paths
+            return arch
+        with self._lock:
+            self._entries[key] = copy.deepcopy(arch)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return arch
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_ARCH_CACHE = _ArchitectureCache()
 
 
 @contextlib.contextmanager

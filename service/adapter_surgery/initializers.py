@@ -12,7 +12,11 @@ and returns float32 rows of shape ``(n, *row_shape)`` on ``ctx.device``; the cal
   tokens, where random rows can take all the mass.
 - ``hewitt``: samples from N(mu, 1e-5 * Sigma), mu and Sigma the mean and full covariance of the trained
   rows, as in Hewitt (2021); ``transformers``' ``resize_token_embeddings(mean_resizing=True)`` does the same with
-  scale 1e-9. Seeded; for a bias, N(mean, 1e-5 * variance).
+  scale 1e-9. Seeded; for a bias, N(mean, 1e-5 * variance). For n new rows of width d with n <= d / 4 (the usual
+  case: a few tokens) no d x d matrix is built: with X_c the N trained rows minus mu and z ~ N(0, I_N),
+  mu + sqrt(1e-5 / N) X_c^T z has exactly the covariance 1e-5 X_c^T X_c / N = 1e-5 Sigma, at a cost of n N d
+  (one more pass over the rows) instead of N d^2. Otherwise Sigma is accumulated from float32 GEMMs of bounded
+  blocks of rows, centred on the first block's mean, summed in float64, and factored (Cholesky).
 - ``subword_mean``: the mean of the rows of the pieces the base tokenizer splits the token (or its
   description) into (e.g. Gee et al. 2022, "Fast Vocabulary Transfer"); rows with no pieces fall back to ``mean``.
 - ``copy``: the row of an existing token, named in the request.
@@ -49,13 +53,15 @@ import contextlib
 import math
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 #: Hewitt (2021) samples new rows from N(mu, 1e-5 * Sigma).
 HEWITT_COVARIANCE_SCALE = 1e-5
+#: float32 bytes of one block of rows in the statistics passes: bounded memory, cache-sized pieces for torch ops.
+STATS_BLOCK_BYTES = 16 << 20
 #: torch's global RNG is one per process: code that must draw from it (peft's and transformers' own init
 #: functions) holds this lock, so that concurrent requests cannot reseed it in the middle of another's draws.
 _GLOBAL_RNG_LOCK = threading.RLock()
@@ -104,6 +110,9 @@ class RowContext:
         seed: request seed; each tensor draws from its own generator seeded from (seed, name).
         device: where the arithmetic runs.
         source_ids: per new row, the ids it derives from (``copy``: one id; ``subword_mean``: the pieces).
+        trained_rows: yields the trained rows (those counted in ``stats``) as float32 ``(k, row numel)`` blocks on
+            ``device``, in row order, reading the tensor again (``hewitt`` without a covariance); ``None``: not
+            available.
     """
 
     name: str
@@ -114,6 +123,7 @@ class RowContext:
     seed: int
     device: torch.device
     source_ids: list[list[int]] = field(default_factory=list)
+    trained_rows: Callable[[], Iterator[torch.Tensor]] | None = None
 
     def generator(self, salt: str) -> torch.Generator:
         gen = torch.Generator(device=self.device)
@@ -139,14 +149,40 @@ def _rows_normal(ctx: RowContext, n: int) -> torch.Tensor:
     return out.normal_(0.0, ctx.initializer_range, generator=ctx.generator("normal"))
 
 
+def hewitt_needs_covariance(new_rows: int, row_shape: tuple[int, ...]) -> bool:
+    """Whether ``hewitt`` for ``new_rows`` rows of ``row_shape`` samples through the d x d covariance (many rows,
+    or a bias) rather than straight from the centred rows (``new_rows <= d / 4``: cheaper than building it)."""
+    d = math.prod(row_shape)
+    return not row_shape or new_rows > d // 4
+
+
 def _rows_hewitt(ctx: RowContext, n: int) -> torch.Tensor:
     cov = ctx.stats.covariance
+    mean = ctx.stats.mean.to(ctx.device, torch.float32).reshape(-1)
+    if cov is None and ctx.trained_rows is not None and n > 0:
+        return _hewitt_from_rows(ctx, mean, n)
     if cov is None:
         raise ValueError("hewitt needs the covariance of the trained rows")
-    mean = ctx.stats.mean.to(ctx.device, torch.float32).reshape(-1)
     factor = _psd_factor(cov.to(ctx.device, torch.float64) * HEWITT_COVARIANCE_SCALE)
     z = torch.randn(n, mean.numel(), device=ctx.device, dtype=torch.float64, generator=ctx.generator("hewitt"))
     return (mean.double() + z @ factor.T).float().reshape(n, *ctx.row_shape)
+
+
+def _hewitt_from_rows(ctx: RowContext, mean: torch.Tensor, n: int) -> torch.Tensor:
+    """N(mu, 1e-5 Sigma) without Sigma: mu + sqrt(1e-5 / N) sum_i z_i (x_i - mu), z_i ~ N(0, I_n) per trained row
+    (float32 GEMMs per block of rows, summed in float64)."""
+    assert ctx.trained_rows is not None
+    gen = ctx.generator("hewitt")
+    acc = torch.zeros(n, mean.numel(), device=ctx.device, dtype=torch.float64)
+    count = 0
+    for block in ctx.trained_rows():
+        z = torch.randn(n, block.shape[0], device=ctx.device, dtype=torch.float32, generator=gen)
+        acc += (z @ (block - mean)).double()
+        count += block.shape[0]
+    if count != ctx.stats.count:
+        raise ValueError(f"hewitt read {count} trained rows, the statistics counted {ctx.stats.count}")
+    scale = math.sqrt(HEWITT_COVARIANCE_SCALE / count)
+    return (mean.double() + acc * scale).float().reshape(n, *ctx.row_shape)
 
 
 def _psd_factor(cov: torch.Tensor) -> torch.Tensor:
@@ -176,40 +212,61 @@ ROW_INITS: dict[str, RowInit] = {
 }
 
 
-def row_stats(chunks: list[tuple[int, torch.Tensor]] | object, trained: Callable[[int, int], torch.Tensor],
+def trained_blocks(chunks: Iterable[tuple[int, torch.Tensor]], trained: Callable[[int, int], torch.Tensor],
+                   device: torch.device) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Split ``(first_row, rows)`` chunks into blocks of at most :data:`STATS_BLOCK_BYTES` in float32 and yield
+    ``(first_row, x, has_entry, keep)``: ``x`` the block in float32 on ``device`` (its stored shape), ``has_entry``
+    from ``trained``, ``keep`` = has an entry and is not all zero (the rows the statistics use)."""
+    for first, rows in chunks:
+        n = rows.shape[0]
+        if n == 0:
+            continue
+        step = max(1, STATS_BLOCK_BYTES // (4 * max(1, rows[0].numel())))
+        mask = trained(first, n)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            x = rows[lo:hi].to(device).float()
+            has_entry = mask[lo:hi].to(device)
+            keep = has_entry & x.reshape(hi - lo, -1).ne(0).any(dim=1)
+            yield first + lo, x, has_entry, keep
+
+
+def row_stats(chunks: Iterable[tuple[int, torch.Tensor]], trained: Callable[[int, int], torch.Tensor],
               device: torch.device, covariance: bool) -> RowStats:
     """Mean (and covariance) of the trained rows of a tensor read in row chunks, in float32.
 
     ``chunks`` yields ``(first_row, rows)``; ``trained(first, count)`` gives the boolean mask of rows that have
     a tokenizer entry. Rows that are all zero are excluded (and reported in ``zero_rows`` when they have an
-    entry). A tensor read in one chunk gets exactly ``rows[mask].float().mean(0)``; over several chunks the
-    sums are accumulated in float64.
+    entry). Work goes block by block (:func:`trained_blocks`): memory is one float32 block, never a float32 or
+    float64 copy of the tensor. A tensor that fits in one block gets exactly ``rows[mask].float().mean(0)``;
+    over several blocks the float32 block sums are accumulated in float64. The covariance sums float32 GEMMs of
+    the blocks centred on the first block's mean (no cancellation when the mean is large) in float64.
     """
     total: torch.Tensor | None = None
     gram: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
     count, zero_rows = 0, []
     single: torch.Tensor | None = None
-    for pieces, (first, rows) in enumerate(chunks, start=1):  # type: ignore[call-overload]
-        x = rows.to(device).float()
-        flat = x.reshape(x.shape[0], -1)
-        has_entry = trained(first, x.shape[0]).to(device)
-        keep = has_entry & flat.ne(0).any(dim=1)
+    for blocks, (first, x, has_entry, keep) in enumerate(trained_blocks(chunks, trained, device), start=1):
         zero_rows += (torch.nonzero(has_entry & ~keep).flatten() + first).tolist()
         sel = x if bool(keep.all()) else x[keep]
-        single = sel if pieces == 1 else None
-        s = sel.sum(dim=0).double()  # float32 within a chunk, float64 across chunks
+        single = sel if blocks == 1 else None
+        s = sel.sum(dim=0).double()  # float32 within a block, float64 across blocks
         total = s if total is None else total + s
-        if covariance:
-            f = sel.reshape(sel.shape[0], -1).double()
-            g = f.T @ f
+        if covariance and sel.shape[0]:
+            f = sel.reshape(sel.shape[0], -1)
+            if shift is None:
+                shift = f.mean(dim=0)
+            c = f - shift
+            g = (c.T @ c).double()
             gram = g if gram is None else gram + g
         count += sel.shape[0]
     if total is None or count == 0:
         raise ValueError("no trained rows")
     mean = single.mean(dim=0) if single is not None else (total / count).float()
     cov = None
-    if covariance and gram is not None:
-        mu = (total / count).reshape(-1, 1)
+    if covariance and gram is not None and shift is not None:
+        mu = (total / count).reshape(-1, 1) - shift.double().reshape(-1, 1)
         cov = gram / count - mu @ mu.T
     return RowStats(mean=mean, covariance=cov, count=count, zero_rows=zero_rows)
 

@@ -405,3 +405,38 @@ def test_headers_fallback_writes_the_row_count_as_vocab_size(data_dir: Path, bui
     out = config(data_dir / "out")
     assert (out["text_config"] if sub else out)["vocab_size"] == 136 == tensors(data_dir / "out")[EMB].shape[0]
     assert ("vocab_size" in out) is not sub
+
+
+def test_tokenizer_is_loaded_once_per_request(data_dir: Path, build, monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    src = build("FX-B")
+    loads: list[str] = []
+    real = transformers.AutoTokenizer.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(str(args[0]))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(counting))
+    run(data_dir, src, output="once", tokens=["<a>", {"content": "<b>", "init": "subword_mean",
+                                                       "description": "hello world"}], init="hewitt")
+    assert loads == [str(data_dir / src)]
+
+
+def test_hewitt_few_rows_sample_from_the_rows_many_rows_from_the_covariance(data_dir: Path, build,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    ev = importlib.import_module("adapter_surgery.ops.extend_vocab")  # the package exports a function of that name
+    src = build("FX-A")  # rows of width 32: up to 8 new rows are sampled without the 32 x 32 covariance
+    asked: list[bool] = []
+    real = ev.row_stats
+    monkeypatch.setattr(ev, "row_stats", lambda *a, **k: asked.append(a[3]) or real(*a, **k))
+    run(data_dir, src, output="few", tokens=[f"<f{i}>" for i in range(8)], init="hewitt", seed=1)
+    assert asked == [False]
+    run(data_dir, src, output="many", tokens=[f"<m{i}>" for i in range(9)], init="hewitt", seed=1)
+    assert asked == [False, True]
+    old = tensors(data_dir / src)["transformer.wte.weight"].double()
+    few = tensors(data_dir / "few")["transformer.wte.weight"][100:].double()
+    assert few.shape == (8, 32)
+    spread = (few - old.mean(0)).pow(2).mean(0).sum() / (HEWITT_COVARIANCE_SCALE * old.var(0, correction=0).sum())
+    assert 0.3 < float(spread) < 3  # 8 draws: the right scale, not an exact ratio

@@ -15,6 +15,7 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -27,7 +28,14 @@ from adapter_surgery.arch import Architecture, resolve_architecture
 from adapter_surgery.config_check import text_config
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
-from adapter_surgery.initializers import ROW_INITS, RowContext, RowStats, row_stats
+from adapter_surgery.initializers import (
+    ROW_INITS,
+    RowContext,
+    RowStats,
+    hewitt_needs_covariance,
+    row_stats,
+    trained_blocks,
+)
 from adapter_surgery.io import Checkpoint, atomic_output, describe_files
 from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.writer import (
@@ -393,8 +401,14 @@ def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, p
         changes.remove.add(key)
         warnings.append(f"dropped {key!r}: the config ties it to {arch.input_embedding!r}, so transformers "
                         "ignores the stored copy")
-    need_cov = any(r.strategy == "hewitt" for r in plan.rows) or (spec.reinit_existing and spec.init == "hewitt")
-    stats = {k: _stats(ckpt, k, plan, device, need_cov) for k in arch.vocab_tensors}
+    n_hewitt = sum(r.strategy == "hewitt" for r in plan.rows)
+    reinit_hewitt = spec.reinit_existing and spec.init == "hewitt"  # how many rows: known after the statistics
+
+    def need_cov(key: str) -> bool:
+        row_shape = tuple(ckpt.info(key).shape[1:])
+        return reinit_hewitt or (n_hewitt > 0 and hewitt_needs_covariance(n_hewitt, row_shape))
+
+    stats = {k: _stats(ckpt, k, plan, device, need_cov(k)) for k in arch.vocab_tensors}
     zero = sorted(set().union(*(set(s.zero_rows) for s in stats.values())))
     names = [None] * len(zero) if tok is None else tok.convert_ids_to_tokens(zero)
     plan.untrained = [TokenId(token=name, id=i) for name, i in zip(names, zero, strict=True)]
@@ -431,7 +445,8 @@ def _untie(changes: Changes, changed: list[ChangedTensor], ckpt: Checkpoint, arc
     changed.append(ChangedTensor(name=arch.head_param, shape_before=None, shape=list(embed.shape)))
 
 
-def _stats(ckpt: Checkpoint, key: str, plan: VocabPlan, device: torch.device, covariance: bool) -> RowStats:
+def _trained_mask(ckpt: Checkpoint, key: str, plan: VocabPlan) -> Callable[[int, int], torch.Tensor]:
+    """``trained(first, count)``: which of rows ``first:first+count`` of ``key`` have a tokenizer entry."""
     rows = ckpt.info(key).shape[0]
     entry = plan.has_entry
 
@@ -442,8 +457,12 @@ def _stats(ckpt: Checkpoint, key: str, plan: VocabPlan, device: torch.device, co
             mask[: hi - first] = entry[first:hi]
         return mask
 
+    return trained
+
+
+def _stats(ckpt: Checkpoint, key: str, plan: VocabPlan, device: torch.device, covariance: bool) -> RowStats:
     try:
-        return row_stats(ckpt.iter_rows(key), trained, device, covariance)
+        return row_stats(ckpt.iter_rows(key), _trained_mask(ckpt, key, plan), device, covariance)
     except ValueError:
         raise InvalidCheckpoint(f"tensor {key!r} has no trained rows (every row with a token is all zero)",
                                 field="checkpoint", fix="Use init 'normal' or 'zeros', which need no trained rows.") \
@@ -459,6 +478,11 @@ def _patched(ckpt: Checkpoint, key: str, stats: RowStats, plan: VocabPlan, spec:
     def read_rows(ids: list[int]) -> torch.Tensor:
         return torch.cat([ckpt.read_rows(key, i, i + 1) for i in ids]).to(device).float()
 
+    def trained_rows() -> Iterator[torch.Tensor]:  # the rows row_stats counted, read again block by block
+        for _, x, _, keep in trained_blocks(ckpt.iter_rows(key), _trained_mask(ckpt, key, plan), device):
+            sel = x if bool(keep.all()) else x[keep]
+            yield sel.reshape(sel.shape[0], -1)
+
     by_strategy: dict[str, list[_Row]] = {}
     for row in plan.rows:
         by_strategy.setdefault(row.strategy, []).append(row)
@@ -471,7 +495,7 @@ def _patched(ckpt: Checkpoint, key: str, stats: RowStats, plan: VocabPlan, spec:
     for strategy, group in by_strategy.items():
         rctx = RowContext(name=key, stats=stats, row_shape=row_shape, read_rows=read_rows,
                           initializer_range=init_range, seed=spec.seed, device=device,
-                          source_ids=[r.sources for r in group])
+                          source_ids=[r.sources for r in group], trained_rows=trained_rows)
         out = ROW_INITS[strategy](rctx, len(group)).to(dtype).cpu()
         ids = torch.tensor([r.id for r in group], dtype=torch.long)
         new = ids >= rows_before

@@ -1,0 +1,31 @@
+"""Architecture resolution: resolved once per architecture in a process, copies handed out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adapter_surgery import arch as arch_module
+from adapter_surgery.arch import resolve_architecture
+from adapter_surgery.io import Checkpoint
+
+
+def test_resolution_is_cached_per_config_and_headers(data_dir: Path, build, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = build("FX-B")
+    monkeypatch.setattr(arch_module, "_ARCH_CACHE", arch_module._ArchitectureCache())
+    built: list[str] = []
+    real = arch_module.build_meta_model
+    monkeypatch.setattr(arch_module, "build_meta_model", lambda ckpt: built.append(ckpt.root.name) or real(ckpt))
+    first = resolve_architecture(Checkpoint.open(data_dir / src))
+    first.notes.append("changed by a caller")
+    second = resolve_architecture(Checkpoint.open(data_dir / src))
+    assert built == [src] and second.source == "config" and second.notes == []  # a copy, not the cached object
+    assert (second.input_embedding, second.output_head, second.tied) == (
+        first.input_embedding, first.output_head, first.tied)
+    cfg = json.loads((data_dir / src / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True  # another config: resolved again (here: the stored head becomes redundant)
+    (data_dir / src / "config.json").write_text(json.dumps(cfg))
+    third = resolve_architecture(Checkpoint.open(data_dir / src))
+    assert built == [src, src] and third.tied and third.redundant_keys == [first.output_head]
