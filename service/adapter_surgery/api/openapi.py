@@ -72,6 +72,13 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "expand-blocks": {
         "checkpoint": "SmolLM2-135M-Instruct", "output": "SmolLM2-pro", "num_blocks": 6, "positions": "interleave",
         "init": "zero", "seed": 0, "verify": True},
+    "merge-lora": {
+        "checkpoint": "SmolLM2-135M-Instruct", "output": "SmolLM2-merged",
+        "adapters": [{"path": "SmolLM2-lora-trained", "weight": 1.0}, {"path": "SmolLM2-lora-style", "weight": 0.5}],
+        "safe_merge": True, "device": "auto"},
+    "convert-adapter": {
+        "adapter": "SmolLM2-pissa-trained", "initial_adapter": "SmolLM2-pissa", "base": "SmolLM2-135M-Instruct",
+        "output": "SmolLM2-pissa-as-lora"},
     "verify": {
         "checkpoint": "SmolLM2-135M-Instruct", "patched": "SmolLM2-135M-Instruct-tools", "num_probes": 4,
         "probe_length": 16, "seed": 0, "text": "The capital of France is"},
@@ -82,7 +89,7 @@ FORM_EXAMPLES: dict[str, dict[str, Any]] = {"extend-vocab": {"num_new_tokens": 8
 
 def takes_upload(op: Operation) -> bool:
     """Whether the operation has the upload form: one checkpoint in, one output back (not ``/verify``)."""
-    return "output" in op.spec.model_fields
+    return "output" in op.spec.model_fields and getattr(op, "upload", True)
 
 
 def json_example(op: Operation) -> dict[str, Any]:

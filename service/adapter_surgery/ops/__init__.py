@@ -16,6 +16,7 @@ from adapter_surgery.ops.attach_lora import AttachLoraOptions, AttachLoraResult,
 from adapter_surgery.ops.common import PathFields, RunContext
 from adapter_surgery.ops.expand_blocks import ExpandBlocksOptions, ExpandBlocksResult, ExpandBlocksSpec, expand_blocks
 from adapter_surgery.ops.extend_vocab import ExtendVocabOptions, ExtendVocabResult, ExtendVocabSpec, extend_vocab
+from adapter_surgery.ops.merge_lora import MergeLoraOptions, MergeLoraResult, MergeLoraSpec, merge_lora
 from adapter_surgery.ops.surgery import SurgeryOptions, SurgeryResult, SurgerySpec, surgery
 from adapter_surgery.verify import VerifyOptions, VerifyResult, VerifySpec, verify
 
@@ -24,7 +25,8 @@ from adapter_surgery.verify import VerifyOptions, VerifyResult, VerifySpec, veri
 class Operation:
     """One operation: its name (the URL path and CLI command), request models, result model, function.
 
-    ``options`` is the spec without the path fields: the body of the upload form's ``spec`` part.
+    ``options`` is the spec without the path fields: the body of the upload form's ``spec`` part. ``upload``: whether
+    the upload form applies (the uploaded checkpoint is the operation's whole input).
     """
 
     name: str
@@ -33,6 +35,7 @@ class Operation:
     options: type[BaseModel]
     result: type[BaseModel]
     run: Callable[[PathFields, RunContext], BaseModel]
+    upload: bool = True
 
 
 OPERATIONS: dict[str, Operation] = {
@@ -51,6 +54,9 @@ OPERATIONS: dict[str, Operation] = {
         Operation("surgery", "Run several operations (extend-vocab, attach-head, attach-lora) as one job with one "
                   "atomic output: the patched base plus the adapter that names it.",
                   SurgerySpec, SurgeryOptions, SurgeryResult, surgery),  # type: ignore[arg-type]
+        Operation("merge-lora", "Fold peft LoRA adapters (LoRA, rsLoRA, DoRA, modules_to_save, trainable tokens; "
+                  "several, with weights) into the base: a plain checkpoint, only targeted tensors read and rewritten.",
+                  MergeLoraSpec, MergeLoraOptions, MergeLoraResult, merge_lora, upload=False),  # type: ignore[arg-type]
         Operation("verify", "The preservation report of a patched checkpoint against its base (writes nothing).",
                   VerifySpec, VerifyOptions, VerifyResult, verify),  # type: ignore[arg-type]
     ]

@@ -1,0 +1,564 @@
+"""Merge LoRA adapters into their base: a plain checkpoint, shard by shard, equal to ``peft``'s ``merge_and_unload``.
+
+How it works
+------------
+Each adapter (``adapter_config.json`` + ``adapter_model.safetensors``, as ``PeftModel.save_pretrained`` writes
+them) is planned from headers alone: every key is mapped to the checkpoint tensor it changes, and shapes, ranks
+and names are checked against the base's headers before any tensor data is read. The output is then written by
+the streaming writer: a targeted tensor is read, merged and written one at a time when the writer reaches it
+(:class:`_Merged`, a lazy ``TensorSource``), untouched tensors are byte-copied, shards without a target are
+hard-linked, config and tokenizer files copied. Memory: a few copies of the largest targeted tensor in float32.
+
+Formulas (``peft/tuners/lora/layer.py``, ``variants.py``, ``dora.py``, ``trainable_tokens/layer.py``)
+----------------------------------------------------------------------------------------------------
+Per target, s = lora_alpha / r (``use_rslora``: lora_alpha / sqrt(r); Kalajdzievski 2023), r and lora_alpha from
+``rank_pattern``/``alpha_pattern`` (``peft.utils.other.get_pattern_key``) when a key matches; w the request's
+``weight`` of the adapter. All arithmetic is float32 (on ``device``), cast once to the stored dtype:
+
+- LoRA (Hu et al. 2021): W' = W + sum_i w_i s_i B_i A_i (``Linear.get_delta_weight``: ``(B @ A) * scaling``);
+  GPT-2's Conv1D stores W as (in, out), so the delta is transposed (``fan_in_fan_out``). Embedding LoRA
+  (``lora_embedding_A``/``_B``): delta (B A)^T s.
+- DoRA (Liu et al. 2024): W' = m / ||W + w s B A||_row * (W + w s B A), the norm taken per output feature as
+  ``DoraLinearVariant.merge_unsafe`` computes it (``DoraLinearLayer.get_weight_norm``); m is
+  ``lora_magnitude_vector``.
+- ``modules_to_save`` (and biases saved with ``bias="all"``/``"lora_only"``): the saved tensor replaces the base's.
+- ``trainable_token_indices``: the saved rows (``trainable_tokens_delta``) replace those rows of the embedding
+  (``TrainableTokensLayer.merge``: ``index_copy``); a tied head stays tied (only the embedding is stored).
+
+With one adapter at weight 1 the arithmetic is peft's, operation for operation: bitwise equal to
+``merge_and_unload`` on the CPU. Several adapters are summed before the one cast; peft merges them in turn, rounding
+to the stored dtype after each, so the two differ by at most one unit of the stored dtype's rounding.
+
+PiSSA and OLoRA adapters belong to the residual base attach-lora wrote beside them (``<adapter>/base``, named by
+their ``base_model_name_or_path``): merging one onto another checkpoint is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from adapter_surgery import resources
+from adapter_surgery.arch import build_meta_model, resolve_architecture
+from adapter_surgery.devices import DeviceName, pick_device
+from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec, NotFound, SurgeryError
+from adapter_surgery.io import Checkpoint, atomic_output, describe_files
+from adapter_surgery.io.atomic import check_output_path
+from adapter_surgery.io.header import TensorInfo
+from adapter_surgery.io.writer import Changes, NewTensor, RowPatchedTensor, write_checkpoint
+from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
+from adapter_surgery.paths import resolve_under
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PREFIX = "base_model.model."
+#: Adapters per request at most; |weight| at most.
+MAX_ADAPTERS = 16
+MAX_WEIGHT = 1e6
+FLOAT_STORAGE = ("F32", "F16", "BF16")
+#: adapter_config fields that select a LoRA variant merge-lora does not fold (truthy value -> refused).
+UNSUPPORTED_CONFIG = ("lora_bias", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config",
+                      "velora_config", "monteclora_config", "mica", "kasa_config", "target_parameters",
+                      "layer_replication", "megatron_config")
+WRAPPERS = (".modules_to_save.default.", ".modules_to_save.", ".base_layer.", ".original_module.")
+TOKEN_SUFFIX = ".token_adapter.trainable_tokens_delta"
+Kind = Literal["lora", "dora", "embedding_lora", "replaced", "token_rows"]
+
+
+class AdapterRef(StrictModel):
+    path: str = Field(description="Adapter directory (adapter_config.json + adapter_model.safetensors), relative "
+                                  "to the data directory.")
+    weight: float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT,
+                          description="Multiplies the adapter's LoRA delta (its scaling); finite, |weight| <= 1e6. "
+                                      "Must be 1 for an adapter that replaces tensors (modules_to_save, token rows).")
+
+
+class MergeLoraOptions(StrictModel):
+    adapters: Annotated[list[AdapterRef], Field(min_length=1, max_length=MAX_ADAPTERS)] = Field(
+        description="peft LoRA adapters to fold in (1..16), summed with their weights.")
+    safe_merge: bool = Field(False, description="Refuse (422) when a merged tensor holds NaN or Inf, as peft's "
+                                                "merge(safe_merge=True) does.")
+    device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
+
+
+class MergeLoraSpec(PathFields, MergeLoraOptions):
+    """The full ``POST /merge-lora`` request."""
+
+
+class MergedTensor(BaseModel):
+    name: str = Field(description="Checkpoint tensor.")
+    how: list[str] = Field(description="What changed it, per adapter: 'lora', 'dora', 'embedding_lora', 'replaced', "
+                                       "'token_rows' (with the adapter's index).")
+    shape: list[int]
+    dtype: str
+
+
+class MergeLoraResult(BaseModel):
+    output: str
+    merged_tensors: list[MergedTensor]
+    linked_shards: list[str] = Field(description="Shards linked (or copied) unchanged from the checkpoint.")
+    files: list[FileInfo]
+    base_bytes_read: int = Field(description="Bytes of base tensor data read (targeted tensors only).")
+    adapter_bytes_read: int
+    device: str
+    warnings: list[str]
+    seconds: float
+
+
+# -- adapters -------------------------------------------------------------------------------------------------
+@dataclass
+class Adapter:
+    """An adapter directory opened for reading: its config and its weights file (headers validated)."""
+
+    index: int
+    path: Path
+    field: str
+    config: dict[str, object]
+    weights: Checkpoint
+
+    def module_of(self, key: str) -> str:
+        return key.removeprefix(PREFIX)
+
+    def r_alpha(self, module: str) -> tuple[int, float]:
+        """peft's ``update_layer`` arguments for ``module``: r and lora_alpha, patterns applied."""
+        from peft.utils.other import get_pattern_key
+
+        r, alpha = self.config.get("r", 8), self.config.get("lora_alpha", 8)
+        rank_pattern = self.config.get("rank_pattern") or {}
+        alpha_pattern = self.config.get("alpha_pattern") or {}
+        if rank_pattern:
+            r = rank_pattern.get(get_pattern_key(list(rank_pattern), module), r)
+        if alpha_pattern:
+            alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), alpha)
+        if not (isinstance(r, int) and r >= 1 and isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+            raise InvalidSpec(f"adapter {self.path.name!r}: r={r!r}, lora_alpha={alpha!r} for {module} are not a "
+                              "rank >= 1 and a finite number", field=self.field, fix="Check adapter_config.json.")
+        return r, float(alpha)
+
+    def scaling(self, module: str) -> float:
+        r, alpha = self.r_alpha(module)
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+
+def open_adapter(data_dir: Path, value: str, field: str, index: int = 0) -> Adapter:
+    """Resolve and open an adapter directory; errors name ``field``.
+
+    Raises:
+        NotFound: no directory, or no adapter_config.json / adapter_model.safetensors in it.
+        InvalidSpec: the config is not JSON, not a LoRA adapter, or selects a variant not supported.
+        InvalidCheckpoint: the weights' header is malformed.
+    """
+    path = resolve_under(data_dir, value, field)
+    fix = "Give the directory PeftModel.save_pretrained (or attach-lora) wrote, with adapter_config.json and " \
+          "adapter_model.safetensors."
+    if not path.is_dir():
+        raise NotFound(f"adapter {value!r} is not a directory", field=field, fix=fix)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (path / name).is_file():
+            raise NotFound(f"adapter {value!r} has no {name}", field=field, fix=fix)
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidSpec(f"{value}/{ADAPTER_CONFIG} is not valid JSON ({exc})", field=field, fix=fix) from None
+    if not isinstance(config, dict):
+        raise InvalidSpec(f"{value}/{ADAPTER_CONFIG} is not a JSON object", field=field, fix=fix)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise InvalidSpec(f"adapter {value!r} is a {config.get('peft_type')} adapter; only LoRA adapters are "
+                          "supported", field=field, fix="Give a LoRA adapter (peft_type LORA).")
+    bad = [k for k in UNSUPPORTED_CONFIG if config.get(k)]
+    if bad:
+        raise InvalidSpec(f"adapter {value!r} uses {bad[0]}={config[bad[0]]!r}, a LoRA variant this operation does "
+                          "not support (LoRA, rsLoRA, DoRA, modules_to_save and trainable tokens are)", field=field,
+                          fix="Merge it with peft's merge_and_unload instead.")
+    try:
+        weights = Checkpoint.open(path / ADAPTER_WEIGHTS)
+    except SurgeryError as exc:
+        exc.field = field
+        raise
+    return Adapter(index, path, field, config, weights)
+
+
+# -- planning -------------------------------------------------------------------------------------------------
+@dataclass
+class _Change:
+    """One adapter's change to one checkpoint tensor."""
+
+    adapter: Adapter
+    kind: Kind
+    module: str
+    keys: dict[str, str] = field(default_factory=dict)  # role -> adapter key (A, B, m, value, rows)
+    ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Base:
+    """The checkpoint with what is needed to map adapter names onto its tensors."""
+
+    ckpt: Checkpoint
+    prefix: str
+    conv1d: set[str]
+    embeddings: set[str]
+    input_embedding: str
+    head_param: str | None
+    tied: bool
+
+    def key(self, param: str) -> str | None:
+        """The checkpoint key of model parameter ``param`` (base-model prefix added or removed, tied head)."""
+        candidates = [param]
+        if self.prefix and param.startswith(self.prefix + "."):
+            candidates.append(param[len(self.prefix) + 1:])
+        elif self.prefix:
+            candidates.append(f"{self.prefix}.{param}")
+        found = next((c for c in candidates if c in self.ckpt), None)
+        if found is None and self.tied and param == self.head_param:
+            return self.input_embedding
+        return found
+
+
+def _open_base(ckpt: Checkpoint) -> _Base:
+    if ckpt.is_file or ckpt.config is None:
+        raise InvalidCheckpoint(f"merge-lora needs the model directory with its config.json ({ckpt.config_problem})",
+                                field="checkpoint", fix="Send the save_pretrained directory, config.json included.")
+    from transformers.pytorch_utils import Conv1D
+
+    arch = resolve_architecture(ckpt)
+    model, problem = build_meta_model(ckpt)
+    if model is None:
+        raise InvalidCheckpoint(f"the model cannot be built from config.json ({problem})", field="checkpoint",
+                                fix="merge-lora needs a config.json that transformers can instantiate.")
+    conv1d = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    embeddings = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    return _Base(ckpt, getattr(model, "base_model_prefix", "") or "", conv1d, embeddings, arch.input_embedding,
+                 arch.head_param, arch.tied)
+
+
+def _mismatch(adapter: Adapter, what: str, fix: str = "Merge the adapter into the checkpoint it was trained on "
+                                                      "(its base_model_name_or_path).") -> InvalidSpec:
+    return InvalidSpec(f"adapter {adapter.path.name!r} does not fit the checkpoint: {what}", field=adapter.field,
+                       fix=fix)
+
+
+def _token_ids(adapter: Adapter, module: str) -> list[int]:
+    """The token ids whose rows ``module``'s ``trainable_tokens_delta`` holds (adapter_config's
+    ``trainable_token_indices``: a list for the input embedding, or module name -> ids)."""
+    tti = adapter.config.get("trainable_token_indices")
+    ids: object = None
+    if isinstance(tti, list):
+        ids = tti
+    elif isinstance(tti, dict):
+        ids = next((v for k, v in tti.items() if module == k or module.endswith(f".{k}")), None)
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise InvalidSpec(f"adapter {adapter.path.name!r} saves trainable token rows for {module} but its "
+                          "trainable_token_indices names no ids for it", field=adapter.field,
+                          fix="Check adapter_config.json's trainable_token_indices.")
+    return list(ids)
+
+
+def _plan_adapter(adapter: Adapter, base: _Base) -> dict[str, _Change]:
+    """Map every key of the adapter onto the checkpoint tensor it changes; check names and shapes (headers only)."""
+    ckpt, w = base.ckpt, adapter.weights
+    groups: dict[str, dict[str, str]] = {}
+    changes: dict[str, _Change] = {}
+    for key in sorted(w.weight_map):
+        if not key.startswith(PREFIX):
+            raise _mismatch(adapter, f"tensor {key!r} is not a peft adapter key (base_model.model.<module>...)",
+                            "Give an adapter written by PeftModel.save_pretrained.")
+        name = key.removeprefix(PREFIX)
+        for role, suffix in (("A", ".lora_A.weight"), ("B", ".lora_B.weight"), ("m", ".lora_magnitude_vector"),
+                             ("eA", ".lora_embedding_A"), ("eB", ".lora_embedding_B")):
+            if name.endswith(suffix):
+                groups.setdefault(name[: -len(suffix)], {})[role] = key
+                break
+        else:
+            if name.endswith(TOKEN_SUFFIX):
+                module = name[: -len(TOKEN_SUFFIX)]
+                target = base.key(f"{module}.weight")
+                if target is None:
+                    raise _mismatch(adapter, f"it trains token rows of {module}, which the checkpoint lacks")
+                ids = _token_ids(adapter, module)
+                info, delta = ckpt.info(target), w.info(key)
+                rows = info.shape[0] if info.shape else 0
+                if delta.shape != (len(ids), *info.shape[1:]) or any(not 0 <= i < rows for i in ids):
+                    raise _mismatch(adapter, f"{key} holds rows of shape {list(delta.shape)} for token ids "
+                                             f"{ids[:8]}..., but {target} is {list(info.shape)}")
+                if len(set(ids)) != len(ids):
+                    raise _mismatch(adapter, f"trainable_token_indices of {module} repeat an id", "Check the ids.")
+                _add(changes, target, _Change(adapter, "token_rows", module, {"rows": key}, ids))
+                continue
+            if ".lora_" in name or "lora_" in name.rsplit(".", 1)[-1]:
+                raise _mismatch(adapter, f"tensor {key!r} is not one merge-lora folds (LoRA A/B, DoRA magnitude, "
+                                         "embedding LoRA, modules_to_save, trainable token rows)",
+                                "Merge it with peft's merge_and_unload instead.")
+            param = name
+            for wrapper in WRAPPERS:
+                param = param.replace(wrapper, ".")
+            target = base.key(param)
+            if target is None:
+                raise _mismatch(adapter, f"it saves {param} (modules_to_save or a bias), which the checkpoint lacks")
+            if tuple(ckpt.info(target).shape) != tuple(w.info(key).shape):
+                raise _mismatch(adapter, f"{key} has shape {list(w.info(key).shape)} but {target} is "
+                                         f"{list(ckpt.info(target).shape)}")
+            if target in changes and changes[target].kind == "replaced":  # a tied pair saved twice
+                continue
+            _add(changes, target, _Change(adapter, "replaced", param, {"value": key}))
+    for module, keys in groups.items():
+        _plan_lora(adapter, base, module, keys, changes)
+    return changes
+
+
+def _plan_lora(adapter: Adapter, base: _Base, module: str, keys: dict[str, str], changes: dict[str, _Change]) -> None:
+    ckpt, w = base.ckpt, adapter.weights
+    embedding = "eA" in keys or "eB" in keys
+    a_key, b_key = (keys.get("eA"), keys.get("eB")) if embedding else (keys.get("A"), keys.get("B"))
+    if a_key is None or b_key is None:
+        raise _mismatch(adapter, f"{module} has only one of lora_A/lora_B", "Give a complete adapter.")
+    target = base.key(f"{module}.weight")
+    if target is None:
+        raise _mismatch(adapter, f"target module {module} has no weight in the checkpoint ({module}.weight)")
+    info = ckpt.info(target)
+    if info.dtype not in FLOAT_STORAGE:
+        raise _mismatch(adapter, f"{target} is stored as {info.dtype}; only F32/F16/BF16 weights are merged",
+                        "Dequantize the checkpoint first.")
+    a, b = w.info(a_key).shape, w.info(b_key).shape
+    r, _ = adapter.r_alpha(module)
+    if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r:
+        raise _mismatch(adapter, f"{module}: lora A {list(a)} and B {list(b)} do not have the configured rank {r}",
+                        "Check the adapter's r and rank_pattern.")
+    if embedding:
+        expected = (a[1], b[0])  # (num_embeddings, dim)
+    elif module in base.conv1d:
+        expected = (a[1], b[0])  # Conv1D stores (in, out)
+    else:
+        expected = (b[0], a[1])
+    if len(info.shape) != 2 or tuple(info.shape) != expected:
+        raise _mismatch(adapter, f"{target} has shape {list(info.shape)}, but the adapter's {module} (A {list(a)}, "
+                                 f"B {list(b)}) needs {list(expected)}")
+    kind: Kind = "embedding_lora" if embedding else "lora"
+    roles = {"A": a_key, "B": b_key}
+    if "m" in keys:
+        if embedding:
+            raise _mismatch(adapter, f"{module}: DoRA on an embedding is not supported",
+                            "Merge it with peft's merge_and_unload instead.")
+        out = info.shape[1] if module in base.conv1d else info.shape[0]
+        if tuple(w.info(keys["m"]).shape) != (out,):
+            raise _mismatch(adapter, f"{module}: lora_magnitude_vector has shape {list(w.info(keys['m']).shape)}, "
+                                     f"expected [{out}]")
+        kind, roles["m"] = "dora", keys["m"]
+    _add(changes, target, _Change(adapter, kind, module, roles))
+
+
+def _add(changes: dict[str, _Change], target: str, change: _Change) -> None:
+    if target in changes:
+        raise _mismatch(change.adapter, f"{target} is changed twice by this adapter ({changes[target].kind} of "
+                                        f"{changes[target].module} and {change.kind} of {change.module})",
+                        "Give an adapter peft can load.")
+    changes[target] = change
+
+
+def _combine(per_adapter: list[dict[str, _Change]], weights: list[float]) -> dict[str, list[_Change]]:
+    """Every tensor with the changes to it, in request order; only LoRA deltas, or token rows with disjoint ids,
+    combine. Weights other than 1 scale LoRA and DoRA deltas only."""
+    out: dict[str, list[_Change]] = {}
+    for changes, weight in zip(per_adapter, weights, strict=True):
+        for target, change in changes.items():
+            if change.kind in ("replaced", "token_rows") and weight != 1:
+                raise InvalidSpec(f"adapter {change.adapter.path.name!r} replaces {target} ({change.kind}); a weight "
+                                  f"({weight}) cannot scale a replaced tensor", field=f"adapters.{change.adapter.index}"
+                                  ".weight", fix="Send weight 1 for this adapter, or merge it in its own request.")
+            out.setdefault(target, []).append(change)
+    for target, changes in out.items():
+        kinds = {c.kind for c in changes}
+        if len(changes) == 1 or kinds <= {"lora", "embedding_lora"}:
+            continue
+        if kinds == {"token_rows"}:
+            seen: set[int] = set()
+            for c in changes:
+                if seen & set(c.ids):
+                    raise InvalidSpec(f"adapters {changes[0].adapter.index} and {c.adapter.index} both replace rows "
+                                      f"{sorted(seen & set(c.ids))[:8]} of {target}", field=c.adapter.field,
+                                      fix="Merge adapters whose trainable tokens do not overlap.")
+                seen |= set(c.ids)
+            continue
+        first, second = changes[0], changes[1]
+        raise InvalidSpec(f"adapters {first.adapter.index} ({first.kind}) and {second.adapter.index} ({second.kind}) "
+                          f"both change {target}; only plain LoRA deltas add up", field=second.adapter.field,
+                          fix="Merge these adapters in two requests, in the order you want them applied.")
+    return out
+
+
+def _check_residual_base(adapter: Adapter, checkpoint: Path, data_dir: Path) -> None:
+    """A PiSSA/OLoRA adapter attach-lora wrote names its residual base ``<adapter>/base``: only that base fits."""
+    named = adapter.config.get("base_model_name_or_path")
+    residual = adapter.path / "base"
+    if not isinstance(named, str) or not residual.is_dir():
+        return
+    try:
+        target = (data_dir / named).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return
+    if target == residual.resolve() and checkpoint.resolve() != target:
+        rel = residual.resolve().relative_to(data_dir.resolve())
+        raise InvalidSpec(f"adapter {adapter.path.name!r} is a PiSSA/OLoRA adapter made against its residual base "
+                          f"{str(rel)!r}; merged onto another checkpoint it would count the decomposed part twice",
+                          field=adapter.field, fix=f"Send \"checkpoint\": {str(rel)!r}, or convert the adapter to "
+                                                   "plain LoRA first (POST /convert-adapter).")
+
+
+# -- computing ------------------------------------------------------------------------------------------------
+@dataclass
+class _Merged:
+    """A targeted tensor, merged when the writer reaches it (a lazy ``TensorSource``)."""
+
+    info: TensorInfo
+    compute: Callable[[], torch.Tensor]
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    def write(self, fd: int) -> None:
+        NewTensor(self.compute()).write(fd)
+
+
+class _Merger:
+    def __init__(self, base: _Base, device: torch.device, safe_merge: bool, weights: list[float]) -> None:
+        self.base = base
+        self.device = device
+        self.safe_merge = safe_merge
+        self.weights = weights
+        self.adapter_bytes = 0
+
+    def read(self, adapter: Adapter, key: str) -> torch.Tensor:
+        before = adapter.weights.bytes_read
+        t = adapter.weights.read(key)
+        self.adapter_bytes += adapter.weights.bytes_read - before
+        return t
+
+    def source(self, target: str, changes: list[_Change]):
+        info = self.base.ckpt.info(target)
+        if changes[0].kind == "token_rows":
+            overrides: dict[int, torch.Tensor] = {}
+            for c in changes:
+                rows = self.read(c.adapter, c.keys["rows"]).to(info.torch_dtype)
+                self._check(rows, target, c)
+                overrides.update({i: rows[n] for n, i in enumerate(c.ids)})
+            return RowPatchedTensor(info, self.base.ckpt.path_of(target), overrides)
+        return _Merged(info, lambda: self.merge(target, changes))
+
+    @torch.no_grad()
+    def merge(self, target: str, changes: list[_Change]) -> torch.Tensor:
+        info = self.base.ckpt.info(target)
+        dtype = info.torch_dtype
+        if changes[0].kind == "replaced":
+            value = self.read(changes[0].adapter, changes[0].keys["value"]).to(dtype)
+            self._check(value, target, changes[0])
+            return value
+        weight = self.base.ckpt.read(target).to(self.device)
+        merged = weight.to(torch.float32)
+        for c in changes:
+            a = self.read(c.adapter, c.keys["A"]).to(self.device, torch.float32)
+            b = self.read(c.adapter, c.keys["B"]).to(self.device, torch.float32)
+            scale = c.adapter.scaling(c.module) * self.weights[c.adapter.index]
+            transposed = c.kind == "embedding_lora" or c.module in self.base.conv1d
+            delta = (b @ a).T * scale if transposed else (b @ a) * scale
+            del a, b
+            if c.kind == "dora":  # DoraLinearVariant.merge_unsafe; the norm per output feature of W + delta
+                m = self.read(c.adapter, c.keys["m"]).to(self.device, torch.float32)
+                conv = c.module in self.base.conv1d
+                norm = torch.linalg.norm((merged.T if conv else merged) + (delta.T if conv else delta), dim=1)
+                factor = (m / norm).view(-1, 1)
+                merged = (factor.T if conv else factor) * (merged + delta)
+            else:
+                merged = merged + delta
+            del delta
+        out = merged.to(dtype).cpu()
+        del merged, weight
+        self._check(out, target, changes[-1])
+        return out
+
+    def _check(self, value: torch.Tensor, target: str, change: _Change) -> None:
+        if self.safe_merge and not bool(torch.isfinite(value).all()):
+            raise InvalidSpec(f"merging adapter {change.adapter.path.name!r} gives NaN or Inf in {target}",
+                              field=change.adapter.field,
+                              fix="The adapter seems broken (check its lora_A/lora_B for NaN/Inf or huge values); "
+                                  "or send a smaller weight.")
+
+
+# -- the operation --------------------------------------------------------------------------------------------
+def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
+    """Run ``spec``: fold the adapters into the checkpoint and write a plain checkpoint at ``output``.
+
+    Raises:
+        NotFound, PathOutsideDataDir, OutputExists: path problems (``adapters.<i>.path`` for an adapter).
+        InvalidCheckpoint: no usable config.json, malformed headers.
+        InvalidSpec: an adapter whose base does not match (a target missing, another shape or rank; field
+            ``adapters.<i>.path``, naming the first mismatch), a LoRA variant not supported, a weight on a replaced
+            tensor, adapters that change one tensor in ways that do not add up, NaN/Inf with ``safe_merge``.
+    """
+    started = time.perf_counter()
+    checkpoint = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
+    output = resolve_under(ctx.data_dir, spec.output, "output")
+    check_output_path(output, checkpoint, spec.overwrite)
+    device = pick_device(spec.device)
+    adapters = [open_adapter(ctx.data_dir, a.path, f"adapters.{i}.path", i) for i, a in enumerate(spec.adapters)]
+    for a in adapters:
+        check_output_path(output, a.path, spec.overwrite, field="output")
+    weights = [a.weight for a in spec.adapters]
+    if not all(math.isfinite(w) for w in weights):  # the request model refuses these; specs built without it
+        raise InvalidSpec("adapter weights must be finite", field="adapters", fix="Send finite weights.")
+    ckpt = Checkpoint.open(checkpoint)
+    base = _open_base(ckpt)
+    for a in adapters:
+        _check_residual_base(a, checkpoint, ctx.data_dir)
+    plan = _combine([_plan_adapter(a, base) for a in adapters], weights)
+    _check_memory(plan, base)
+    warnings = list(ckpt.warnings)
+    ctx.say(f"{len(plan)} tensors to merge from {len(adapters)} adapter(s)")
+    merger = _Merger(base, device, spec.safe_merge, weights)
+    changes = Changes(replace={t: merger.source(t, cs) for t, cs in plan.items()})
+    with atomic_output(output, spec.overwrite) as tmp:
+        digests = write_checkpoint(ckpt, tmp, changes, ctx.say, cache=ctx.digests)
+        for path in ckpt.other_files():
+            shutil.copyfile(path, tmp / path.name)
+        files = describe_files(tmp, known=digests)
+    linked = sorted(set(ckpt.shards) - changes.changed_shards(ckpt))
+    merged = [MergedTensor(name=t, how=[f"{c.kind} ({c.adapter.index})" for c in cs],
+                           shape=list(ckpt.info(t).shape), dtype=ckpt.info(t).dtype) for t, cs in sorted(plan.items())]
+    return MergeLoraResult(
+        output=spec.output, merged_tensors=merged, linked_shards=linked, files=[FileInfo.of(f) for f in files],
+        base_bytes_read=ckpt.bytes_read, adapter_bytes_read=merger.adapter_bytes, device=str(device),
+        warnings=warnings, seconds=round(time.perf_counter() - started, 4))
+
+
+def _check_memory(plan: dict[str, list[_Change]], base: _Base) -> None:
+    """Refuse (503) before any tensor is read when the largest targeted tensor's merge cannot fit: the stored tensor,
+    W, the delta and the sum in float32, the cast result, plus the largest adapter pair."""
+    if not plan:
+        return
+    largest = max(math.prod(base.ckpt.info(t).shape) for t in plan)
+    itemsize = max(base.ckpt.info(t).nbytes // max(1, math.prod(base.ckpt.info(t).shape)) for t in plan)
+    adapter = max(c.adapter.weights.info(k).nbytes * 2 for cs in plan.values() for c in cs for k in c.keys.values())
+    resources.require(largest * (3 * 4 + 2 * itemsize) + adapter, field="checkpoint",
+                      what="merging the largest targeted tensor",
+                      fix="Give the service more memory (the merge holds a few copies of one tensor at a time).")
+
+
+__all__ = ["Adapter", "MergeLoraOptions", "MergeLoraResult", "MergeLoraSpec",
+           "merge_lora", "open_adapter"]

@@ -1,0 +1,300 @@
+"""merge-lora against peft's own ``merge_and_unload`` + ``save_pretrained``, computed in each test.
+
+Adapters are made with attach-lora, then "trained": B (and DoRA magnitudes, token rows, saved modules) get random
+values written into adapter_model.safetensors, so every delta is non-zero. Comparisons:
+
+- one adapter at weight 1: **bitwise** equal to peft, tensor by tensor (the same float32 operations in the same
+  order on the CPU, cast once to the stored dtype), and the merged model's logits equal peft's exactly;
+- several adapters: **within one unit of the stored dtype's rounding** (peft merges them in turn, rounding to the
+  stored dtype after each; merge-lora sums the deltas in float32 and casts once).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from adapter_surgery.api.app import create_app
+from adapter_surgery.errors import InvalidSpec, NotFound, OutputExists
+from adapter_surgery.ops.attach_lora import AttachLoraSpec, attach_lora
+from adapter_surgery.ops.common import RunContext
+from adapter_surgery.ops.merge_lora import MergeLoraSpec, merge_lora
+from adapter_surgery.settings import Settings
+from tests.conftest import tensors, tree_digest
+
+IDS = torch.tensor([[1, 5, 9, 17, 33, 60, 90, 7, 3, 4]])
+MANTISSA = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+
+warnings.filterwarnings("ignore", module="peft")
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+def attach(data: Path, checkpoint: str, output: str, **kw) -> Path:
+    attach_lora(AttachLoraSpec(checkpoint=checkpoint, output=output, **kw), RunContext(data))
+    return data / output
+
+
+def train(adapter: Path, seed: int = 0, scale: float = 0.05) -> None:
+    """Simulate training: random B (A perturbed too), DoRA magnitudes, token rows and saved modules changed."""
+    g = torch.Generator().manual_seed(seed)
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    for k, v in state.items():
+        noise = torch.randn(v.shape, generator=g, dtype=torch.float32) * scale
+        if ".lora_B" in k:
+            state[k] = noise.to(v.dtype)
+        elif ".lora_A" in k or "magnitude" in k or "trainable_tokens" in k or not k.endswith("lora_A.weight"):
+            state[k] = (v.float() + noise).to(v.dtype)
+    save_file(state, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def merge(data: Path, checkpoint: str, adapters: list, output: str = "merged", **kw):
+    refs = [{"path": a, "weight": 1.0} if isinstance(a, str) else {"path": a[0], "weight": a[1]} for a in adapters]
+    return merge_lora(MergeLoraSpec(checkpoint=checkpoint, adapters=refs, output=output, **kw), RunContext(data))
+
+
+def peft_merged(base: Path, adapters: list[tuple[Path, float]]):
+    """peft's merge: the base as stored (dtype auto), every adapter loaded, LoRA scaling times the weight."""
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto")
+    names = [f"a{i}" for i in range(len(adapters))]
+    peft_model = PeftModel.from_pretrained(model, str(adapters[0][0]), adapter_name=names[0])
+    for name, (path, _) in zip(names[1:], adapters[1:], strict=True):
+        peft_model.load_adapter(str(path), adapter_name=name)
+    for module in peft_model.modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict):
+            for name, (_, weight) in zip(names, adapters, strict=True):
+                if name in scaling:
+                    scaling[name] *= weight
+    return peft_model.merge_and_unload(adapter_names=names).eval()
+
+
+def save(model, dest: Path) -> dict[str, torch.Tensor]:
+    model.save_pretrained(str(dest))
+    return tensors(dest)
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of ``dtype`` at |x| (float64)."""
+    _, e = torch.frexp(x.double().abs().clamp_min(torch.finfo(dtype).tiny))
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float64), e - 1 - MANTISSA[dtype])
+
+
+def assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], bitwise: bool,
+                        intermediate: dict[str, torch.Tensor] | None = None) -> None:
+    """Bitwise, or within one unit of the stored dtype at the largest magnitude involved (ours, peft's, and peft's
+    intermediate result after its first merge, which it rounds to the stored dtype before adding the next)."""
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        a, b = ours[k], theirs[k]
+        assert a.dtype == b.dtype and a.shape == b.shape, k
+        if bitwise:
+            assert torch.equal(a, b), k
+        else:
+            big = torch.maximum(a.double().abs(), b.double().abs())
+            if intermediate is not None:
+                big = torch.maximum(big, intermediate[k].double().abs())
+            assert bool(((a.double() - b.double()).abs() <= ulp(big, a.dtype)).all()), k
+
+
+def load(path: Path):
+    model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and not info["mismatched_keys"]
+    return model.eval()
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+def check_against_peft(data: Path, base: str, adapters: list[tuple[str, float]], bitwise: bool,
+                       output: str = "merged", intermediate: str | None = None) -> dict:
+    ref = peft_merged(data / base, [(data / a, w) for a, w in adapters])
+    theirs = save(ref, data / "peft-merged")
+    ours = tensors(data / output)
+    assert_same_tensors(ours, theirs, bitwise, tensors(data / intermediate) if intermediate else None)
+    mine = load(data / output)
+    if bitwise:
+        assert torch.equal(logits(mine), logits(ref))
+    else:
+        assert float((logits(mine) - logits(ref)).abs().max()) < 1e-2
+    return ours
+
+
+# -- equal to peft --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("fixture", "kw"), [
+    ("FX-B", {"target_modules": "all-linear"}),  # bf16, 2 shards, untied
+    ("FX-B", {"target_modules": ["q_proj", "v_proj"], "use_rslora": True, "r": 4, "lora_alpha": 16}),
+    ("FX-B", {"target_modules": "all-linear", "use_dora": True}),
+    ("FX-A", {"target_modules": "all-linear"}),  # GPT-2 Conv1D (fan_in_fan_out), fp32, tied
+    ("FX-A", {"target_modules": "all-linear", "use_dora": True}),  # DoRA on Conv1D
+    ("FX-C", {"target_modules": ["q_proj", "down_proj"], "rank_pattern": {"q_proj": 2}, "alpha_pattern":
+              {"down_proj": 32}}),
+    ("FX-B", {"target_modules": ["o_proj"], "modules_to_save": ["lm_head"], "trainable_token_indices": [3, 120]}),
+    ("FX-C", {"target_modules": ["k_proj"], "trainable_token_indices": [4, 7, 127]}),  # tied: stays tied
+    ("qwen2-padded-tiny", {"target_modules": "all-linear", "r": 4}),
+], ids=["lora", "rslora", "dora", "conv1d", "dora-conv1d", "patterns", "modules-to-save+tokens", "tokens-tied",
+        "qwen2"])
+def test_one_adapter_bitwise_equal_to_peft(data_dir: Path, build, fixture: str, kw: dict) -> None:
+    base = build(fixture)
+    adapter = attach(data_dir, base, "lora", **kw)
+    train(adapter)
+    before = tree_digest(data_dir / base), tree_digest(adapter)
+    r = merge(data_dir, base, ["lora"])
+    assert r.merged_tensors and r.base_bytes_read > 0
+    ours = check_against_peft(data_dir, base, [("lora", 1.0)], bitwise=True)
+    # the input is untouched; shards without a target are linked
+    assert (tree_digest(data_dir / base), tree_digest(adapter)) == before
+    for shard in r.linked_shards:
+        assert (data_dir / "merged" / shard).stat().st_ino == (data_dir / base / shard).stat().st_ino
+    if kw.get("trainable_token_indices"):
+        emb = "model.embed_tokens.weight"
+        assert "lm_head.weight" not in ours or fixture == "FX-B"
+        rows = load_file(str(adapter / "adapter_model.safetensors"))[
+            "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+        assert torch.equal(ours[emb][kw["trainable_token_indices"]], rows.to(ours[emb].dtype))
+    assert json.loads((data_dir / "merged/config.json").read_text()) == \
+        json.loads((data_dir / base / "config.json").read_text())
+    assert (data_dir / "merged/tokenizer.json").read_bytes() == (data_dir / base / "tokenizer.json").read_bytes()
+
+
+def test_untargeted_tensors_are_byte_copies_and_untouched_shards_linked(data_dir: Path, build) -> None:
+    base = build("FX-B")
+    train(attach(data_dir, base, "lora", target_modules=["q_proj"], layers_to_transform=[0]))
+    r = merge(data_dir, base, ["lora"])
+    assert [t.name for t in r.merged_tensors] == ["model.layers.0.self_attn.q_proj.weight"]
+    assert len(r.linked_shards) == 1
+    src, out = tensors(data_dir / base), tensors(data_dir / "merged")
+    changed = {k for k in src if not torch.equal(src[k], out[k])}
+    assert changed == {"model.layers.0.self_attn.q_proj.weight"}
+    assert r.base_bytes_read == 32 * 32 * 2  # the one targeted bf16 tensor, nothing else
+
+
+def test_two_adapters_with_weights_within_one_unit(data_dir: Path, build) -> None:
+    base = build("FX-B")
+    train(attach(data_dir, base, "one", target_modules="all-linear", seed=1), seed=1)
+    train(attach(data_dir, base, "two", target_modules=["q_proj", "k_proj"], r=4, use_rslora=True, seed=2), seed=2)
+    r = merge(data_dir, base, [("one", 0.7), ("two", -1.5)])
+    q = next(t for t in r.merged_tensors if t.name == "model.layers.0.self_attn.q_proj.weight")
+    assert q.how == ["lora (0)", "lora (1)"]
+    merge(data_dir, base, [("one", 0.7)], output="only-one")  # = peft's state after its first merge (bitwise)
+    check_against_peft(data_dir, base, [("one", 0.7), ("two", -1.5)], bitwise=False, intermediate="only-one")
+    # the second adapter really counts: without it the result differs
+    assert not torch.equal(tensors(data_dir / "merged")[q.name], tensors(data_dir / "only-one")[q.name])
+
+
+def test_weight_scales_the_delta(data_dir: Path, build) -> None:
+    base = build("FX-A")  # fp32: the delta is visible exactly
+    train(attach(data_dir, base, "lora", target_modules=["c_attn"]))
+    merge(data_dir, base, [("lora", 0.0)], output="zero")
+    merge(data_dir, base, [("lora", 0.5)], output="half")
+    src, zero, half = (tensors(data_dir / n) for n in (base, "zero", "half"))
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert torch.equal(zero[key], src[key]) and not torch.equal(half[key], src[key])
+    check_against_peft(data_dir, base, [("lora", 0.5)], bitwise=True, output="half")
+
+
+# -- PiSSA / OLoRA ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_onto_its_residual_base(data_dir: Path, build, init: str) -> None:
+    base = build("FX-B")
+    adapter = attach(data_dir, base, "pissa", target_modules=["q_proj", "up_proj"], r=4, init_lora_weights=init)
+    residual = "pissa/base"
+    # untrained: residual + s B A gives the original model back (up to bf16 rounding of the residual)
+    merge(data_dir, residual, ["pissa"], output="untrained")
+    original = logits(load(data_dir / base))
+    assert float((logits(load(data_dir / "untrained")) - original).abs().max()) < 0.02
+    # trained: bitwise peft's merge on the residual base
+    train(adapter)
+    merge(data_dir, residual, ["pissa"])
+    check_against_peft(data_dir, residual, [("pissa", 1.0)], bitwise=True)
+    # onto the original base it would count the decomposed part twice: refused
+    with pytest.raises(InvalidSpec) as e:
+        merge(data_dir, base, ["pissa"], output="wrong")
+    assert e.value.field == "adapters.0.path" and "residual base" in e.value.detail
+    assert not (data_dir / "wrong").exists()
+
+
+# -- refusals ---------------------------------------------------------------------------------------------------
+def test_mismatched_base_is_refused_naming_the_first_mismatch(data_dir: Path, build) -> None:
+    llama, gpt2 = build("FX-B"), build("FX-A")
+    train(attach(data_dir, llama, "lora", target_modules=["k_proj", "q_proj"]))
+    before = tree_digest(data_dir / gpt2)
+    with pytest.raises(InvalidSpec) as e:  # GPT-2 has no k_proj
+        merge(data_dir, gpt2, ["lora"])
+    assert e.value.field == "adapters.0.path" and "model.layers.0.self_attn.k_proj" in e.value.detail
+    # an adapter made for a model with 6 kv heads: k_proj's B is (48, r), the base's k_proj (16, 32)
+    wide = data_dir / "wide"
+    shutil.copytree(data_dir / "lora", wide)
+    state = load_file(str(wide / "adapter_model.safetensors"))
+    state["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"] = torch.zeros(48, 8)
+    save_file(state, str(wide / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InvalidSpec) as e:
+        merge(data_dir, llama, [("lora", 1.0), ("wide", 1.0)])
+    assert e.value.field == "adapters.1.path" and "model.layers.1.self_attn.k_proj.weight has shape [16, 32]" in \
+        e.value.detail
+    assert not (data_dir / "merged").exists() and tree_digest(data_dir / gpt2) == before
+    with pytest.raises(NotFound) as e:
+        merge(data_dir, llama, ["lora", "nope"])
+    assert e.value.field == "adapters.1.path"
+
+
+def test_safe_merge_refuses_nan_and_leaves_nothing(data_dir: Path, build) -> None:
+    base = build("FX-B")
+    adapter = attach(data_dir, base, "lora", target_modules=["v_proj"])
+    train(adapter)
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    state["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"][0, 0] = float("nan")
+    save_file(state, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    before = tree_digest(data_dir)
+    with pytest.raises(InvalidSpec) as e:
+        merge(data_dir, base, ["lora"], safe_merge=True)
+    assert e.value.field == "adapters.0.path" and "model.layers.1.self_attn.v_proj.weight" in e.value.detail
+    assert tree_digest(data_dir) == before and sorted(p.name for p in data_dir.iterdir()) == [base, "lora"]
+    merge(data_dir, base, ["lora"])  # without safe_merge, as peft: the NaN is written
+    assert torch.isnan(tensors(data_dir / "merged")["model.layers.1.self_attn.v_proj.weight"]).any()
+
+
+def test_conflicts_and_bounds(data_dir: Path, build) -> None:
+    base = build("FX-B")
+    train(attach(data_dir, base, "dora", target_modules=["q_proj"], use_dora=True))
+    train(attach(data_dir, base, "lora", target_modules=["q_proj"]))
+    train(attach(data_dir, base, "head", target_modules=["k_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(InvalidSpec) as e:  # DoRA does not add up with another delta
+        merge(data_dir, base, ["lora", "dora"])
+    assert e.value.field == "adapters.1.path"
+    with pytest.raises(InvalidSpec) as e:  # a weight cannot scale a replaced tensor
+        merge(data_dir, base, [("head", 0.5)])
+    assert e.value.field == "adapters.0.weight"
+    with pytest.raises(OutputExists):
+        merge(data_dir, base, ["lora"], output="lora")
+    with pytest.raises(InvalidSpec) as e:  # an input adapter is never replaced, even with overwrite
+        merge(data_dir, base, ["lora"], output="lora", overwrite=True)
+    assert e.value.field == "output" and "overlaps" in e.value.detail
+    with pytest.raises(ValueError):
+        MergeLoraSpec(checkpoint=base, output="o", adapters=[{"path": "lora"}] * 17)
+    with pytest.raises(ValueError):
+        MergeLoraSpec(checkpoint=base, output="o", adapters=[{"path": "lora", "weight": float("inf")}])
+
+
+def test_http_and_cli_route(data_dir: Path, build) -> None:
+    base = build("FX-B")
+    train(attach(data_dir, base, "lora", target_modules=["q_proj"]))
+    client = TestClient(create_app(Settings(data_dir=data_dir)))
+    r = client.post("/merge-lora", json={"checkpoint": base, "output": "m", "adapters": [{"path": "lora"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["merged_tensors"][0]["name"] == "model.layers.0.self_attn.q_proj.weight"
+    r = client.post("/merge-lora", json={"checkpoint": base, "output": "m2", "adapters": [{"path": "../x"}]})
+    assert r.status_code == 403 and r.json()["field"] == "adapters.0.path"
+    r = client.post("/merge-lora", json={"checkpoint": base, "output": "m2", "adapters": []})
+    assert r.status_code == 422 and r.json()["field"] == "adapters"
+    shutil.rmtree(data_dir / "m")
