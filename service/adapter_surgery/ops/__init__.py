@@ -14,6 +14,12 @@ from pydantic import BaseModel
 from adapter_surgery.ops.attach_head import AttachHeadOptions, AttachHeadResult, AttachHeadSpec, attach_head
 from adapter_surgery.ops.attach_lora import AttachLoraOptions, AttachLoraResult, AttachLoraSpec, attach_lora
 from adapter_surgery.ops.common import PathFields, RunContext
+from adapter_surgery.ops.convert_adapter import (
+    ConvertAdapterOptions,
+    ConvertAdapterResult,
+    ConvertAdapterSpec,
+    convert_adapter,
+)
 from adapter_surgery.ops.expand_blocks import ExpandBlocksOptions, ExpandBlocksResult, ExpandBlocksSpec, expand_blocks
 from adapter_surgery.ops.extend_vocab import ExtendVocabOptions, ExtendVocabResult, ExtendVocabSpec, extend_vocab
 from adapter_surgery.ops.merge_lora import MergeLoraOptions, MergeLoraResult, MergeLoraSpec, merge_lora
@@ -57,6 +63,10 @@ OPERATIONS: dict[str, Operation] = {
         Operation("merge-lora", "Fold peft LoRA adapters (LoRA, rsLoRA, DoRA, modules_to_save, trainable tokens; "
                   "several, with weights) into the base: a plain checkpoint, only targeted tensors read and rewritten.",
                   MergeLoraSpec, MergeLoraOptions, MergeLoraResult, merge_lora, upload=False),  # type: ignore[arg-type]
+        Operation("convert-adapter", "Convert a trained PiSSA/OLoRA adapter into a plain LoRA (rank doubled) for the "
+                  "original base, as peft's path_initial_model_for_weight_conversion does.",
+                  ConvertAdapterSpec, ConvertAdapterOptions, ConvertAdapterResult, convert_adapter,  # type: ignore[arg-type]
+                  upload=False),
         Operation("verify", "The preservation report of a patched checkpoint against its base (writes nothing).",
                   VerifySpec, VerifyOptions, VerifyResult, verify),  # type: ignore[arg-type]
     ]
