@@ -56,6 +56,8 @@ class ConvertAdapterResult(BaseModel):
     kept_tensors: list[str] = Field(description="Tensors copied from the trained adapter as they are.")
     base_model_name_or_path: str | None
     files: list[FileInfo]
+    bytes_read: int = Field(description="Tensor data read from the two adapters.")
+    bytes_written: int
     warnings: list[str]
     seconds: float
 
@@ -94,6 +96,7 @@ def convert_adapter(spec: ConvertAdapterSpec, ctx: RunContext) -> ConvertAdapter
     out: dict[str, torch.Tensor] = {}
     kept: list[str] = []
     for key in trained.weights.weight_map:
+        ctx.check_cancelled()
         value = trained.weights.read(key)
         if key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight"):
             init = initial.weights.read(key)
@@ -106,7 +109,7 @@ def convert_adapter(spec: ConvertAdapterSpec, ctx: RunContext) -> ConvertAdapter
             out[key] = value
             kept.append(key)
     new = _converted_config(config, base)
-    with atomic_output(output, spec.overwrite) as tmp:
+    with atomic_output(output, spec.overwrite, owner=ctx.owner) as tmp:
         tmp.mkdir(parents=True)
         save_file(out, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(new, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -114,6 +117,7 @@ def convert_adapter(spec: ConvertAdapterSpec, ctx: RunContext) -> ConvertAdapter
     return ConvertAdapterResult(
         output=spec.output, r=new["r"], lora_alpha=new["lora_alpha"], converted_modules=len(pairs),
         kept_tensors=sorted(kept), base_model_name_or_path=base, files=[FileInfo.of(f) for f in files],
+        bytes_read=trained.weights.bytes_read + initial.weights.bytes_read, bytes_written=sum(f.bytes for f in files),
         warnings=warnings, seconds=round(time.perf_counter() - started, 4))
 
 

@@ -109,6 +109,8 @@ class MergeLoraResult(BaseModel):
     files: list[FileInfo]
     base_bytes_read: int = Field(description="Bytes of base tensor data read (targeted tensors only).")
     adapter_bytes_read: int
+    bytes_read: int = Field(description="Tensor data read in all: base and adapters.")
+    bytes_written: int = Field(description="Bytes of the files written (linked shards not counted).")
     device: str
     warnings: list[str]
     seconds: float
@@ -533,17 +535,19 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
     ctx.say(f"{len(plan)} tensors to merge from {len(adapters)} adapter(s)")
     merger = _Merger(base, device, spec.safe_merge, weights)
     changes = Changes(replace={t: merger.source(t, cs) for t, cs in plan.items()})
-    with atomic_output(output, spec.overwrite) as tmp:
-        digests = write_checkpoint(ckpt, tmp, changes, ctx.say, cache=ctx.digests)
+    with atomic_output(output, spec.overwrite, owner=ctx.owner) as tmp:
+        digests = write_checkpoint(ckpt, tmp, changes, ctx, cache=ctx.digests)
         for path in ckpt.other_files():
             shutil.copyfile(path, tmp / path.name)
         files = describe_files(tmp, known=digests)
     linked = sorted(set(ckpt.shards) - changes.changed_shards(ckpt))
+    written = sum(f.bytes for f in files if f.path not in linked)
     merged = [MergedTensor(name=t, how=[f"{c.kind} ({c.adapter.index})" for c in cs],
                            shape=list(ckpt.info(t).shape), dtype=ckpt.info(t).dtype) for t, cs in sorted(plan.items())]
     return MergeLoraResult(
         output=spec.output, merged_tensors=merged, linked_shards=linked, files=[FileInfo.of(f) for f in files],
-        base_bytes_read=ckpt.bytes_read, adapter_bytes_read=merger.adapter_bytes, device=str(device),
+        base_bytes_read=ckpt.bytes_read, adapter_bytes_read=merger.adapter_bytes,
+        bytes_read=ckpt.bytes_read + merger.adapter_bytes, bytes_written=written, device=str(device),
         warnings=warnings, seconds=round(time.perf_counter() - started, 4))
 
 
