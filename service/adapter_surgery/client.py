@@ -35,14 +35,17 @@ if TYPE_CHECKING:
 
     from adapter_surgery.ops.attach_head import AttachHeadResult, AttachHeadSpec
     from adapter_surgery.ops.attach_lora import AttachLoraResult, AttachLoraSpec
+    from adapter_surgery.ops.convert_adapter import ConvertAdapterResult, ConvertAdapterSpec
     from adapter_surgery.ops.expand_blocks import ExpandBlocksResult, ExpandBlocksSpec
     from adapter_surgery.ops.extend_vocab import ExtendVocabResult, ExtendVocabSpec
+    from adapter_surgery.ops.merge_lora import MergeLoraResult, MergeLoraSpec
     from adapter_surgery.ops.surgery import SurgeryResult, SurgerySpec
     from adapter_surgery.verify import VerifyResult, VerifySpec
 
 #: The operations the client knows (the routes ``POST /<name>``); ``tests/test_client.py`` checks that they
 #: are exactly the keys of ``adapter_surgery.ops.OPERATIONS``, without this module importing them.
-OPERATION_NAMES = ("extend-vocab", "attach-lora", "attach-head", "expand-blocks", "surgery", "verify")
+OPERATION_NAMES = ("extend-vocab", "attach-lora", "attach-head", "expand-blocks", "surgery", "merge-lora",
+                   "convert-adapter", "verify")
 TOKEN_ENV = "ADAPTER_SURGERY_API_TOKEN"
 RESULT_HEADER = "X-Adapter-Surgery-Result"
 PROBLEM = "application/problem+json"
@@ -374,6 +377,16 @@ class Client:
     def surgery(self, spec: SurgerySpec | Mapping[str, Any], *, timeout: float | None = None) -> SurgeryResult:
         """``POST /surgery``: several operations as one job with one atomic output."""
         return self._typed("surgery", spec, timeout)
+
+    def merge_lora(self, spec: MergeLoraSpec | Mapping[str, Any], *, timeout: float | None = None
+                   ) -> MergeLoraResult:
+        """``POST /merge-lora``: fold LoRA adapters into the base."""
+        return self._typed("merge-lora", spec, timeout)
+
+    def convert_adapter(self, spec: ConvertAdapterSpec | Mapping[str, Any], *, timeout: float | None = None
+                        ) -> ConvertAdapterResult:
+        """``POST /convert-adapter``: a trained PiSSA/OLoRA adapter as a plain LoRA for the original base."""
+        return self._typed("convert-adapter", spec, timeout)
 
     def verify(self, spec: VerifySpec | Mapping[str, Any], *, timeout: float | None = None) -> VerifyResult:
         """``POST /verify``: the preservation report of a patched checkpoint against its base."""

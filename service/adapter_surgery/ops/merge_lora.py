@@ -519,14 +519,14 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
     output = resolve_under(ctx.data_dir, spec.output, "output")
     check_output_path(output, checkpoint, spec.overwrite)
     device = pick_device(spec.device)
-    adapters = [open_adapter(ctx.data_dir, a.path, f"adapters.{i}.path", i) for i, a in enumerate(spec.adapters)]
-    for a in adapters:
-        check_output_path(output, a.path, spec.overwrite, field="output")
     weights = [a.weight for a in spec.adapters]
     if not all(math.isfinite(w) for w in weights):  # the request model refuses these; specs built without it
         raise InvalidSpec("adapter weights must be finite", field="adapters", fix="Send finite weights.")
     ckpt = Checkpoint.open(checkpoint)
-    base = _open_base(ckpt)
+    base = _open_base(ckpt)  # config.json checked against the weights first
+    adapters = [open_adapter(ctx.data_dir, a.path, f"adapters.{i}.path", i) for i, a in enumerate(spec.adapters)]
+    for a in adapters:
+        check_output_path(output, a.path, spec.overwrite, field="output")
     for a in adapters:
         _check_residual_base(a, checkpoint, ctx.data_dir)
     plan = _combine([_plan_adapter(a, base) for a in adapters], weights)
