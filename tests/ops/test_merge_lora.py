@@ -142,8 +142,9 @@ def check_against_peft(data: Path, base: str, adapters: list[tuple[str, float]],
     ("FX-B", {"target_modules": ["o_proj"], "modules_to_save": ["lm_head"], "trainable_token_indices": [3, 120]}),
     ("FX-C", {"target_modules": ["k_proj"], "trainable_token_indices": [4, 7, 127]}),  # tied: stays tied
     ("qwen2-padded-tiny", {"target_modules": "all-linear", "r": 4}),
+    ("FX-C", {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}),  # tied head saved: stays tied
 ], ids=["lora", "rslora", "dora", "conv1d", "dora-conv1d", "patterns", "modules-to-save+tokens", "tokens-tied",
-        "qwen2"])
+        "qwen2", "modules-to-save-tied"])
 def test_one_adapter_bitwise_equal_to_peft(data_dir: Path, build, fixture: str, kw: dict) -> None:
     base = build(fixture)
     adapter = attach(data_dir, base, "lora", **kw)

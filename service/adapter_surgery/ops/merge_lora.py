@@ -309,7 +309,8 @@ def _plan_adapter(adapter: Adapter, base: _Base) -> dict[str, _Change]:
             if tuple(ckpt.info(target).shape) != tuple(w.info(key).shape):
                 raise _mismatch(adapter, f"{key} has shape {list(w.info(key).shape)} but {target} is "
                                          f"{list(ckpt.info(target).shape)}")
-            if target in changes and changes[target].kind == "replaced":  # a tied pair saved twice
+            if target in changes and changes[target].kind == "replaced":  # a tied pair saved twice: the first
+                # key (sorted) wins, as in peft's merge_and_unload + save_pretrained (tested)
                 continue
             _add(changes, target, _Change(adapter, "replaced", param, {"value": key}))
     for module, keys in groups.items():
