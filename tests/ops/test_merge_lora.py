@@ -299,3 +299,30 @@ def test_http_and_cli_route(data_dir: Path, build) -> None:
     r = client.post("/merge-lora", json={"checkpoint": base, "output": "m2", "adapters": []})
     assert r.status_code == 422 and r.json()["field"] == "adapters"
     shutil.rmtree(data_dir / "m")
+
+
+def test_embedding_lora_made_by_peft_bitwise_equal(data_dir: Path, build) -> None:
+    """An adapter on the embedding (lora_embedding_A/B; attach-lora does not make these, peft does)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build("FX-B")
+    model = AutoModelForCausalLM.from_pretrained(str(data_dir / base), dtype="auto")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"],
+                                                  init_lora_weights=False))  # random A and B: a non-zero delta
+    peft_model.save_pretrained(str(data_dir / "emb"))
+    keys = set(load_file(str(data_dir / "emb/adapter_model.safetensors")))
+    assert "base_model.model.model.embed_tokens.lora_embedding_A" in keys
+    r = merge(data_dir, base, ["emb"])
+    emb = "model.embed_tokens.weight"
+    assert "embedding_lora (0)" in next(t.how for t in r.merged_tensors if t.name == emb)
+    ref = peft_merged(data_dir / base, [(data_dir / "emb", 1.0)])
+    theirs, ours = save(ref, data_dir / "peft-merged"), tensors(data_dir / "merged")
+    # peft's Embedding.merge rounds the delta to bf16 before adding it (W += delta.to(bf16)); merge-lora adds in
+    # float32 and rounds once: within one unit at the larger of |W| + |delta|. Every other tensor: bitwise.
+    state = load_file(str(data_dir / "emb/adapter_model.safetensors"))
+    a, b = (state[f"base_model.model.model.embed_tokens.lora_embedding_{x}"] for x in "AB")
+    magnitude = tensors(data_dir / base)[emb].double().abs() + ((b @ a).T * 2.0).double().abs()
+    assert_same_tensors({emb: ours.pop(emb)}, {emb: theirs.pop(emb)}, bitwise=False, intermediate={emb: magnitude})
+    assert_same_tensors(ours, theirs, bitwise=True)
+    assert float((logits(load(data_dir / "merged")) - logits(ref)).abs().max()) < 0.05

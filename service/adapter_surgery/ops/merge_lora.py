@@ -26,8 +26,10 @@ Per target, s = lora_alpha / r (``use_rslora``: lora_alpha / sqrt(r); Kalajdziev
   (``TrainableTokensLayer.merge``: ``index_copy``); a tied head stays tied (only the embedding is stored).
 
 With one adapter at weight 1 the arithmetic is peft's, operation for operation: bitwise equal to
-``merge_and_unload`` on the CPU. Several adapters are summed before the one cast; peft merges them in turn, rounding
-to the stored dtype after each, so the two differ by at most one unit of the stored dtype's rounding.
+``merge_and_unload`` on the CPU (except embedding LoRA: peft's ``Embedding.merge`` rounds the delta to the stored
+dtype before adding it, merge-lora rounds once; within one unit). Several adapters are summed before the one
+cast; peft merges them in turn, rounding to the stored dtype after each, so the two differ by at most one unit of
+the stored dtype's rounding.
 
 PiSSA and OLoRA adapters belong to the residual base attach-lora wrote beside them (``<adapter>/base``, named by
 their ``base_model_name_or_path``): merging one onto another checkpoint is refused.
@@ -347,6 +349,11 @@ def _plan_lora(adapter: Adapter, base: _Base, module: str, keys: dict[str, str],
                                  f"B {list(b)}) needs {list(expected)}")
     kind: Kind = "embedding_lora" if embedding else "lora"
     roles = {"A": a_key, "B": b_key}
+    saved = changes.get(target)
+    if saved is not None and saved.kind == "replaced" and ".base_layer." in saved.keys["value"]:
+        # peft saves the targeted embedding itself too (save_embedding_layers): loading puts that copy into the
+        # base layer, then the delta is added to it
+        roles["base"] = changes.pop(target).keys["value"]
     if "m" in keys:
         if embedding:
             raise _mismatch(adapter, f"{module}: DoRA on an embedding is not supported",
@@ -473,7 +480,11 @@ class _Merger:
             value = self.read(changes[0].adapter, changes[0].keys["value"]).to(dtype)
             self._check(value, target, changes[0])
             return value
-        weight = self.base.ckpt.read(target).to(self.device)
+        saved = changes[0].keys.get("base")
+        if saved is not None:  # the adapter's own copy of the base weight (see _plan_lora)
+            weight = self.read(changes[0].adapter, saved).to(self.device, dtype)
+        else:
+            weight = self.base.ckpt.read(target).to(self.device)
         merged = weight.to(torch.float32)
         for c in changes:
             a = self.read(c.adapter, c.keys["A"]).to(self.device, torch.float32)
