@@ -221,7 +221,7 @@ def test_available_memory_reads_meminfo() -> None:
 
 
 def test_too_little_memory_skips_the_report_not_the_request(data: Path, monkeypatch) -> None:
-    monkeypatch.setattr(verify_mod, "available_memory", lambda device: 1024)
+    monkeypatch.setattr(verify_mod, "available_memory", lambda device, limit=None: 1024)
     r = extend(data, "gpt2-tied-tiny", "no-memory")
     assert (data / "no-memory" / "model.safetensors").is_file() and r.vocab_size_after == 103
     rep = r.report
