@@ -24,7 +24,7 @@ from adapter_surgery.ops.expand_blocks import ExpandBlocksOptions, ExpandBlocksR
 from adapter_surgery.ops.extend_vocab import ExtendVocabOptions, ExtendVocabResult, ExtendVocabSpec, extend_vocab
 from adapter_surgery.ops.merge_lora import MergeLoraOptions, MergeLoraResult, MergeLoraSpec, merge_lora
 from adapter_surgery.ops.surgery import SurgeryOptions, SurgeryResult, SurgerySpec, surgery
-from adapter_surgery.verify import VerifyOptions, VerifyResult, VerifySpec, verify
+from adapter_surgery.ops.verify import VerifyOptions, VerifyResult, VerifySpec, verify
 
 
 @dataclass(frozen=True)

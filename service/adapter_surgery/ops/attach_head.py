@@ -52,7 +52,7 @@ from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.writer import Changes, write_checkpoint
 from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, RunContext, Seed, StrictModel
 from adapter_surgery.paths import resolve_under
-from adapter_surgery.verify import PreservationReport, preservation_report
+from adapter_surgery.report import PreservationReport, preservation_report
 
 Task = Literal["sequence_classification", "token_classification"]
 HeadInit = Literal["kaiming_normal", "kaiming_uniform", "xavier_uniform", "xavier_normal", "normal", "zeros"]

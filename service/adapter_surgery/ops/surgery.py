@@ -36,7 +36,7 @@ from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictM
 from adapter_surgery.ops.expand_blocks import ExpandBlocksOptions, ExpandBlocksSpec, expand_blocks
 from adapter_surgery.ops.extend_vocab import ExtendVocabOptions, ExtendVocabSpec, extend_vocab
 from adapter_surgery.paths import resolve_under
-from adapter_surgery.verify import PreservationReport, VerifyOptions, preservation_report
+from adapter_surgery.report import PreservationReport, VerifyOptions, preservation_report
 
 ADAPTER_DIR = "adapter"
 #: Steps per plan at most.
