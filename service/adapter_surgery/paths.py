@@ -1,4 +1,4 @@
-"""Resolving request paths under the data directory."""
+"""Resolving request paths under the data directory, and keeping server directories out of messages."""
 
 from __future__ import annotations
 
