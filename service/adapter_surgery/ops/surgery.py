@@ -59,11 +59,12 @@ def _operations() -> Mapping[str, Operation]:
 def step_models(operations: Mapping[str, Operation]) -> list[type[BaseModel]]:
     """One step model per operation that can be a step (``Operation.step``): its options plus ``op``, named
     ``<Name>Step`` after its options class; the base steps in registry order, then the adapter steps."""
-    ops = [op for op in operations.values() if op.step is not None]
+    steps = [(op, op.step) for op in operations.values() if op.step is not None]
+    ordered = [(op, r) for op, r in steps if r.kind == "base"] + [(op, r) for op, r in steps if r.kind == "adapter"]
     models = []
-    for op in [o for o in ops if o.step.kind == "base"] + [o for o in ops if o.step.kind == "adapter"]:  # type: ignore[union-attr]
+    for op, role in ordered:
         fields: dict[str, Any] = {"op": (Literal[op.name], ...)}  # type: ignore[valid-type]
-        if op.step.kind == "adapter" and "trainable_token_indices" in op.options.model_fields:  # type: ignore[union-attr]
+        if role.kind == "adapter" and "trainable_token_indices" in op.options.model_fields:
             fields["trainable_token_indices"] = ADDED_FIELD
         name = op.options.__name__.removesuffix("Options") + "Step"
         models.append(create_model(name, __base__=op.options, __module__=__name__, **fields))

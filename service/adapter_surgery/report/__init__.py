@@ -42,6 +42,10 @@ safetensors headers (float32 copy of the larger model, plus activations:
 (:func:`adapter_surgery.resources.available_memory`: its cgroup limit, ``MemAvailable``, or
 ``ADAPTER_SURGERY_MEMORY_LIMIT_BYTES``) or, on CUDA, the free device memory. ``POST /verify`` refuses a report
 over it with ``NotEnoughMemory`` (503) before loading anything; ``"verify": true`` on another operation skips it.
+
+Modules: :mod:`.models` (options and report models), :mod:`.probes`, :mod:`.run` (one model on the probes),
+:mod:`.checks` (derivation and every comparison), :mod:`.memory` (the estimate); the operation ``POST /verify`` is
+:mod:`adapter_surgery.ops.verify`.
 """
 
 from __future__ import annotations
