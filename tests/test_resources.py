@@ -126,21 +126,22 @@ def test_extend_vocab_estimate_grows_with_the_tokens(data: Path, limit) -> None:
 def test_verify_of_the_issue_is_refused_before_loading_anything(data: Path, limit, monkeypatch) -> None:
     """num_probes 44 x probe_length 711 (inside the documented ranges) on main estimated ~17 GiB on a big
     model, compared that with the host's free memory and got the service OOM-killed in its container."""
-    import adapter_surgery.verify as verify_mod
+    import adapter_surgery.report.run as run_mod
 
     def refuse(*_a, **_k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(verify_mod, "load_model", refuse)
+    monkeypatch.setattr(run_mod, "load_model", refuse)
     spec = {"checkpoint": "llama-untied-tiny", "patched": "llama-untied-tiny", "num_probes": 44, "probe_length": 711,
             "device": "cpu"}
     import torch
 
     from adapter_surgery.io import Checkpoint
-    from adapter_surgery.verify import VerifyOptions
+    from adapter_surgery.report import VerifyOptions
+    from adapter_surgery.report.memory import estimate
 
     ckpt = Checkpoint.open(data / "llama-untied-tiny")
-    needed, _ = verify_mod._memory(ckpt, ckpt, VerifyOptions(num_probes=44, probe_length=711), torch.device("cpu"))
+    needed, _ = estimate(ckpt, ckpt, VerifyOptions(num_probes=44, probe_length=711), torch.device("cpu"))
     assert needed > 44 * 711 * 4 * 128 * 3  # the logits of every probe position, both models
     limit(needed - 1)
     client = TestClient(create_app(Settings(data_dir=data)), raise_server_exceptions=False)
@@ -150,7 +151,7 @@ def test_verify_of_the_issue_is_refused_before_loading_anything(data: Path, limi
     assert body["title"] == "Not enough memory" and body["field"] == "num_probes"
     assert "num_probes or probe_length" in body["fix"] and "tokens fit" in body["fix"]
     # "verify": true on another operation still skips the report with the reason instead of failing
-    from adapter_surgery.verify import preservation_report
+    from adapter_surgery.report import preservation_report
 
     rep = preservation_report(data / "llama-untied-tiny", data / "llama-untied-tiny",
                               VerifyOptions(num_probes=44, probe_length=711, device="cpu"))

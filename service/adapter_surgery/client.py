@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from adapter_surgery.ops.extend_vocab import ExtendVocabResult, ExtendVocabSpec
     from adapter_surgery.ops.merge_lora import MergeLoraResult, MergeLoraSpec
     from adapter_surgery.ops.surgery import SurgeryResult, SurgerySpec
-    from adapter_surgery.verify import VerifyResult, VerifySpec
+    from adapter_surgery.ops.verify import VerifyResult, VerifySpec
 
 #: The operations the client knows (the routes ``POST /<name>``); ``tests/test_client.py`` checks that they
 #: are exactly the keys of ``adapter_surgery.ops.OPERATIONS``, without this module importing them.

@@ -1,4 +1,4 @@
-"""Resolving request paths under the data directory."""
+"""Resolving request paths under the data directory, and keeping server directories out of messages."""
 
 from __future__ import annotations
 
@@ -41,3 +41,13 @@ def resolve_under(data_dir: Path, value: str, field: str) -> Path:
                                          "the data directory", field=field,
                                          fix="Replace the symlink by the file it points to.")
     return candidate
+
+
+def without_dirs(text: str, root: Path) -> str:
+    """``text`` with the absolute directory ``root`` (and what lies above it) removed from paths it quotes, so
+    that results and errors name paths relative to the data directory, never the server's (or an upload's
+    temporary work directory)."""
+    for form in dict.fromkeys((str(root), str(root.resolve()))):
+        if form not in ("", "/", "."):
+            text = text.replace(form.rstrip("/") + "/", "").replace(form, ".")
+    return text

@@ -130,3 +130,27 @@ def test_a_failing_plan_leaves_no_parent_directory(data_dir: Path, build) -> Non
                                                                 "init": {"strategy": "copy", "source": "nope"}}]}],
             output="new/sub/out")
     assert sorted(p.name for p in data_dir.iterdir()) == [src]
+
+
+def test_steps_are_derived_from_the_registry() -> None:
+    """The step models are the registry's entries with a step role (base steps first): no second table."""
+    import dataclasses
+
+    from adapter_surgery.ops import OPERATIONS, StepRole
+    from adapter_surgery.ops.surgery import step_models
+
+    def tags(models) -> list[str]:
+        return [m.model_fields["op"].annotation.__args__[0] for m in models]
+
+    assert tags(step_models(OPERATIONS)) == ["extend-vocab", "attach-head", "expand-blocks", "attach-lora"]
+    assert [m.__name__ for m in step_models(OPERATIONS)] == ["ExtendVocabStep", "AttachHeadStep", "ExpandBlocksStep",
+                                                             "AttachLoraStep"]
+    # one registry entry with a step role is one more step, validated with its own options
+    extra = dataclasses.replace(OPERATIONS["expand-blocks"], name="expand-more", step=StepRole("base"))
+    models = step_models({**OPERATIONS, extra.name: extra})
+    assert tags(models) == ["extend-vocab", "attach-head", "expand-blocks", "expand-more", "attach-lora"]
+    step = models[3].model_validate({"op": "expand-more", "num_blocks": 2})
+    assert step.num_blocks == 2 and step.op == "expand-more"  # type: ignore[attr-defined]
+    # the adapter step's trainable_token_indices also takes "added"
+    lora = models[-1].model_validate({"op": "attach-lora", "trainable_token_indices": "added"})
+    assert lora.trainable_token_indices == "added"  # type: ignore[attr-defined]

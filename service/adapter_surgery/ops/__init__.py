@@ -1,13 +1,16 @@
 """Operations: one module each, with its pydantic spec and one function that does the work.
 
 ``OPERATIONS`` describes each one as data, so that the HTTP routes and CLI commands are generated from it and
-only translate: a request body or ``--spec`` file becomes the spec model, the result model becomes JSON.
+only translate: a request body or ``--spec`` file becomes the spec model, the result model becomes JSON. An
+entry with a ``step`` role can also be a step of ``POST /surgery``, whose step models are derived from these
+entries (:func:`adapter_surgery.ops.surgery.bind_steps`): adding an operation is one module plus one line here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel
 
@@ -23,8 +26,22 @@ from adapter_surgery.ops.convert_adapter import (
 from adapter_surgery.ops.expand_blocks import ExpandBlocksOptions, ExpandBlocksResult, ExpandBlocksSpec, expand_blocks
 from adapter_surgery.ops.extend_vocab import ExtendVocabOptions, ExtendVocabResult, ExtendVocabSpec, extend_vocab
 from adapter_surgery.ops.merge_lora import MergeLoraOptions, MergeLoraResult, MergeLoraSpec, merge_lora
-from adapter_surgery.ops.surgery import SurgeryOptions, SurgeryResult, SurgerySpec, surgery
-from adapter_surgery.verify import VerifyOptions, VerifyResult, VerifySpec, verify
+from adapter_surgery.ops.surgery import SurgeryOptions, SurgeryResult, SurgerySpec, bind_steps, surgery
+from adapter_surgery.ops.verify import VerifyOptions, VerifyResult, VerifySpec, verify
+
+
+@dataclass(frozen=True)
+class StepRole:
+    """How an operation runs as a step of ``POST /surgery``.
+
+    ``kind``: ``base`` steps patch the base, in order, each on the previous one's output; the ``adapter`` step (at
+    most one) is built on the final base. ``once``: at most one such step per plan, and why. ``adds_tokens``: its
+    result lists the ``added`` ids that an adapter step's ``"trainable_token_indices": "added"`` takes.
+    """
+
+    kind: Literal["base", "adapter"]
+    once: str | None = None
+    adds_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -32,7 +49,8 @@ class Operation:
     """One operation: its name (the URL path and CLI command), request models, result model, function.
 
     ``options`` is the spec without the path fields: the body of the upload form's ``spec`` part. ``upload``: whether
-    the upload form applies (the uploaded checkpoint is the operation's whole input).
+    the upload form applies (the uploaded checkpoint is the operation's whole input). ``step``: how it runs as a
+    surgery step; ``None``: it cannot be one.
     """
 
     name: str
@@ -42,21 +60,26 @@ class Operation:
     result: type[BaseModel]
     run: Callable[[PathFields, RunContext], BaseModel]
     upload: bool = True
+    step: StepRole | None = None
 
 
 OPERATIONS: dict[str, Operation] = {
     op.name: op
     for op in [
         Operation("extend-vocab", "Add tokens: tokenizer updated, new rows of every vocabulary tensor initialized.",
-                  ExtendVocabSpec, ExtendVocabOptions, ExtendVocabResult, extend_vocab),  # type: ignore[arg-type]
+                  ExtendVocabSpec, ExtendVocabOptions, ExtendVocabResult, extend_vocab,  # type: ignore[arg-type]
+                  step=StepRole("base", adds_tokens=True)),
         Operation("attach-lora", "Write a peft LoRA adapter for the checkpoint; data-free inits read headers only.",
-                  AttachLoraSpec, AttachLoraOptions, AttachLoraResult, attach_lora),  # type: ignore[arg-type]
+                  AttachLoraSpec, AttachLoraOptions, AttachLoraResult, attach_lora,  # type: ignore[arg-type]
+                  step=StepRole("adapter")),
         Operation("attach-head", "Attach a classification head (sequence or token): the LM head dropped, the head "
                   "initialized, config and tokenizer made consistent.",
-                  AttachHeadSpec, AttachHeadOptions, AttachHeadResult, attach_head),  # type: ignore[arg-type]
+                  AttachHeadSpec, AttachHeadOptions, AttachHeadResult, attach_head,  # type: ignore[arg-type]
+                  step=StepRole("base", once="a later head would replace the earlier one")),
         Operation("expand-blocks", "Insert new decoder blocks (LLaMA Pro): copies of the block before each, residual "
                   "projections zero (an identity: logits unchanged) or GPT-2's scaled normal; layers renumbered.",
-                  ExpandBlocksSpec, ExpandBlocksOptions, ExpandBlocksResult, expand_blocks),  # type: ignore[arg-type]
+                  ExpandBlocksSpec, ExpandBlocksOptions, ExpandBlocksResult, expand_blocks,  # type: ignore[arg-type]
+                  step=StepRole("base")),
         Operation("surgery", "Run several operations (extend-vocab, attach-head, attach-lora) as one job with one "
                   "atomic output: the patched base plus the adapter that names it.",
                   SurgerySpec, SurgeryOptions, SurgeryResult, surgery),  # type: ignore[arg-type]
@@ -71,3 +94,4 @@ OPERATIONS: dict[str, Operation] = {
                   VerifySpec, VerifyOptions, VerifyResult, verify),  # type: ignore[arg-type]
     ]
 }
+bind_steps(OPERATIONS)

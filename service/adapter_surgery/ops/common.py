@@ -6,33 +6,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from adapter_surgery.errors import Cancelled
 from adapter_surgery.io.writer import DigestCache, WrittenFile
-
-#: A request seed: any value ``torch.manual_seed`` and ``torch.Generator.manual_seed`` accept.
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
-
-
-class StrictModel(BaseModel):
-    """A request model that refuses unknown fields (a typo gets a 422 naming it instead of being ignored) and
-    NaN/Infinity in float fields."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class PathFields(StrictModel):
-    """Where to read and write, relative to the data directory."""
-
-    checkpoint: str = Field(description="Model directory or .safetensors file, relative to the data directory.")
-    output: str = Field(description="Output directory (or .safetensors file for a bare-file checkpoint), relative "
-                                    "to the data directory; built beside it and renamed into place.")
-    overwrite: bool = Field(
-        False, description="Replace an existing output (atomically, after the new one is complete)."
-    )
+from adapter_surgery.spec import PathFields, Seed, StrictModel  # noqa: F401 (re-exported: the shared spec types)
 
 
 class FileInfo(BaseModel):

@@ -59,7 +59,7 @@ from adapter_surgery.io.writer import tensor_bytes, write_checkpoint
 from adapter_surgery.model.layers import Layers, find_layer_list, layer_facts, meta_model_for, renumbered_config
 from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, RunContext, Seed, StrictModel
 from adapter_surgery.paths import resolve_under
-from adapter_surgery.verify import PreservationReport, preservation_report
+from adapter_surgery.report import PreservationReport, preservation_report
 
 #: New blocks per request at most (and never more than the base has layers).
 MAX_NEW_BLOCKS = 1024

@@ -47,7 +47,7 @@ from adapter_surgery.io.writer import (
 )
 from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, RunContext, Seed, StrictModel
 from adapter_surgery.paths import resolve_under
-from adapter_surgery.verify import PreservationReport, preservation_report
+from adapter_surgery.report import PreservationReport, preservation_report
 
 #: New rows per request at most (pad_to_multiple_of or num_new_tokens beyond this is a mistake, not a model).
 MAX_NEW_ROWS = 1 << 20

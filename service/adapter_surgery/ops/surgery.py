@@ -21,74 +21,91 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, create_model, field_validator
 
 from adapter_surgery.config_check import check_config
 from adapter_surgery.errors import InvalidSpec, SurgeryError
 from adapter_surgery.io import Checkpoint, atomic_output, describe_files
 from adapter_surgery.io.atomic import check_output_path, make_work_dir
-from adapter_surgery.ops.attach_head import AttachHeadOptions, AttachHeadSpec, attach_head
-from adapter_surgery.ops.attach_lora import AttachLoraOptions, AttachLoraSpec, Name, TokenIds, attach_lora
+from adapter_surgery.ops.attach_lora import Name, TokenIds
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
-from adapter_surgery.ops.expand_blocks import ExpandBlocksOptions, ExpandBlocksSpec, expand_blocks
-from adapter_surgery.ops.extend_vocab import ExtendVocabOptions, ExtendVocabSpec, extend_vocab
 from adapter_surgery.paths import resolve_under
-from adapter_surgery.verify import PreservationReport, VerifyOptions, preservation_report
+from adapter_surgery.report import PreservationReport, VerifyOptions, preservation_report
+
+if TYPE_CHECKING:
+    from adapter_surgery.ops import Operation
 
 ADAPTER_DIR = "adapter"
 #: Steps per plan at most.
 MAX_STEPS = 16
 
-
-class ExtendVocabStep(ExtendVocabOptions):
-    op: Literal["extend-vocab"]
-
-
-class AttachHeadStep(AttachHeadOptions):
-    op: Literal["attach-head"]
-
-
-class ExpandBlocksStep(ExpandBlocksOptions):
-    op: Literal["expand-blocks"]
-
-
 Added = Literal["added"]
+#: An adapter step's ``trainable_token_indices`` also takes ``"added"``.
+ADDED_FIELD: Any = (Added | TokenIds | dict[Name, TokenIds | Added] | None, Field(
+    None, description='As in attach-lora, or "added" (per module too): the ids the plan\'s extend-vocab steps '
+                      "added."))
 
 
-class AttachLoraStep(AttachLoraOptions):
-    op: Literal["attach-lora"]
-    trainable_token_indices: Added | TokenIds | dict[Name, TokenIds | Added] | None = Field(  # type: ignore[assignment]
-        None, description='As in attach-lora, or "added" (per module too): the ids the plan\'s extend-vocab steps '
-                          "added.")
+def _operations() -> Mapping[str, Operation]:
+    from adapter_surgery.ops import OPERATIONS  # the registry imports this module: looked up when a plan runs
+
+    return OPERATIONS
 
 
-Step = Annotated[ExtendVocabStep | AttachHeadStep | ExpandBlocksStep | AttachLoraStep, Field(discriminator="op")]
+def step_models(operations: Mapping[str, Operation]) -> list[type[BaseModel]]:
+    """One step model per operation that can be a step (``Operation.step``): its options plus ``op``, named
+    ``<Name>Step`` after its options class; the base steps in registry order, then the adapter steps."""
+    steps = [(op, op.step) for op in operations.values() if op.step is not None]
+    ordered = [(op, r) for op, r in steps if r.kind == "base"] + [(op, r) for op, r in steps if r.kind == "adapter"]
+    models = []
+    for op, role in ordered:
+        fields: dict[str, Any] = {"op": (Literal[op.name], ...)}  # type: ignore[valid-type]
+        if role.kind == "adapter" and "trainable_token_indices" in op.options.model_fields:
+            fields["trainable_token_indices"] = ADDED_FIELD
+        name = op.options.__name__.removesuffix("Options") + "Step"
+        models.append(create_model(name, __base__=op.options, __module__=__name__, **fields))
+    return models
 
 
 class SurgeryOptions(StrictModel):
-    steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS,
+    steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS,  # noqa: F821 (Step: set by bind_steps)
                               description="Operations in order; attach-lora applies to the final base.")
     verify: bool = Field(False, description="Add the preservation report (base vs final patched base).")
 
     @field_validator("steps")
     @classmethod
-    def _check(cls, steps: list[Step]) -> list[Step]:
-        loras = [s for s in steps if isinstance(s, AttachLoraStep)]
-        if len(loras) > 1:
-            raise ValueError("at most one attach-lora step: one plan writes one adapter")
-        if sum(isinstance(s, AttachHeadStep) for s in steps) > 1:
-            raise ValueError("at most one attach-head step: a later head would replace the earlier one")
-        grows = any(isinstance(s, ExtendVocabStep) for s in steps)
-        if loras and _uses_added(loras[0].trainable_token_indices) and not grows:
-            raise ValueError('trainable_token_indices "added" needs an extend-vocab step in the plan')
+    def _check(cls, steps: list[BaseModel]) -> list[BaseModel]:
+        ops = _operations()
+        roles = {name: op.step for name, op in ops.items() if op.step is not None}
+        adapters = [s for s in steps if roles[s.op].kind == "adapter"]  # type: ignore[attr-defined,union-attr]
+        if len(adapters) > 1:
+            names = " or ".join(n for n, r in roles.items() if r.kind == "adapter")
+            raise ValueError(f"at most one {names} step: one plan writes one adapter")
+        for name, role in roles.items():
+            if role.once is not None and sum(s.op == name for s in steps) > 1:  # type: ignore[attr-defined]
+                raise ValueError(f"at most one {name} step: {role.once}")
+        grows = any(roles[s.op].adds_tokens for s in steps)  # type: ignore[attr-defined]
+        if adapters and _uses_added(getattr(adapters[0], "trainable_token_indices", None)) and not grows:
+            names = " or ".join(n for n, r in roles.items() if r.adds_tokens)
+            raise ValueError(f'trainable_token_indices "added" needs an {names} step in the plan')
         return steps
 
 
 class SurgerySpec(PathFields, SurgeryOptions):
     """The full ``POST /surgery`` request."""
+
+
+def bind_steps(operations: Mapping[str, Operation]) -> None:
+    """Complete :class:`SurgeryOptions` and :class:`SurgerySpec` with the union of :func:`step_models` (the
+    ``op`` field tells them apart). :mod:`adapter_surgery.ops` calls it once, right after its registry."""
+    models = step_models(operations)
+    step = Annotated[Union[tuple(models)], Field(discriminator="op")]  # type: ignore[valid-type]  # noqa: UP007
+    for model in (SurgeryOptions, SurgerySpec):
+        model.model_rebuild(force=True, _types_namespace={"Step": step})
 
 
 class StepResult(BaseModel):
@@ -138,8 +155,10 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
     try:
         make_work_dir(work, ctx.owner)
         current = spec.checkpoint
-        base_steps = [(i, s) for i, s in enumerate(spec.steps) if not isinstance(s, AttachLoraStep)]
-        lora = next(((i, s) for i, s in enumerate(spec.steps) if isinstance(s, AttachLoraStep)), None)
+        roles = {i: _operations()[s.op].step for i, s in enumerate(spec.steps)}  # type: ignore[attr-defined]
+        base_steps = [(i, s) for i, s in enumerate(spec.steps) if roles[i].kind == "base"]  # type: ignore[union-attr]
+        lora = next(((i, s) for i, s in enumerate(spec.steps) if roles[i].kind == "adapter"),  # type: ignore[union-attr]
+                    None)
         for i, step in base_steps:
             out_rel = f"{work_rel}/step{i}"
             result = _run_step(i, step, current, out_rel, ctx)
@@ -152,8 +171,9 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
         patched = current != spec.checkpoint
         if lora is not None:
             i, step = lora
-            step = step.model_copy(update={"trainable_token_indices": _resolve_added(step.trainable_token_indices,
-                                                                                   added)})
+            if "trainable_token_indices" in type(step).model_fields:
+                step = step.model_copy(update={"trainable_token_indices": _resolve_added(
+                    step.trainable_token_indices, added)})  # type: ignore[attr-defined]
             result = _run_step(i, step, current, f"{work_rel}/{ADAPTER_DIR}", ctx)
             base_name = spec.output if patched else spec.checkpoint
             _rename_base(work / ADAPTER_DIR, f"{work_rel}/{ADAPTER_DIR}", f"{spec.output}/{ADAPTER_DIR}", current,
@@ -187,22 +207,14 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
         files=[FileInfo.of(f) for f in files], warnings=warnings, seconds=round(time.perf_counter() - started, 4))
 
 
-_RUNNERS = {
-    "extend-vocab": (ExtendVocabSpec, extend_vocab),
-    "attach-head": (AttachHeadSpec, attach_head),
-    "attach-lora": (AttachLoraSpec, attach_lora),
-    "expand-blocks": (ExpandBlocksSpec, expand_blocks),
-}
-
-
 def _run_step(i: int, step: BaseModel, checkpoint: str, output: str, ctx: RunContext) -> dict[str, Any]:
     """Run one step on ``checkpoint`` into ``output``; errors name the step (``steps.<i>.<field>``)."""
-    spec_cls, run = _RUNNERS[step.op]  # type: ignore[attr-defined]
+    op = _operations()[step.op]  # type: ignore[attr-defined]
     options = step.model_dump(exclude={"op"}, exclude_unset=True)
     ctx.say(f"step {i}: {step.op}")  # type: ignore[attr-defined]
     try:
-        spec = spec_cls.model_validate({**options, "checkpoint": checkpoint, "output": output})
-        return run(spec, ctx).model_dump(mode="json")  # type: ignore[operator]
+        spec = op.spec.model_validate({**options, "checkpoint": checkpoint, "output": output})
+        return op.run(spec, ctx).model_dump(mode="json")
     except SurgeryError as exc:
         if exc.field not in ("checkpoint", "output") and not (exc.field or "").startswith("config."):
             exc.field = f"steps.{i}" + (f".{exc.field}" if exc.field else "")

@@ -1,0 +1,83 @@
+"""The output: drops, renames and new tensors as the writer's changes; config.json and tokenizer files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from adapter_surgery.arch import Architecture
+from adapter_surgery.io import Checkpoint, CopiedTensor, NewTensor
+from adapter_surgery.io.writer import Changes
+from adapter_surgery.ops.attach_head.initialize import Created
+from adapter_surgery.ops.attach_head.keys import Keys
+from adapter_surgery.ops.attach_head.pad import Pad
+from adapter_surgery.ops.common import ChangedTensor
+
+
+def apply_changes(changes: Changes, ckpt: Checkpoint, keys: Keys, created: list[Created],
+                  vocab_changed: list[ChangedTensor]) -> list[ChangedTensor]:
+    """Turn drops, renames and new tensors into ``changes``; return the changed tensors (output names)."""
+    for d in keys.dropped:
+        changes.remove.add(d.name)
+        changes.replace.pop(d.name, None)
+    for key in ckpt.weight_map:  # source order, so renamed tensors keep their order
+        name = keys.mapping.get(key)
+        if name is None or name == key:
+            continue
+        src = changes.replace.pop(key, None) or CopiedTensor(ckpt.info(key), ckpt.path_of(key))
+        changes.remove.add(key)
+        changes.add[name] = (src, key)
+    busy = changes.changed_shards(ckpt)
+    shards = list(ckpt.shards)
+    shard = next((s for s in reversed(shards) if s in busy), shards[-1])
+    anchor = next(k for k, s in ckpt.weight_map.items() if s == shard)
+    for c in created:
+        changes.add[c.name] = (NewTensor(c.tensor), anchor)
+    out = [ChangedTensor(name=keys.mapping.get(c.name, c.name), shape_before=c.shape_before, shape=c.shape)
+           for c in vocab_changed]
+    out += [ChangedTensor(name=c.name, shape_before=None, shape=list(c.tensor.shape)) for c in created]
+    return out
+
+
+def write_side_files(ckpt: Checkpoint, out: Path, arch: Architecture, model_class: str, id2label: dict[int, str],
+                     problem_type: str | None, pad: Pad, tok) -> None:
+    for path in ckpt.other_files():  # small files, copied (never linked) since some are rewritten below
+        shutil.copyfile(path, out / path.name)
+    config = json.loads(json.dumps(ckpt.config))
+    config["architectures"] = [model_class]
+    config["id2label"] = {str(i): label for i, label in id2label.items()}
+    config["label2id"] = {label: i for i, label in id2label.items()}
+    if "num_labels" in config:
+        config["num_labels"] = len(id2label)
+    if problem_type is None:
+        config.pop("problem_type", None)
+    else:
+        config["problem_type"] = problem_type
+    text = config[arch.text_config_key] if arch.text_config_key else config
+    if pad.info is not None:
+        config["pad_token_id"] = pad.info.id
+        text["pad_token_id"] = pad.info.id
+    if pad.rows_after != arch.vocab_rows:
+        text["vocab_size"] = pad.rows_after
+    (out / "config.json").unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if tok is None or pad.info is None or pad.info.token is None:
+        return
+    if pad.tokenizer_grew:
+        tok.pad_token = pad.info.token
+        tok.save_pretrained(str(out))
+    if tok.pad_token != pad.info.token or pad.tokenizer_grew:
+        _set_pad_in_tokenizer_files(out, pad.info.token)
+
+
+def _set_pad_in_tokenizer_files(out: Path, token: str) -> None:
+    """Write ``pad_token`` into ``tokenizer_config.json`` (created if absent) and ``special_tokens_map.json``."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = out / name
+        if not path.is_file() and name == "special_tokens_map.json":
+            continue
+        doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        doc["pad_token"] = token
+        path.unlink(missing_ok=True)  # never write through a link to the source's file
+        path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

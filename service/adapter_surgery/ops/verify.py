@@ -1,0 +1,114 @@
+"""``POST /verify``: the preservation report of a patched checkpoint against its base (writes nothing).
+
+The request is the two paths plus the report's options (:class:`adapter_surgery.report.VerifyOptions`); the
+report itself, and what it measures, is :mod:`adapter_surgery.report`. This module only checks the request
+(paths, device, a patched checkpoint derived from the base, memory) and answers a 4xx/503 where the report
+would be skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field, model_validator
+
+from adapter_surgery import resources
+from adapter_surgery.config_check import check_config
+from adapter_surgery.devices import pick_device
+from adapter_surgery.errors import InvalidSpec, NotEnoughMemory, SurgeryError
+from adapter_surgery.io import Checkpoint
+from adapter_surgery.ops.common import RunContext
+from adapter_surgery.paths import resolve_under
+from adapter_surgery.report import PreservationReport, VerifyOptions, load_tokenizer, not_derived, preservation_report
+from adapter_surgery.report.memory import estimate, float32_bytes
+from adapter_surgery.spec import StrictModel
+
+__all__ = ["VerifyOptions", "VerifyPaths", "VerifyResult", "VerifySpec", "verify"]
+
+
+class VerifyPaths(StrictModel):
+    """The two checkpoints, relative to the data directory."""
+
+    checkpoint: str = Field(description="The base checkpoint (model directory), relative to the data directory.")
+    patched: str = Field(description="The patched checkpoint (model directory), relative to the data directory.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_output(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "output" in data:
+            raise ValueError("verify writes nothing, so it has no output; it compares two checkpoints under the "
+                             "data directory (the upload form is not supported): send JSON with checkpoint and "
+                             "patched")
+        return data
+
+
+class VerifySpec(VerifyPaths, VerifyOptions):
+    """The full ``POST /verify`` request."""
+
+
+
+class VerifyResult(BaseModel):
+    checkpoint: str
+    patched: str
+    report: PreservationReport
+
+
+# -- the operation -------------------------------------------------------------------------------------------
+def verify(spec: VerifySpec, ctx: RunContext) -> VerifyResult:
+    """``POST /verify``: the preservation report of ``spec.patched`` against ``spec.checkpoint``.
+
+    Raises:
+        NotFound, PathOutsideDataDir: a path does not exist or leaves the data directory.
+        InvalidCheckpoint: a checkpoint is malformed (bad header or index).
+        InvalidSpec: ``device: cuda`` without a CUDA device; a patched checkpoint that is not derived from the base
+            (another architecture, size or vocabulary: :func:`not_derived`).
+    Everything else (no config, a model that cannot be loaded, not enough memory) gives a skipped report.
+    """
+    base = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
+    patched = resolve_under(ctx.data_dir, spec.patched, "patched")
+    base_ckpt = Checkpoint.open(base)
+    try:
+        patched_ckpt = Checkpoint.open(patched)
+    except SurgeryError as exc:
+        exc.field = "patched"
+        raise
+    pick_device(spec.device)
+    check_config(base_ckpt)
+    if base_ckpt.config is not None and patched_ckpt.config is not None:
+        reason = not_derived(base_ckpt, patched_ckpt, load_tokenizer(base_ckpt), load_tokenizer(patched_ckpt))
+        if reason is not None:
+            raise InvalidSpec(f"the patched checkpoint is not derived from this base: {reason}", field="patched",
+                              fix="Send as checkpoint the base the patched checkpoint was made from (the checkpoint "
+                                  "of its extend-vocab, attach-head or surgery request).")
+    check_config(patched_ckpt, "patched.config")
+    options = VerifyOptions.model_validate(spec.model_dump(exclude={"checkpoint", "patched"}))
+    _require_memory(base_ckpt, patched_ckpt, options, pick_device(spec.device), ctx.memory_limit_bytes)
+    report = preservation_report(base, patched, options, progress=ctx.say)
+    return VerifyResult(checkpoint=spec.checkpoint, patched=spec.patched, report=report)
+
+
+def _require_memory(base: Checkpoint, patched: Checkpoint, opts: VerifyOptions, dev: torch.device,
+                    limit: int | None = None) -> None:
+    """``POST /verify`` refuses (503, before loading anything) a report that cannot fit in the memory available to
+    the process; a ``memory_limit_bytes`` of the request below the estimate still gives a skipped report."""
+    if base.config is None or patched.config is None:
+        return  # the report is skipped without loading anything
+    needed, available = estimate(base, patched, opts, dev, limit)
+    if needed <= available:
+        return
+    weights = resources.verify_bytes(max(float32_bytes(base), float32_bytes(patched)), 0, 0, 0, 0)
+    per_token = max(1, (needed - weights) // max(1, opts.num_probes * opts.probe_length))
+    fits = max(0, (available - weights) // per_token)
+    if weights > available:
+        field, fix = "patched", ("The models alone do not fit: run verify where more memory is available, or give "
+                                 "the service more memory (its container limit, ADAPTER_SURGERY_MEMORY_LIMIT_BYTES).")
+    else:
+        field = "num_probes" if opts.num_probes > 1 else "probe_length"
+        fix = (f"Lower num_probes or probe_length: {opts.num_probes} x {opts.probe_length} probe tokens need "
+               f"{resources.gib(needed - weights)} GiB of activations; about {fits} tokens fit.")
+    raise NotEnoughMemory(
+        f"the report needs about {resources.gib(needed)} GiB in float32 (the larger model plus the probes' "
+        f"activations) but only {resources.gib(available)} GiB is available on {dev.type} to the service",
+        field=field, fix=fix)
+
