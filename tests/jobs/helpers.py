@@ -22,7 +22,7 @@ class Gate:
         self.open.set()
 
 
-def until(check: Callable[[], object], timeout: float = 20.0) -> object:
+def until(check: Callable[[], object], timeout: float = 120.0) -> object:
     """Poll ``check`` until it returns a truthy value (a bound on waiting, not a timing assertion)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -49,7 +49,7 @@ def serve(data_dir: Path, port: int, log: Path, delay: str = "0.3") -> subproces
         except httpx.HTTPError:
             return False
 
-    until(up, 60)
+    until(up, 180)
     return proc
 
 
@@ -105,7 +105,7 @@ def test_redis_two_workers(data_dir: Path, build, tmp_path: Path) -> None:
             return True
         return False
 
-    until(redis_up, 20)
+    until(redis_up, 60)
     env = {"ADAPTER_SURGERY_QUEUE_URL": url, "ADAPTER_SURGERY_HEARTBEAT_SECONDS": "0.5",
            "ADAPTER_SURGERY_TEST_TENSOR_DELAY": "0.05"}
     workers = [spawn(["worker", "--data-dir", str(data_dir), "--workers", "1"], env, tmp_path / f"w{i}.log")
@@ -118,7 +118,7 @@ def test_redis_two_workers(data_dir: Path, build, tmp_path: Path) -> None:
         def all_done() -> bool:
             return all(client.get(f"/jobs/{i}").json()["state"] in ("succeeded", "failed") for i in ids)
 
-        until(all_done, 90)
+        until(all_done, 300)
         jobs = [client.get(f"/jobs/{i}").json() for i in ids]
         assert [j["state"] for j in jobs] == ["succeeded"] * 4, jobs
         assert len({j["worker"] for j in jobs}) == 2  # spread over both workers
@@ -140,9 +140,9 @@ def test_redis_two_workers(data_dir: Path, build, tmp_path: Path) -> None:
         victim = next(w for w in workers if str(w.pid) == running["worker"].split(":")[1])
         victim.send_signal(signal.SIGKILL)
         victim.wait()
-        until(lambda: client.get(f"/jobs/{job}").json()["state"] == "failed", 30)
+        until(lambda: client.get(f"/jobs/{job}").json()["state"] == "failed", 120)
         assert client.get(f"/jobs/{job}").json()["problem"]["title"] == "Worker died"
-        until(lambda: temporaries(data_dir) == [], 30)  # the surviving worker swept them
+        until(lambda: temporaries(data_dir) == [], 120)  # the surviving worker swept them
         assert not (data_dir / "killed").exists()
         assert tree_digest(data_dir / src) == before
     finally:
