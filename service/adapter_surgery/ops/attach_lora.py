@@ -85,7 +85,7 @@ from adapter_surgery.initializers import seeded_global_rng
 from adapter_surgery.io import Checkpoint, atomic_output, describe_files
 from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.header import TORCH_TO_SAFETENSORS, TensorInfo
-from adapter_surgery.io.writer import Changes, CopiedTensor, WrittenFile, tensor_bytes, write_checkpoint
+from adapter_surgery.io.writer import Changes, CopiedTensor, tensor_bytes, write_checkpoint
 from adapter_surgery.ops.attach_head import config_mismatch, unexpected_tensors, without_dirs
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, Seed, StrictModel
 from adapter_surgery.paths import resolve_under
@@ -967,16 +967,16 @@ def _write_residual(ckpt: Checkpoint, dest: Path, spill: _Spill, base_path: str,
     changes = Changes()
     for key, info in spill.infos.items():
         changes.replace[key] = CopiedTensor(info, spill.path)
-    rewritten = write_checkpoint(ckpt, dest, changes, ctx, hash_linked=False)
+    written = write_checkpoint(ckpt, dest, changes, ctx, cache=ctx.digests)
     for path in ckpt.other_files():
         shutil.copyfile(path, dest / path.name)
     spill.path.unlink()
-    by_name = {name: WrittenFile(name, (dest / name).stat().st_size, sha) for name, sha in rewritten.items()}
     note = (f"{base_path} holds the residual base W - s*B*A of the {len(spill.infos)} decomposed target(s); it is "
             "valid only with this adapter (use the original checkpoint for anything else)")
     return ResidualBase(path=base_path, replaced_tensors=sorted(spill.infos),
-                        rewritten_shards=[FileInfo.of(by_name[s]) for s in rewritten if s in by_name],
-                        linked_shards=sorted(set(ckpt.shards) - set(rewritten)), note=note)
+                        rewritten_shards=[FileInfo.of(f) for f in written.values()
+                                          if not f.linked and f.path in ckpt.shards],
+                        linked_shards=sorted(f.path for f in written.values() if f.linked), note=note)
 
 
 def _describe_targets(tuner, targets: list[_Target]) -> list[TargetModule]:

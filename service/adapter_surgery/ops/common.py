@@ -38,11 +38,15 @@ class PathFields(StrictModel):
 class FileInfo(BaseModel):
     path: str = Field(description="Relative to the output.")
     bytes: int
-    sha256: str
+    sha256: str | None = Field(description="Hex digest. Every file the operation wrote has one; a linked file "
+                                           "(`linked`) has one only when the service already knew it (e.g. from an "
+                                           "earlier request), else null: its bytes are not read again.")
+    linked: bool = Field(False, description="A hard link (or byte copy) of the input's file of the same name: "
+                                            "its bytes, unchanged.")
 
     @classmethod
     def of(cls, f: WrittenFile) -> FileInfo:
-        return cls(path=f.path, bytes=f.bytes, sha256=f.sha256)
+        return cls(path=f.path, bytes=f.bytes, sha256=f.sha256, linked=f.linked)
 
 
 class ChangedTensor(BaseModel):
