@@ -1,7 +1,8 @@
 """Operations: one module each, with its pydantic spec and one function that does the work.
 
 ``OPERATIONS`` describes each one as data, so that the HTTP routes and CLI commands are generated from it and
-only translate: a request body or ``--spec`` file becomes the spec model, the result model becomes JSON.
+only translate: a request body or ``--spec`` file becomes the spec model, the result model becomes JSON. Names and
+summaries come from :mod:`adapter_surgery.catalog` (torch-free, for the CLI's ``--help``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from adapter_surgery.catalog import SUMMARIES
 from adapter_surgery.ops.attach_head import AttachHeadOptions, AttachHeadResult, AttachHeadSpec, attach_head
 from adapter_surgery.ops.attach_lora import AttachLoraOptions, AttachLoraResult, AttachLoraSpec, attach_lora
 from adapter_surgery.ops.common import PathFields, RunContext
@@ -38,20 +40,17 @@ class Operation:
 OPERATIONS: dict[str, Operation] = {
     op.name: op
     for op in [
-        Operation("extend-vocab", "Add tokens: tokenizer updated, new rows of every vocabulary tensor initialized.",
-                  ExtendVocabSpec, ExtendVocabOptions, ExtendVocabResult, extend_vocab),  # type: ignore[arg-type]
-        Operation("attach-lora", "Write a peft LoRA adapter for the checkpoint; data-free inits read headers only.",
-                  AttachLoraSpec, AttachLoraOptions, AttachLoraResult, attach_lora),  # type: ignore[arg-type]
-        Operation("attach-head", "Attach a classification head (sequence or token): the LM head dropped, the head "
-                  "initialized, config and tokenizer made consistent.",
-                  AttachHeadSpec, AttachHeadOptions, AttachHeadResult, attach_head),  # type: ignore[arg-type]
-        Operation("expand-blocks", "Insert new decoder blocks (LLaMA Pro): copies of the block before each, residual "
-                  "projections zero (an identity: logits unchanged) or GPT-2's scaled normal; layers renumbered.",
-                  ExpandBlocksSpec, ExpandBlocksOptions, ExpandBlocksResult, expand_blocks),  # type: ignore[arg-type]
-        Operation("surgery", "Run several operations (extend-vocab, attach-head, attach-lora) as one job with one "
-                  "atomic output: the patched base plus the adapter that names it.",
-                  SurgerySpec, SurgeryOptions, SurgeryResult, surgery),  # type: ignore[arg-type]
-        Operation("verify", "The preservation report of a patched checkpoint against its base (writes nothing).",
-                  VerifySpec, VerifyOptions, VerifyResult, verify),  # type: ignore[arg-type]
+        Operation("extend-vocab", SUMMARIES["extend-vocab"], ExtendVocabSpec, ExtendVocabOptions, ExtendVocabResult,
+                  extend_vocab),  # type: ignore[arg-type]
+        Operation("attach-lora", SUMMARIES["attach-lora"], AttachLoraSpec, AttachLoraOptions, AttachLoraResult,
+                  attach_lora),  # type: ignore[arg-type]
+        Operation("attach-head", SUMMARIES["attach-head"], AttachHeadSpec, AttachHeadOptions, AttachHeadResult,
+                  attach_head),  # type: ignore[arg-type]
+        Operation("expand-blocks", SUMMARIES["expand-blocks"], ExpandBlocksSpec, ExpandBlocksOptions,
+                  ExpandBlocksResult, expand_blocks),  # type: ignore[arg-type]
+        Operation("surgery", SUMMARIES["surgery"], SurgerySpec, SurgeryOptions, SurgeryResult,
+                  surgery),  # type: ignore[arg-type]
+        Operation("verify", SUMMARIES["verify"], VerifySpec, VerifyOptions, VerifyResult,
+                  verify),  # type: ignore[arg-type]
     ]
 }
