@@ -35,6 +35,7 @@ from typing import Any
 from huey import RedisHuey, SqliteHuey
 from pydantic import ValidationError
 
+from adapter_surgery.arch import ArchitectureCache
 from adapter_surgery.errors import (
     Cancelled,
     InvalidSpec,
@@ -95,6 +96,7 @@ class JobService:
     def __init__(self, settings: Settings, digests: DigestCache | None = None) -> None:
         self.settings = settings
         self.digests = digests or DigestCache()
+        self.architectures = ArchitectureCache()  # resolved architectures, for every job this service runs
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.embedded = settings.queue_url is None
         self._init_lock = threading.Lock()
@@ -371,7 +373,7 @@ class JobService:
             op = OPERATIONS[rec.job.operation]
             ctx = RunContext(self.settings.data_dir / rec.data_dir_rel, progress=lambda ev: self._progress(run, ev),
                              digests=self.digests, should_cancel=lambda: self._should_cancel(run), owner=job_id,
-                             memory_limit_bytes=self.settings.memory_limit_bytes)
+                             memory_limit_bytes=self.settings.memory_limit_bytes, architectures=self.architectures)
             spec = op.spec.model_validate(rec.spec)
             run_result = run_operation(op, spec, ctx)
             state, result = JobState.succeeded, run_result.model_dump(mode="json")

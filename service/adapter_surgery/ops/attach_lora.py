@@ -266,7 +266,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
     if ckpt.is_file or ckpt.config is None:
         raise InvalidCheckpoint(f"attach-lora needs the model directory with its config.json ({ckpt.config_problem})",
                                 field="checkpoint", fix="Send the save_pretrained directory, config.json included.")
-    arch = resolve_architecture(ckpt)
+    arch = resolve_architecture(ckpt, ctx.architectures)
     model = _meta_model(ckpt)
     task_type = _task_type(type(model).__name__)
     config = _lora_config(spec, init, task_type, arch)

@@ -6,12 +6,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapter_surgery.errors import Cancelled
 from adapter_surgery.io.writer import DigestCache, WrittenFile
+
+if TYPE_CHECKING:
+    from adapter_surgery.arch import ArchitectureCache
 
 #: A request seed: any value ``torch.manual_seed`` and ``torch.Generator.manual_seed`` accept.
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
@@ -94,6 +97,7 @@ class RunContext:
         data_dir: the directory that request paths resolve under.
         progress: receives a :class:`ProgressEvent` at each stage and after each tensor written.
         digests: (in the service) a cache of unchanged files' sha256.
+        architectures: (in the service) a cache of resolved architectures (``arch.ArchitectureCache``).
         should_cancel: polled at tensor and shard boundaries (:meth:`check_cancelled`).
         owner: the job id, written into the owner record of every temporary path (see ``io.atomic``).
         memory_limit_bytes: the service's ``memory_limit_bytes`` setting (None: the environment's, else what the
@@ -106,6 +110,7 @@ class RunContext:
     should_cancel: Callable[[], bool] | None = None
     owner: str | None = None
     memory_limit_bytes: int | None = None
+    architectures: ArchitectureCache | None = None
     _tally: _Tally = field(default_factory=_Tally, repr=False, compare=False)
 
     def _emit(self, stage: str) -> None:
