@@ -215,6 +215,21 @@ class RowPatchedTensor:
             _write_all(fd, tensor_bytes(self.appended))
 
 
+@dataclass
+class ReservedTensor:
+    """Room for a tensor whose bytes are written later at their offset (``os.pwrite``): the writer only moves past
+    them (the file is extended, no byte written), so that the shard's layout exists before its content."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    def write(self, fd: int) -> None:
+        end = os.lseek(fd, self.nbytes, os.SEEK_CUR)
+        if os.fstat(fd).st_size < end:
+            os.ftruncate(fd, end)
+
+
 @dataclass(frozen=True)
 class WrittenFile:
     """A file of the output: path relative to the output root, size in bytes, sha256 (hex), and whether it is a
@@ -312,7 +327,8 @@ def write_single_file(ckpt: Checkpoint, path: Path, changes: Changes,
 
 
 def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Progress | WriteObserver | None = None,
-                     shard_name: str | None = None, cache: DigestCache | None = None) -> dict[str, WrittenFile]:
+                     shard_name: str | None = None, cache: DigestCache | None = None,
+                     hash_rewritten: bool = True) -> dict[str, WrittenFile]:
     """Write ``ckpt`` with ``changes`` applied as safetensors shards into directory ``out``.
 
     Shards that hold no changed tensor are linked or copied; the others are rewritten in the source's
@@ -323,7 +339,8 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
     Returns every output shard (and the index) as a :class:`WrittenFile` (pass them to :func:`describe_files` as
     ``known``). A rewritten shard is hashed from the page cache on a worker thread while the next one is written, and
     its digest stored in ``cache`` under the written file (so that a request on this output, which links it, reads
-    nothing). A linked shard is never read: its digest is ``cache``'s if known, else None. ``progress`` (a message
+    nothing); without ``hash_rewritten`` (the caller fills :class:`ReservedTensor` ranges later and hashes then) its
+    digest is None. A linked shard is never read: its digest is ``cache``'s if known, else None. ``progress`` (a message
     callback, or a :class:`WriteObserver` such as the run context) hears the bytes planned for the rewritten shards,
     then each tensor's bytes once written, and may stop the write before each shard and tensor (the caller's
     ``atomic_output`` then removes what was written).
@@ -368,7 +385,10 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
                 watch.say(stage)
                 entries = entries_of[shard]
                 total += write_shard(target, entries, header.metadata, watch, stage)
-                pending[target] = pool.submit(hash_written, target)  # from the page cache, while the next is written
+                if hash_rewritten:  # from the page cache, while the next is written
+                    pending[target] = pool.submit(hash_written, target)
+                else:
+                    written[target.name] = WrittenFile(target.name, target.stat().st_size, None)
                 kept = [n for n, _ in entries]
             weight_map.update(dict.fromkeys(kept, target.name))
         for target, digest in pending.items():
@@ -428,6 +448,11 @@ class DigestCache:
                 self._entries.pop(next(iter(self._entries)))
             self._entries[key] = digest
         return digest
+
+
+def sha256_of(path: Path, cache: DigestCache | None = None) -> str:
+    """The sha256 of ``path``: through ``cache`` when given (which then knows it), else read."""
+    return cache.sha256(path) if cache is not None else _sha256(path)
 
 
 def _sha256(path: Path) -> str:
