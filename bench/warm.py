@@ -38,11 +38,12 @@ def main() -> None:
     data_dir = Path(sys.argv[1])
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # whatever an operation prints must not reach the harness
+    from adapter_surgery.arch import ArchitectureCache
     from adapter_surgery.io.writer import DigestCache
     from adapter_surgery.ops import OPERATIONS
     from adapter_surgery.ops.common import RunContext
 
-    digests = DigestCache()
+    digests, architectures = DigestCache(), ArchitectureCache()  # as the service keeps them
     answers.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         req = json.loads(line)
@@ -52,7 +53,8 @@ def main() -> None:
         io0, cpu0 = proc_io(), os.times()
         t0 = time.perf_counter()
         try:
-            op.run(op.spec.model_validate(req["spec"]), RunContext(data_dir, digests=digests))
+            ctx = RunContext(data_dir, digests=digests, architectures=architectures)
+            op.run(op.spec.model_validate(req["spec"]), ctx)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"[:2000]
         seconds = time.perf_counter() - t0

@@ -14,18 +14,36 @@ from adapter_surgery.io import Checkpoint
 
 def test_resolution_is_cached_per_config_and_headers(data_dir: Path, build, monkeypatch: pytest.MonkeyPatch) -> None:
     src = build("FX-B")
-    monkeypatch.setattr(arch_module, "_ARCH_CACHE", arch_module._ArchitectureCache())
+    cache = arch_module.ArchitectureCache()
     built: list[str] = []
     real = arch_module.build_meta_model
     monkeypatch.setattr(arch_module, "build_meta_model", lambda ckpt: built.append(ckpt.root.name) or real(ckpt))
-    first = resolve_architecture(Checkpoint.open(data_dir / src))
+    first = resolve_architecture(Checkpoint.open(data_dir / src), cache)
     first.notes.append("changed by a caller")
-    second = resolve_architecture(Checkpoint.open(data_dir / src))
+    second = resolve_architecture(Checkpoint.open(data_dir / src), cache)
     assert built == [src] and second.source == "config" and second.notes == []  # a copy, not the cached object
     assert (second.input_embedding, second.output_head, second.tied) == (
         first.input_embedding, first.output_head, first.tied)
     cfg = json.loads((data_dir / src / "config.json").read_text())
     cfg["tie_word_embeddings"] = True  # another config: resolved again (here: the stored head becomes redundant)
     (data_dir / src / "config.json").write_text(json.dumps(cfg))
-    third = resolve_architecture(Checkpoint.open(data_dir / src))
+    third = resolve_architecture(Checkpoint.open(data_dir / src), cache)
     assert built == [src, src] and third.tied and third.redundant_keys == [first.output_head]
+
+
+def test_without_a_cache_each_call_resolves(data_dir: Path, build, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = build("FX-B")
+    built: list[str] = []
+    real = arch_module.build_meta_model
+    monkeypatch.setattr(arch_module, "build_meta_model", lambda ckpt: built.append(ckpt.root.name) or real(ckpt))
+    resolve_architecture(Checkpoint.open(data_dir / src))
+    resolve_architecture(Checkpoint.open(data_dir / src))
+    assert built == [src, src]  # no process-wide state: the owner of a cache passes it down
+
+
+def test_the_service_keeps_one_cache_for_its_jobs(tmp_path: Path) -> None:
+    from adapter_surgery.jobs import JobService
+    from adapter_surgery.settings import Settings
+
+    a, b = JobService(Settings(data_dir=tmp_path)), JobService(Settings(data_dir=tmp_path))
+    assert isinstance(a.architectures, arch_module.ArchitectureCache) and a.architectures is not b.architectures

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from adapter_surgery.catalog import SUMMARIES
 from adapter_surgery.cli import main
+from adapter_surgery.ops import OPERATIONS
 
 
 def test_extend_vocab_from_a_spec_file(data_dir: Path, build, capsys: pytest.CaptureFixture[str]) -> None:
@@ -51,3 +55,46 @@ def test_unreadable_spec_is_a_problem_not_a_traceback(tmp_path: Path, capsys: py
     (tmp_path / "latin1.json").write_bytes(b"{\"tokens\": [\"\xe9\"]}")
     assert main(["extend-vocab", "--spec", str(tmp_path / "latin1.json"), "--data-dir", str(tmp_path)]) == 2
     assert json.loads(capsys.readouterr().err)["status"] == 422
+
+
+HEAVY = ("torch", "transformers", "peft", "safetensors", "fastapi", "huey", "httpx")
+
+
+def _modules_after(argv: list[str]) -> tuple[int, list[str], str]:
+    """Run the CLI with ``argv`` in a fresh interpreter; its exit code, the heavy modules it imported, stdout."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['adapter-surgery', *{argv!r}]\n"
+            "try:\n    runpy.run_module('adapter_surgery.cli', run_name='__main__')\n"
+            "except SystemExit as e:\n    rc = e.code\n"
+            f"print('MODULES', sorted(m for m in {HEAVY!r} if m in sys.modules), rc)\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(root / "service")}).stdout
+    tail = out.rsplit("MODULES ", 1)[1].split()
+    return int(tail[-1]), [m.strip("[]',") for m in tail[:-1] if m.strip("[]',")], out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["extend-vocab", "--help"], ["jobs", "list", "--help"]])
+def test_help_imports_no_heavy_library(argv: list[str]) -> None:
+    rc, heavy, out = _modules_after(argv)
+    assert rc == 0 and heavy == [] and "usage: adapter-surgery" in out
+    if argv == ["--help"]:
+        assert all(name in out for name in OPERATIONS)
+
+
+def test_the_remote_path_imports_no_torch(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    # no service listens on port 9 (discard): the client's "unreachable" problem, exit 1, and torch never imported
+    rc, heavy, _ = _modules_after(["extend-vocab", "--spec", str(spec), "--server", "http://127.0.0.1:9"])
+    assert rc == 1 and "torch" not in heavy and "httpx" in heavy
+
+
+def test_the_catalog_agrees_with_the_operations() -> None:
+    from adapter_surgery.cli_remote import JOB_STATES, TOKEN_ENV
+    from adapter_surgery.client import TOKEN_ENV as CLIENT_TOKEN_ENV
+    from adapter_surgery.client import JobState
+
+    assert list(SUMMARIES) == list(OPERATIONS)
+    assert {n: op.summary for n, op in OPERATIONS.items()} == SUMMARIES
+    assert TOKEN_ENV == CLIENT_TOKEN_ENV and tuple(s.value for s in JobState) == JOB_STATES

@@ -89,8 +89,10 @@ class Architecture:
         return keys
 
 
-def resolve_architecture(ckpt: Checkpoint) -> Architecture:
+def resolve_architecture(ckpt: Checkpoint, cache: ArchitectureCache | None = None) -> Architecture:
     """Resolve tensor roles for ``ckpt``: from its config on the meta device, else from headers.
+
+    ``cache`` (the service keeps one, passed down in the run context) answers an architecture seen before.
 
     Raises:
         InvalidCheckpoint: no input embedding can be found, the config says the head is untied but the
@@ -98,7 +100,7 @@ def resolve_architecture(ckpt: Checkpoint) -> Architecture:
             (:func:`adapter_surgery.config_check.check_config`; the input embedding's shape in the model it builds).
     """
     check_config(ckpt)
-    return _ARCH_CACHE.get(ckpt)
+    return cache.get(ckpt) if cache is not None else _resolve(ckpt)
 
 
 def _resolve(ckpt: Checkpoint) -> Architecture:
@@ -114,9 +116,10 @@ def _resolve(ckpt: Checkpoint) -> Architecture:
     return arch
 
 
-class _ArchitectureCache:
-    """Architectures resolved in this process, keyed by what determines them: ``config.json``'s content, every
-    tensor's name, dtype and shape, and whether the checkpoint is a bare file (never by path or weight values).
+class ArchitectureCache:
+    """Architectures resolved by its owner (the service, which passes it down in the run context), keyed by what
+    determines them: ``config.json``'s content, every tensor's name, dtype and shape, and whether the checkpoint is
+    a bare file (never by path or weight values).
 
     Resolution builds the model on the meta device, which costs tens of ms per request and, the first time per
     model type, the import of its ``transformers`` modeling module; a service sees the same few architectures
@@ -155,8 +158,6 @@ class _ArchitectureCache:
         with self._lock:
             self._entries.clear()
 
-
-_ARCH_CACHE = _ArchitectureCache()
 
 
 @contextlib.contextmanager

@@ -12,15 +12,13 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
+from adapter_surgery.catalog import SUMMARIES
 from adapter_surgery.cli_remote import add_jobs_parser, add_remote_arguments, run_remote
-from adapter_surgery.errors import SurgeryError, validation_problem_body
-from adapter_surgery.jobs.runner import run_operation
-from adapter_surgery.ops import OPERATIONS
-from adapter_surgery.ops.common import ProgressEvent, RunContext
+
+if TYPE_CHECKING:
+    from adapter_surgery.ops.common import ProgressEvent
 
 
 def _progress() -> tuple[Callable[[ProgressEvent], None], Any]:
@@ -48,6 +46,14 @@ def _progress() -> tuple[Callable[[ProgressEvent], None], Any]:
 
 
 def _run_operation(name: str, args: argparse.Namespace) -> int:
+    # here, not at the top: --help, the remote path and the other commands do without torch (seconds of imports)
+    from pydantic import ValidationError
+
+    from adapter_surgery.errors import SurgeryError, validation_problem_body
+    from adapter_surgery.jobs.runner import run_operation
+    from adapter_surgery.ops import OPERATIONS
+    from adapter_surgery.ops.common import RunContext
+
     op = OPERATIONS[name]
     try:
         raw = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text(encoding="utf-8")
@@ -84,8 +90,8 @@ def _problem(body: dict[str, object]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adapter-surgery", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for op in OPERATIONS.values():
-        p = sub.add_parser(op.name, help=op.summary, description=op.summary)
+    for name, summary in SUMMARIES.items():
+        p = sub.add_parser(name, help=summary, description=summary)
         p.add_argument("--spec", required=True, help="JSON spec file, or - for standard input")
         p.add_argument("--data-dir", default=".", help="directory the spec's paths are relative to (default: .)")
         add_remote_arguments(p)

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     - ``memory_limit_bytes`` (``ADAPTER_SURGERY_MEMORY_LIMIT_BYTES``, default unset): the memory one job may use;
       unset, the memory available to the process (cgroup limit less usage, or ``MemAvailable``). A job whose
       estimate exceeds it is refused with 503 before any work.
+    - ``warm_imports`` (``ADAPTER_SURGERY_WARM_IMPORTS``, default true): at start-up, a background thread imports
+      the ``transformers``/``peft`` modules the operations use (2.5-3 s), so that no request pays for them.
 
     Jobs (every operation runs as a job on a huey queue; see the README's "Jobs"):
 
@@ -54,6 +56,7 @@ class Settings(BaseSettings):
     max_archive_members: int = Field(default=10_000, gt=0)
     log_json: bool = True
     memory_limit_bytes: int | None = Field(default=None, ge=0)
+    warm_imports: bool = True
     workers: int = Field(default=2, ge=1, le=64)
     max_queue: int = Field(default=64, ge=1, le=100_000)
     queue_url: str | None = Field(default=None, pattern=r"^rediss?://")

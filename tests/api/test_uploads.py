@@ -395,7 +395,8 @@ def test_memory_stays_flat_for_a_64_mb_upload(tmp_path: Path) -> None:
             zf.write(weights, "m/model.safetensors")
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(adapter_surgery.__file__).parents[1]),
-           "ADAPTER_SURGERY_DATA_DIR": str(tmp_path / "served"), "ADAPTER_SURGERY_DEVICE": "cpu"}
+           "ADAPTER_SURGERY_DATA_DIR": str(tmp_path / "served"), "ADAPTER_SURGERY_DEVICE": "cpu",
+           "ADAPTER_SURGERY_WARM_IMPORTS": "false"}  # what the upload costs, not the start-up imports' fixed ~100 MB
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "adapter_surgery.api.app:app_from_env",
                                "--port", str(port), "--log-level", "warning"], env=env)
     base = f"http://127.0.0.1:{port}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from adapter_surgery.errors import OutputExists
 from adapter_surgery.io import Changes, Checkpoint, NewTensor, RowPatchedTensor, atomic_output, write_checkpoint
-from adapter_surgery.io.writer import write_single_file
+from adapter_surgery.io.writer import WrittenFile, describe_files, write_single_file
 
 
 def _two_shards(root: Path) -> Path:
@@ -36,9 +37,12 @@ def test_row_patch_copies_untouched_rows_and_appends(tmp_path: Path) -> None:
     new_row = torch.full((4,), 7.0).bfloat16()
     appended = torch.full((2, 4), -1.0).bfloat16()
     changes = Changes(replace={"emb": RowPatchedTensor(ckpt.info("emb"), ckpt.path_of("emb"), {3: new_row}, appended)})
-    rewritten = write_checkpoint(ckpt, tmp_path / "out", changes)
-    for name in ("s1.safetensors", "s2.safetensors"):  # rewritten, and linked: both hashed
-        assert rewritten[name] == hashlib.sha256((tmp_path / "out" / name).read_bytes()).hexdigest()
+    written = write_checkpoint(ckpt, tmp_path / "out", changes)
+    s1 = (tmp_path / "out/s1.safetensors").read_bytes()
+    assert written["s1.safetensors"] == WrittenFile("s1.safetensors", len(s1), hashlib.sha256(s1).hexdigest())
+    # the linked shard is not read: no digest without a cache that knew it
+    s2 = (tmp_path / "out/s2.safetensors").stat().st_size
+    assert written["s2.safetensors"] == WrittenFile("s2.safetensors", s2, None, linked=True)
     assert (tmp_path / "out/s2.safetensors").stat().st_ino == (tmp_path / "in/s2.safetensors").stat().st_ino
     before, after = load_file(str(tmp_path / "in/s1.safetensors")), load_file(str(tmp_path / "out/s1.safetensors"))
     assert after["emb"].shape == (12, 4) and after["emb"].dtype == torch.bfloat16
@@ -165,3 +169,31 @@ def test_digest_cache_hashes_an_unchanged_file_once(tmp_path: Path, monkeypatch:
     f.write_bytes(b"abd")  # rewritten: new mtime, new digest
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1))
     assert cache.sha256(f) == hashlib.sha256(b"abd").hexdigest() and len(calls) == 2
+
+
+def test_digests_of_linked_shards_come_from_the_cache_never_from_reading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import adapter_surgery.io.writer as writer
+
+    read: list[str] = []
+    real = writer._sha256
+    monkeypatch.setattr(writer, "_sha256", lambda p: read.append(p.name) or real(p))
+    ckpt = Checkpoint.open(_two_shards(tmp_path / "in"))
+    cache = writer.DigestCache()
+    emb = ckpt.info("emb")
+    changes = Changes(replace={"emb": RowPatchedTensor(emb, ckpt.path_of("emb"), {0: torch.zeros(4).bfloat16()})})
+    first = write_checkpoint(ckpt, tmp_path / "a", changes, cache=cache)
+    assert read == ["s1.safetensors"] and first["s2.safetensors"].sha256 is None  # only what was written is read
+    # a request on that output: s1 is now linked (its digest cached when written), s2 rewritten
+    out = Checkpoint.open(tmp_path / "a")
+    w = out.info("w")
+    second = write_checkpoint(out, tmp_path / "b", Changes(replace={"w": RowPatchedTensor(w, out.path_of("w"))}),
+                              cache=cache)
+    assert read == ["s1.safetensors", "s2.safetensors"]
+    assert second["s1.safetensors"] == dataclasses.replace(first["s1.safetensors"], linked=True)
+    assert second["s2.safetensors"].sha256 == hashlib.sha256((tmp_path / "b/s2.safetensors").read_bytes()).hexdigest()
+    # describe_files reads only the files it is not told about
+    (tmp_path / "b/config.json").write_text("{}")
+    files = {f.path: f for f in describe_files(tmp_path / "b", known=second)}
+    assert read[2:] == ["config.json"] and files["s1.safetensors"] == second["s1.safetensors"]
+    assert files["config.json"].sha256 == hashlib.sha256(b"{}").hexdigest() and not files["config.json"].linked

@@ -285,3 +285,15 @@ def test_sixteen_concurrent_jobs_are_all_correct(data_dir: Path, build) -> None:
     states = [j["state"] for j in client.get("/jobs", params={"limit": 100}).json()["jobs"]]
     assert states == ["succeeded"] * 16
     assert temporaries(data_dir) == []
+
+
+def test_warm_imports_load_what_the_operations_use() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from adapter_surgery.jobs.service import WARM_MODULES, warm_imports; "
+            "before = [m for m in WARM_MODULES if m in sys.modules]; failed = warm_imports(); "
+            "print(before, failed, all(m in sys.modules for m in WARM_MODULES if m not in failed))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "service")})
+    assert out.stdout.split() == ["[]", "[]", "True"], out.stderr[-2000:]

@@ -7,6 +7,7 @@ seeds, and every refusal through the core function and over HTTP.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -29,7 +30,7 @@ from adapter_surgery.api.app import RESULT_HEADER, create_app
 from adapter_surgery.cli import main as cli_main
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
 from adapter_surgery.io.checkpoint import Checkpoint
-from adapter_surgery.ops.attach_lora import AttachLoraResult, AttachLoraSpec, _Spill, attach_lora
+from adapter_surgery.ops.attach_lora import AttachLoraResult, AttachLoraSpec, _Residuals, attach_lora
 from adapter_surgery.ops.common import RunContext
 from adapter_surgery.ops.extend_vocab import ExtendVocabSpec, extend_vocab
 from adapter_surgery.settings import Settings
@@ -395,7 +396,7 @@ def test_residual_base_plus_adapter_reproduces_the_base(data_dir: Path, build, f
 def test_weights_are_read_one_target_at_a_time(data_dir: Path, build, monkeypatch) -> None:
     src = build("FX-B")
     events: list[tuple[str, str]] = []
-    read, add = Checkpoint.read, _Spill.add
+    read, add = Checkpoint.read, _Residuals.add
 
     def tracking_read(self, name):
         events.append(("read", name))
@@ -406,11 +407,20 @@ def test_weights_are_read_one_target_at_a_time(data_dir: Path, build, monkeypatc
         return add(self, key, tensor)
 
     monkeypatch.setattr(Checkpoint, "read", tracking_read)
-    monkeypatch.setattr(_Spill, "add", tracking_add)
-    run(data_dir, src, r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
+    monkeypatch.setattr(_Residuals, "add", tracking_add)
+    real_pwrite, pwritten = os.pwrite, []
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, at: pwritten.append(len(data)) or real_pwrite(fd, data, at))
+    result = run(data_dir, src, r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
     target_events = [e for e in events if "self_attn" in e[1]]
     assert [kind for kind, _ in target_events] == ["read", "spill"] * 4
     assert all(a[1] == b[1] for a, b in zip(target_events[::2], target_events[1::2], strict=True))
+    # each residual byte written once, at its place in the residual base's shard (no spill file between)
+    ckpt = Checkpoint.open(data_dir / src)
+    assert sum(pwritten) == sum(ckpt.info(k).nbytes for k in result.residual_base.replaced_tensors)
+    out = data_dir / "out" / "base"
+    assert not list((data_dir / "out").rglob("*.spill"))
+    for f in result.residual_base.rewritten_shards:  # hashed once the residuals are in
+        assert f.sha256 == hashlib.sha256((out / f.path).read_bytes()).hexdigest() and not f.linked
 
 
 # -- cost: data-free inits never read tensor data ---------------------------------------------------------------

@@ -154,3 +154,22 @@ def test_steps_are_derived_from_the_registry() -> None:
     # the adapter step's trainable_token_indices also takes "added"
     lora = models[-1].model_validate({"op": "attach-lora", "trainable_token_indices": "added"})
     assert lora.trainable_token_indices == "added"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("steps", [
+    [{"op": "attach-head", "num_labels": 2}],  # the embedding's shard untouched: linked
+    # both shards rewritten by the first step; the second links the first shard: its digest carried from step 0
+    [{"op": "extend-vocab", "tokens": ["<x>"]}, {"op": "attach-head", "num_labels": 2}],
+])
+def test_files_report_digests_of_what_was_written_and_links_unread(data_dir: Path, build, steps: list) -> None:
+    src = build("FX-B")
+    r = run(data_dir, src, steps)
+    out = data_dir / "out"
+    actual = tree_digest(out)
+    assert sorted(f.path for f in r.files) == sorted(actual)
+    for f in r.files:
+        if f.linked:  # untouched by every step: the input's file, not read (no digest cache in this context)
+            assert (out / f.path).stat().st_ino == (data_dir / src / f.path).stat().st_ino and f.sha256 is None
+        else:
+            assert f.sha256 == actual[f.path], f.path
+    assert [f.path for f in r.files if f.linked] == (["model-00001-of-00002.safetensors"] if len(steps) == 1 else [])

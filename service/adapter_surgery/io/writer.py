@@ -8,12 +8,13 @@ without passing through Python objects, the index is regenerated, and ``__metada
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,13 +215,31 @@ class RowPatchedTensor:
             _write_all(fd, tensor_bytes(self.appended))
 
 
+@dataclass
+class ReservedTensor:
+    """Room for a tensor whose bytes are written later at their offset (``os.pwrite``): the writer only moves past
+    them (the file is extended, no byte written), so that the shard's layout exists before its content."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    def write(self, fd: int) -> None:
+        end = os.lseek(fd, self.nbytes, os.SEEK_CUR)
+        if os.fstat(fd).st_size < end:
+            os.ftruncate(fd, end)
+
+
 @dataclass(frozen=True)
 class WrittenFile:
-    """A file of the output: path relative to the output root, size in bytes, sha256 (hex)."""
+    """A file of the output: path relative to the output root, size in bytes, sha256 (hex), and whether it is a
+    link (or byte copy) of the input's file. A linked file's ``sha256`` is None unless a digest cache already knew
+    it: its bytes are the input's, and no operation reads bytes it does not change."""
 
     path: str
     bytes: int
-    sha256: str
+    sha256: str | None
+    linked: bool = False
 
 
 @dataclass
@@ -308,20 +327,23 @@ def write_single_file(ckpt: Checkpoint, path: Path, changes: Changes,
 
 
 def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Progress | WriteObserver | None = None,
-                     shard_name: str | None = None, hash_linked: bool = True,
-                     cache: DigestCache | None = None) -> dict[str, str]:
+                     shard_name: str | None = None, cache: DigestCache | None = None,
+                     hash_rewritten: bool = True) -> dict[str, WrittenFile]:
     """Write ``ckpt`` with ``changes`` applied as safetensors shards into directory ``out``.
 
     Shards that hold no changed tensor are linked or copied; the others are rewritten in the source's
     tensor order, new tensors appended to their anchor's shard. With an index, the index is regenerated:
     ``weight_map`` is exactly the tensors of each shard, ``metadata.total_size`` their byte sum, other
     metadata kept. ``shard_name`` renames a bare file's single shard (e.g. to ``model.safetensors``).
-    Returns ``{output shard name: sha256}`` of every shard, hashed on a worker thread while the next shard is
-    written (linked ones from their source, through ``cache`` when given; without ``hash_linked`` only the rewritten
-    ones); pass it to
-    :func:`describe_files` as ``known``. ``progress`` (a message callback, or a :class:`WriteObserver` such as the
-    run context) hears the bytes planned for the rewritten shards, then each tensor's bytes once written, and may
-    stop the write before each shard and tensor (the caller's ``atomic_output`` then removes what was written).
+
+    Returns every output shard (and the index) as a :class:`WrittenFile` (pass them to :func:`describe_files` as
+    ``known``). A rewritten shard is hashed from the page cache on a worker thread while the next one is written, and
+    its digest stored in ``cache`` under the written file (so that a request on this output, which links it, reads
+    nothing); without ``hash_rewritten`` (the caller fills :class:`ReservedTensor` ranges later and hashes then) its
+    digest is None. A linked shard is never read: its digest is ``cache``'s if known, else None. ``progress`` (a message
+    callback, or a :class:`WriteObserver` such as the run context) hears the bytes planned for the rewritten shards,
+    then each tensor's bytes once written, and may stop the write before each shard and tensor (the caller's
+    ``atomic_output`` then removes what was written).
     """
     watch = observer(progress)
     out.mkdir(parents=True, exist_ok=True)
@@ -330,7 +352,7 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
     for name, (_, anchor) in changes.add.items():
         additions.setdefault(ckpt.weight_map[anchor], []).append(name)
     weight_map: dict[str, str] = {}
-    digests: dict[str, str] = {}
+    written: dict[str, WrittenFile] = {}
     total = 0
     linked = {shard: h for shard, h in ckpt.shards.items()
               if shard not in changed and [n for n in h.order if ckpt.weight_map.get(n) == shard] == h.order}
@@ -343,10 +365,9 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
     watch.plan(f"rewriting {len(entries_of)} of {len(ckpt.shards)} shards",
                sum(src.nbytes for entries in entries_of.values() for _, src in entries))
     rewritten = 0
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        # linked shards are byte-identical to their source: hash those while the changed shards are written
-        hash_source = cache.sha256 if cache is not None else _sha256
-        pending = {shard_name or shard: pool.submit(hash_source, h.path) for shard, h in linked.items() if hash_linked}
+    hash_written = cache.sha256 if cache is not None else _sha256  # a cache keeps the output's digest too
+    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        pending = {}
         for shard, header in ckpt.shards.items():
             target = out / (shard_name or shard)
             names = [n for n in header.order if ckpt.weight_map.get(n) == shard]
@@ -356,24 +377,32 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
                 link_or_copy(header.path, target)
                 total += sum(header.tensors[n].nbytes for n in names)
                 kept = names
+                digest = cache.lookup(target) if cache is not None else None
+                written[target.name] = WrittenFile(target.name, target.stat().st_size, digest, linked=True)
             else:  # changed, or holding tensors the index does not map to it (dropped, as transformers would)
                 rewritten += 1
                 stage = f"rewriting shard {rewritten}/{len(entries_of)}"
                 watch.say(stage)
                 entries = entries_of[shard]
                 total += write_shard(target, entries, header.metadata, watch, stage)
-                pending[target.name] = pool.submit(_sha256, target)  # from the page cache, while the next is written
+                if hash_rewritten:  # from the page cache, while the next is written
+                    pending[target] = pool.submit(hash_written, target)
+                else:
+                    written[target.name] = WrittenFile(target.name, target.stat().st_size, None)
                 kept = [n for n, _ in entries]
             weight_map.update(dict.fromkeys(kept, target.name))
-        digests.update({name: f.result() for name, f in pending.items()})
+        for target, digest in pending.items():
+            written[target.name] = WrittenFile(target.name, target.stat().st_size, digest.result())
     if ckpt.has_index:
         metadata = dict(ckpt.index_metadata or {})
         metadata["total_size"] = total
         if "total_parameters" in metadata:
             metadata["total_parameters"] = _total_parameters(ckpt, changes, weight_map)
         index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
-        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return dict(sorted(digests.items()))
+        raw = (json.dumps(index, indent=2) + "\n").encode("utf-8")
+        (out / INDEX_NAME).write_bytes(raw)
+        written[INDEX_NAME] = WrittenFile(INDEX_NAME, len(raw), hashlib.sha256(raw).hexdigest())
+    return dict(sorted(written.items()))
 
 
 def _total_parameters(ckpt: Checkpoint, changes: Changes, weight_map: dict[str, str]) -> int:
@@ -400,7 +429,14 @@ class DigestCache:
         st = path.stat()
         return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
+    def lookup(self, path: Path) -> str | None:
+        """The digest of ``path`` if known (its stat key unchanged since), without reading it."""
+        key = self._key(path)
+        with self._lock:
+            return self._entries.get(key)
+
     def sha256(self, path: Path) -> str:
+        """The digest of ``path``: the cached one, else read, stored and returned."""
         key = self._key(path)
         with self._lock:
             hit = self._entries.get(key)
@@ -414,6 +450,11 @@ class DigestCache:
         return digest
 
 
+def sha256_of(path: Path, cache: DigestCache | None = None) -> str:
+    """The sha256 of ``path``: through ``cache`` when given (which then knows it), else read."""
+    return cache.sha256(path) if cache is not None else _sha256(path)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb", buffering=0) as fh:
@@ -422,11 +463,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_files(root: Path, known: dict[str, str] | None = None) -> list[WrittenFile]:
+def describe_files(root: Path, known: Mapping[str, WrittenFile] | None = None) -> list[WrittenFile]:
     """Every file under ``root`` (or ``root`` itself if a file), with size and sha256, sorted by path.
 
-    ``known`` maps relative paths to digests already computed (shards hashed as they were written); the other
-    files are hashed on a thread per core (hashlib releases the GIL on large buffers).
+    ``known`` maps relative paths to files already described (shards hashed as they were written, linked shards
+    with or without a digest: :func:`write_checkpoint`'s answer); only the other files (config, tokenizer, adapter)
+    are read and hashed, on a thread per core (hashlib releases the GIL on large buffers).
     """
     known = known or {}
     paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
@@ -434,4 +476,5 @@ def describe_files(root: Path, known: dict[str, str] | None = None) -> list[Writ
     todo = [p for p, r in zip(paths, rel, strict=True) if r not in known]
     with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
         hashed = dict(zip(todo, pool.map(_sha256, todo), strict=True))
-    return [WrittenFile(r, p.stat().st_size, known.get(r) or hashed[p]) for p, r in zip(paths, rel, strict=True)]
+    return [dataclasses.replace(known[r], path=r) if r in known else WrittenFile(r, p.stat().st_size, hashed[p])
+            for p, r in zip(paths, rel, strict=True)]

@@ -3,7 +3,8 @@
 ``OPERATIONS`` describes each one as data, so that the HTTP routes and CLI commands are generated from it and
 only translate: a request body or ``--spec`` file becomes the spec model, the result model becomes JSON. An
 entry with a ``step`` role can also be a step of ``POST /surgery``, whose step models are derived from these
-entries (:func:`adapter_surgery.ops.surgery.bind_steps`): adding an operation is one module plus one line here.
+entries (:func:`adapter_surgery.ops.surgery.bind_steps`): adding an operation is one module plus one line here. Names
+and summaries come from :mod:`adapter_surgery.catalog` (torch-free, for the CLI's ``--help``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from adapter_surgery.catalog import SUMMARIES
 from adapter_surgery.ops.attach_head import AttachHeadOptions, AttachHeadResult, AttachHeadSpec, attach_head
 from adapter_surgery.ops.attach_lora import AttachLoraOptions, AttachLoraResult, AttachLoraSpec, attach_lora
 from adapter_surgery.ops.common import PathFields, RunContext
@@ -66,32 +68,22 @@ class Operation:
 OPERATIONS: dict[str, Operation] = {
     op.name: op
     for op in [
-        Operation("extend-vocab", "Add tokens: tokenizer updated, new rows of every vocabulary tensor initialized.",
-                  ExtendVocabSpec, ExtendVocabOptions, ExtendVocabResult, extend_vocab,  # type: ignore[arg-type]
-                  step=StepRole("base", adds_tokens=True)),
-        Operation("attach-lora", "Write a peft LoRA adapter for the checkpoint; data-free inits read headers only.",
-                  AttachLoraSpec, AttachLoraOptions, AttachLoraResult, attach_lora,  # type: ignore[arg-type]
-                  step=StepRole("adapter")),
-        Operation("attach-head", "Attach a classification head (sequence or token): the LM head dropped, the head "
-                  "initialized, config and tokenizer made consistent.",
-                  AttachHeadSpec, AttachHeadOptions, AttachHeadResult, attach_head,  # type: ignore[arg-type]
-                  step=StepRole("base", once="a later head would replace the earlier one")),
-        Operation("expand-blocks", "Insert new decoder blocks (LLaMA Pro): copies of the block before each, residual "
-                  "projections zero (an identity: logits unchanged) or GPT-2's scaled normal; layers renumbered.",
-                  ExpandBlocksSpec, ExpandBlocksOptions, ExpandBlocksResult, expand_blocks,  # type: ignore[arg-type]
-                  step=StepRole("base")),
-        Operation("surgery", "Run several operations (extend-vocab, attach-head, attach-lora) as one job with one "
-                  "atomic output: the patched base plus the adapter that names it.",
-                  SurgerySpec, SurgeryOptions, SurgeryResult, surgery),  # type: ignore[arg-type]
-        Operation("merge-lora", "Fold peft LoRA adapters (LoRA, rsLoRA, DoRA, modules_to_save, trainable tokens; "
-                  "several, with weights) into the base: a plain checkpoint, only targeted tensors read and rewritten.",
-                  MergeLoraSpec, MergeLoraOptions, MergeLoraResult, merge_lora, upload=False),  # type: ignore[arg-type]
-        Operation("convert-adapter", "Convert a trained PiSSA/OLoRA adapter into a plain LoRA (rank doubled) for the "
-                  "original base, as peft's path_initial_model_for_weight_conversion does.",
-                  ConvertAdapterSpec, ConvertAdapterOptions, ConvertAdapterResult, convert_adapter,  # type: ignore[arg-type]
-                  upload=False),
-        Operation("verify", "The preservation report of a patched checkpoint against its base (writes nothing).",
-                  VerifySpec, VerifyOptions, VerifyResult, verify),  # type: ignore[arg-type]
+        Operation("extend-vocab", SUMMARIES["extend-vocab"], ExtendVocabSpec, ExtendVocabOptions, ExtendVocabResult,
+                  extend_vocab, step=StepRole("base", adds_tokens=True)),  # type: ignore[arg-type]
+        Operation("attach-lora", SUMMARIES["attach-lora"], AttachLoraSpec, AttachLoraOptions, AttachLoraResult,
+                  attach_lora, step=StepRole("adapter")),  # type: ignore[arg-type]
+        Operation("attach-head", SUMMARIES["attach-head"], AttachHeadSpec, AttachHeadOptions, AttachHeadResult,
+                  attach_head, step=StepRole("base", once="a later head would replace the earlier one")),  # type: ignore[arg-type]
+        Operation("expand-blocks", SUMMARIES["expand-blocks"], ExpandBlocksSpec, ExpandBlocksOptions,
+                  ExpandBlocksResult, expand_blocks, step=StepRole("base")),  # type: ignore[arg-type]
+        Operation("surgery", SUMMARIES["surgery"], SurgerySpec, SurgeryOptions, SurgeryResult,
+                  surgery),  # type: ignore[arg-type]
+        Operation("merge-lora", SUMMARIES["merge-lora"], MergeLoraSpec, MergeLoraOptions, MergeLoraResult,
+                  merge_lora, upload=False),  # type: ignore[arg-type]
+        Operation("convert-adapter", SUMMARIES["convert-adapter"], ConvertAdapterSpec, ConvertAdapterOptions,
+                  ConvertAdapterResult, convert_adapter, upload=False),  # type: ignore[arg-type]
+        Operation("verify", SUMMARIES["verify"], VerifySpec, VerifyOptions, VerifyResult,
+                  verify),  # type: ignore[arg-type]
     ]
 }
 bind_steps(OPERATIONS)

@@ -15,7 +15,9 @@ is given to it, and taken back right after:
   never read (``base_bytes_read`` is 0);
 - inits that need the base weight (``pissa``, ``pissa_niter_N``, ``olora``, and ``use_dora``) get the real tensor,
   read from the checkpoint one target at a time onto ``device`` (``peft`` computes in float32); a changed base weight
-  (PiSSA, OLoRA) is spilled to disk at once and the tensor freed, so at most one target is in memory.
+  (PiSSA, OLoRA) is written at once at its offset in the residual base's shard (created beforehand with every other
+  tensor copied and room for the targets) and the tensor freed, so at most one target is in memory and each residual
+  byte is written once.
 
 The adapter tensors are then taken from ``peft``'s ``get_peft_model_state_dict`` (keys
 ``base_model.model.<module>.lora_A.weight``, no adapter-name segment; DoRA's ``lora_magnitude_vector``) and written
@@ -69,6 +71,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -85,7 +88,14 @@ from adapter_surgery.initializers import seeded_global_rng
 from adapter_surgery.io import Checkpoint, atomic_output, describe_files
 from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.header import TORCH_TO_SAFETENSORS, TensorInfo
-from adapter_surgery.io.writer import Changes, CopiedTensor, WrittenFile, tensor_bytes, write_checkpoint
+from adapter_surgery.io.writer import (
+    Changes,
+    ReservedTensor,
+    WrittenFile,
+    sha256_of,
+    tensor_bytes,
+    write_checkpoint,
+)
 from adapter_surgery.ops.attach_head import config_mismatch, unexpected_tensors, without_dirs
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, Seed, StrictModel
 from adapter_surgery.paths import resolve_under
@@ -266,7 +276,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
     if ckpt.is_file or ckpt.config is None:
         raise InvalidCheckpoint(f"attach-lora needs the model directory with its config.json ({ckpt.config_problem})",
                                 field="checkpoint", fix="Send the save_pretrained directory, config.json included.")
-    arch = resolve_architecture(ckpt)
+    arch = resolve_architecture(ckpt, ctx.architectures)
     model = _meta_model(ckpt)
     task_type = _task_type(type(model).__name__)
     config = _lora_config(spec, init, task_type, arch)
@@ -282,7 +292,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
         warnings.simplefilter("always")
         with atomic_output(output, spec.overwrite, owner=ctx.owner) as tmp:
             tmp.mkdir(parents=True)
-            spill = _Spill(tmp / ".residual.spill") if decompose else None
+            spill = _Residuals(ckpt, targets, tmp / RESIDUAL_DIR, ctx) if decompose else None
             materializer = _Materializer(ckpt, targets, device, init, spill)
             tuner = _inject(model, config, materializer)
             ctx.say("adapter initialized")
@@ -290,7 +300,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
             _save_adapter(tmp, state, tuner.peft_config[ADAPTER_NAME], base_path, task_type, type(model), decompose)
             residual = None
             if spill is not None:
-                residual = _write_residual(ckpt, tmp / RESIDUAL_DIR, spill, base_path, ctx)
+                residual = _residual_base(ckpt, spill, base_path)
             files = [f for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) for f in describe_files(tmp / name)]
             modules = _describe_targets(tuner, targets)
     warnings_out += _peft_warnings(caught)
@@ -716,28 +726,53 @@ def _intra_op_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-class _Spill:
-    """Residual base weights, written to one raw file as they are computed (so none stays in memory)."""
+class _Residuals:
+    """The residual base, each byte written once: a residual has its original's name, dtype and shape, so the
+    rewritten shards' layout is known before peft runs. They are created first (every other tensor copied by the
+    kernel, room reserved for each decomposed target, the index and side files as they are); each residual is then
+    written at its offset as peft produces it (memory: one target), and each rewritten shard hashed once at the end.
+    Untouched shards are linked."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.infos: dict[str, TensorInfo] = {}
-        self._fh = path.open("wb")
-        self._offset = 0
+    def __init__(self, ckpt: Checkpoint, targets: list[_Target], dest: Path, ctx: RunContext) -> None:
+        self.planned = {t.key: t.info for t in targets}
+        self.cache = ctx.digests
+        reserved = {k: ReservedTensor(i.dtype, i.shape, i.nbytes) for k, i in self.planned.items()}
+        self.files = write_checkpoint(ckpt, dest, Changes(replace=dict(reserved)), ctx, cache=ctx.digests,
+                                      hash_rewritten=False)
+        for path in ckpt.other_files():
+            shutil.copyfile(path, dest / path.name)
+        out = Checkpoint.open(dest)  # the headers just written: where each residual goes
+        self._at = {k: (out.path_of(k), out.info(k)) for k in self.planned}
+        self._fds = {path: os.open(path, os.O_WRONLY) for path, _ in self._at.values()}
+        self.done: set[str] = set()
+        self.dest = dest
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        data = tensor_bytes(tensor)
-        self._fh.write(data)
-        n = len(data)
-        self.infos[key] = TensorInfo(key, TORCH_TO_SAFETENSORS[tensor.dtype], tuple(tensor.shape), self._offset,
-                                     self._offset + n)
-        self._offset += n
+        path, info = self._at[key]
+        planned = self.planned[key]
+        if TORCH_TO_SAFETENSORS[tensor.dtype] != planned.dtype or tuple(tensor.shape) != planned.shape:
+            raise RuntimeError(f"the residual of {key} is {tensor.dtype} {tuple(tensor.shape)}, not its original's "
+                               f"{planned.dtype} {planned.shape}")
+        view, done = tensor_bytes(tensor), 0
+        while done < len(view):
+            done += os.pwrite(self._fds[path], view[done:], info.begin + done)
+        self.done.add(key)
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
+        for fd in self._fds.values():
+            os.fsync(fd)
+            os.close(fd)
+        self._fds = {}
+
+    def finish(self) -> dict[str, WrittenFile]:
+        """Every output shard with its digest (the rewritten ones hashed now, once each)."""
+        self.close()
+        if self.done != set(self.planned):  # a reserved range never written would read as zeros: refuse
+            raise RuntimeError(f"peft produced no residual for {sorted(set(self.planned) - self.done)}")
+        todo = [f for f in self.files.values() if not f.linked and f.sha256 is None]
+        with ThreadPoolExecutor(max_workers=min(2, len(todo) or 1)) as pool:
+            digests = list(pool.map(lambda f: sha256_of(self.dest / f.path, self.cache), todo))
+        return {**self.files, **{f.path: dataclasses.replace(f, sha256=d) for f, d in zip(todo, digests, strict=True)}}
 
 
 class _Materializer:
@@ -748,7 +783,7 @@ class _Materializer:
     """
 
     def __init__(self, ckpt: Checkpoint, targets: list[_Target], device: torch.device, init: str,
-                 spill: _Spill | None) -> None:
+                 spill: _Residuals | None) -> None:
         self.ckpt = ckpt
         self.targets = {t.name: t for t in targets}
         self.device = device
@@ -962,21 +997,15 @@ def _save_adapter(out: Path, state: dict[str, torch.Tensor], config, base_path: 
     cfg.save_pretrained(str(out), auto_mapping_dict=auto_mapping)
 
 
-def _write_residual(ckpt: Checkpoint, dest: Path, spill: _Spill, base_path: str, ctx: RunContext) -> ResidualBase:
+def _residual_base(ckpt: Checkpoint, residuals: _Residuals, base_path: str) -> ResidualBase:
     """The base with each decomposed target replaced by its residual W - s B A; other shards linked."""
-    changes = Changes()
-    for key, info in spill.infos.items():
-        changes.replace[key] = CopiedTensor(info, spill.path)
-    rewritten = write_checkpoint(ckpt, dest, changes, ctx, hash_linked=False)
-    for path in ckpt.other_files():
-        shutil.copyfile(path, dest / path.name)
-    spill.path.unlink()
-    by_name = {name: WrittenFile(name, (dest / name).stat().st_size, sha) for name, sha in rewritten.items()}
-    note = (f"{base_path} holds the residual base W - s*B*A of the {len(spill.infos)} decomposed target(s); it is "
-            "valid only with this adapter (use the original checkpoint for anything else)")
-    return ResidualBase(path=base_path, replaced_tensors=sorted(spill.infos),
-                        rewritten_shards=[FileInfo.of(by_name[s]) for s in rewritten if s in by_name],
-                        linked_shards=sorted(set(ckpt.shards) - set(rewritten)), note=note)
+    written = residuals.finish()
+    note = (f"{base_path} holds the residual base W - s*B*A of the {len(residuals.planned)} decomposed target(s); "
+            "it is valid only with this adapter (use the original checkpoint for anything else)")
+    return ResidualBase(path=base_path, replaced_tensors=sorted(residuals.planned),
+                        rewritten_shards=[FileInfo.of(f) for f in written.values()
+                                          if not f.linked and f.path in ckpt.shards],
+                        linked_shards=sorted(f.path for f in written.values() if f.linked), note=note)
 
 
 def _describe_targets(tuner, targets: list[_Target]) -> list[TargetModule]:

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
@@ -13,15 +14,22 @@ from adapter_surgery.errors import Cancelled
 from adapter_surgery.io.writer import DigestCache, WrittenFile
 from adapter_surgery.spec import PathFields, Seed, StrictModel  # noqa: F401 (re-exported: the shared spec types)
 
+if TYPE_CHECKING:
+    from adapter_surgery.arch import ArchitectureCache
+
 
 class FileInfo(BaseModel):
     path: str = Field(description="Relative to the output.")
     bytes: int
-    sha256: str
+    sha256: str | None = Field(description="Hex digest. Every file the operation wrote has one; a linked file "
+                                           "(`linked`) has one only when the service already knew it (e.g. from an "
+                                           "earlier request), else null: its bytes are not read again.")
+    linked: bool = Field(False, description="A hard link (or byte copy) of the input's file of the same name: "
+                                            "its bytes, unchanged.")
 
     @classmethod
     def of(cls, f: WrittenFile) -> FileInfo:
-        return cls(path=f.path, bytes=f.bytes, sha256=f.sha256)
+        return cls(path=f.path, bytes=f.bytes, sha256=f.sha256, linked=f.linked)
 
 
 class ChangedTensor(BaseModel):
@@ -69,6 +77,7 @@ class RunContext:
         data_dir: the directory that request paths resolve under.
         progress: receives a :class:`ProgressEvent` at each stage and after each tensor written.
         digests: (in the service) a cache of unchanged files' sha256.
+        architectures: (in the service) a cache of resolved architectures (``arch.ArchitectureCache``).
         should_cancel: polled at tensor and shard boundaries (:meth:`check_cancelled`).
         owner: the job id, written into the owner record of every temporary path (see ``io.atomic``).
         memory_limit_bytes: the service's ``memory_limit_bytes`` setting (None: the environment's, else what the
@@ -81,6 +90,7 @@ class RunContext:
     should_cancel: Callable[[], bool] | None = None
     owner: str | None = None
     memory_limit_bytes: int | None = None
+    architectures: ArchitectureCache | None = None
     _tally: _Tally = field(default_factory=_Tally, repr=False, compare=False)
 
     def _emit(self, stage: str) -> None:

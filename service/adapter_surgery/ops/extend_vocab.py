@@ -169,7 +169,7 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     device = pick_device(spec.device)
     ckpt = Checkpoint.open(checkpoint)
     _refuse_unreadable_config(ckpt)
-    arch = resolve_architecture(ckpt)
+    arch = resolve_architecture(ckpt, ctx.architectures)
     warnings = list(ckpt.warnings) + arch.notes
     tok = _load_tokenizer(ckpt, spec)
     _check_memory(spec, ckpt, arch, tok, ctx.memory_limit_bytes)

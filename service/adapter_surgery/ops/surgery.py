@@ -16,6 +16,7 @@ the destination; a failing step leaves nothing (the work directory is removed, t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from adapter_surgery.config_check import check_config
 from adapter_surgery.errors import InvalidSpec, SurgeryError
 from adapter_surgery.io import Checkpoint, atomic_output, describe_files
 from adapter_surgery.io.atomic import check_output_path, make_work_dir
+from adapter_surgery.io.writer import WrittenFile
 from adapter_surgery.ops.attach_lora import Name, TokenIds
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
 from adapter_surgery.paths import resolve_under
@@ -159,9 +161,11 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
         base_steps = [(i, s) for i, s in enumerate(spec.steps) if roles[i].kind == "base"]  # type: ignore[union-attr]
         lora = next(((i, s) for i, s in enumerate(spec.steps) if roles[i].kind == "adapter"),  # type: ignore[union-attr]
                     None)
+        known: dict[str, WrittenFile] = {}  # the files of the patched base, as the base steps described them
         for i, step in base_steps:
             out_rel = f"{work_rel}/step{i}"
             result = _run_step(i, step, current, out_rel, ctx)
+            known = _carry_files(known, result.get("files", []))
             added += [a["id"] for a in result.get("added", []) if a.get("id") is not None]
             results.append(StepResult(op=step.op, result={**result, "output": spec.output}))
             warnings += [f"steps.{i}: {w}" for w in result.get("warnings", [])]
@@ -190,7 +194,7 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
                 tmp.mkdir()
             if lora is not None:
                 os.replace(work / ADAPTER_DIR, tmp / ADAPTER_DIR)
-            files = describe_files(tmp)
+            files = describe_files(tmp, known=known if patched else None)
         report = None
         if spec.verify and patched:
             report = preservation_report(checkpoint, output, VerifyOptions(), progress=ctx.say)
@@ -220,6 +224,19 @@ def _run_step(i: int, step: BaseModel, checkpoint: str, output: str, ctx: RunCon
             exc.field = f"steps.{i}" + (f".{exc.field}" if exc.field else "")
         exc.detail = f"step {i} ({step.op}): {exc.detail}"  # type: ignore[attr-defined]
         raise
+
+
+def _carry_files(before: dict[str, WrittenFile], files: list[dict[str, Any]]) -> dict[str, WrittenFile]:
+    """The files of a step's output as :class:`WrittenFile`, relative to the surgery's input: a file the step
+    linked keeps what the step before said of it (linked to the input, or rewritten with its digest)."""
+    out = {}
+    for f in files:
+        prev = before.get(f["path"])
+        if f.get("linked") and prev is not None:
+            out[f["path"]] = dataclasses.replace(prev, sha256=f["sha256"] or prev.sha256)
+        else:
+            out[f["path"]] = WrittenFile(f["path"], f["bytes"], f["sha256"], bool(f.get("linked")))
+    return out
 
 
 def _resolve_added(value: object, added: list[int]) -> object:

@@ -104,7 +104,7 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
     if ckpt.is_file or ckpt.config is None:
         raise InvalidCheckpoint(f"attach-head needs the checkpoint's config.json ({ckpt.config_problem})",
                                 field="checkpoint", fix="Send the model directory saved with save_pretrained.")
-    arch = resolve_architecture(ckpt)
+    arch = resolve_architecture(ckpt, ctx.architectures)
     if arch.source != "config":
         raise InvalidCheckpoint(f"config.json cannot be used to build the model: {'; '.join(arch.notes)}",
                                 field="checkpoint", fix="Send a config.json that transformers can load.")
