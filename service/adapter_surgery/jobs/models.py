@@ -55,3 +55,5 @@ class JobRecord(BaseModel):
     pid: int | None = None
     pid_start: int | None = None
     heartbeat: float | None = None  # time.time() of the last heartbeat
+    bytes_read: int = 0  # recorded when the job finishes (for /metrics)
+    bytes_written: int = 0
