@@ -148,3 +148,10 @@ class QueueFull(SurgeryError):
     def __init__(self, detail: str, *, retry_after: int = 5, field: str | None = None, fix: str | None = None) -> None:
         super().__init__(detail, field=field, fix=fix)
         self.retry_after = retry_after
+
+
+class JobStoreUnavailable(SurgeryError):
+    """The job store (the queue's Redis, or its SQLite file) cannot be reached or refuses the request (503)."""
+
+    status = 503
+    title = "Job store unavailable"

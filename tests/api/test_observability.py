@@ -72,20 +72,28 @@ class FakeJob:
     state: str
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    result: dict[str, Any] | None = None
+    bytes_read: int = 0
+    bytes_written: int = 0
 
 
 @dataclass
 class FakeJobs:
     jobs: list[FakeJob] = field(default_factory=list)
     ok: tuple[bool, str] = (True, "")
-    calls: list[tuple[Any, int, Any]] = field(default_factory=list)
+    calls: list[str] = field(default_factory=list)
 
-    def list(self, state: Any, limit: int, cursor: str | None) -> tuple[list[FakeJob], str | None]:
-        self.calls.append((state, limit, cursor))
-        start = int(cursor or 0)
-        end = start + limit
-        return self.jobs[start:end], (str(end) if end < len(self.jobs) else None)
+    def list(self, *_: Any) -> Any:
+        raise AssertionError("/metrics must not list (and so load) the job records")
+
+    def counts(self) -> dict[str, int]:
+        self.calls.append("counts")
+        return {s: sum(j.state == s for j in self.jobs) for s in ("queued", "running", "succeeded", "failed",
+                                                                   "cancelled")}
+
+    def summaries(self) -> list[tuple[str, float | None, float | None, int, int]]:
+        self.calls.append("summaries")
+        return [(j.state, j.started_at and j.started_at.timestamp(), j.finished_at and j.finished_at.timestamp(),
+                 j.bytes_read, j.bytes_written) for j in self.jobs]
 
     def queue_depth(self) -> int:
         return sum(j.state == "queued" for j in self.jobs)
@@ -96,16 +104,15 @@ class FakeJobs:
 
 def test_job_metrics_are_computed_from_the_store(client: TestClient) -> None:
     t0 = datetime(2025, 1, 1, tzinfo=UTC)
-    done = [FakeJob("succeeded", t0, t0 + timedelta(seconds=s), {"bytes_read": 100 * s, "bytes_written": 10 * s})
-            for s in (1, 3, 700)]
-    store = FakeJobs([*done, FakeJob("failed", t0, t0 + timedelta(seconds=2), None), FakeJob("running", t0),
+    done = [FakeJob("succeeded", t0, t0 + timedelta(seconds=s), 100 * s, 10 * s) for s in (1, 3, 700)]
+    store = FakeJobs([*done, FakeJob("failed", t0, t0 + timedelta(seconds=2)), FakeJob("running", t0),
                       *[FakeJob("queued") for _ in range(600)]])
     client.app.state.jobs = store
     s = samples(client)
     by_state = {dict(labels)["state"]: v for (name, labels), v in s.items() if name == "adapter_surgery_jobs"}
     assert by_state == {"queued": 600, "running": 1, "succeeded": 3, "failed": 1, "cancelled": 0}
     assert s[("adapter_surgery_job_queue_depth", ())] == 600
-    assert len(store.calls) == 2 and store.calls[1][2] == "500"  # followed the cursor
+    assert store.calls == ["counts", "summaries"]  # one query each, no record loaded
     assert s[("adapter_surgery_job_duration_seconds_count", ())] == 4
     assert s[("adapter_surgery_job_duration_seconds_sum", ())] == 706
     assert s[("adapter_surgery_job_duration_seconds_bucket", (("le", "2.5"),))] == 2

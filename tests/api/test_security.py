@@ -105,6 +105,25 @@ def test_unusable_token_settings_refuse_to_start(data_dir: Path, tmp_path: Path,
         create_app(Settings(data_dir=data_dir, **settings))
 
 
+@pytest.mark.parametrize(("token", "match"), [("pässwort", "non-ASCII"), ("tok\u00a0en", "non-ASCII"),
+                                            ("tok\ten", "non-printable"), ("tok\x7fen", "non-printable"),
+                                            (" token", "whitespace")])
+def test_tokens_no_client_can_send_refuse_to_start(data_dir: Path, tmp_path: Path, token: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        create_app(Settings(data_dir=data_dir, api_token=token))
+    path = tmp_path / "token"
+    path.write_text(token + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        create_app(Settings(data_dir=data_dir, api_token_file=path))
+
+
+def test_printable_ascii_token_with_inner_space_authenticates(data_dir: Path) -> None:
+    token = "s3cret with ~!@#$%^&*() inside"
+    client = TestClient(create_app(Settings(data_dir=data_dir, api_token=token)))
+    assert client.get("/jobs", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert client.get("/jobs", headers={"Authorization": "Bearer s3cret"}).status_code == 401
+
+
 def test_openapi_declares_the_bearer_scheme(client: TestClient) -> None:
     doc = client.get("/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}).json()
     assert doc["components"]["securitySchemes"]["bearerAuth"] == {

@@ -87,7 +87,9 @@ def install(app: FastAPI, jobs: JobService) -> None:
         return jobs.get(job_id)
 
     @app.get("/jobs", response_model=JobList, tags=["jobs"], operation_id="list_jobs",
-             summary="The jobs this service keeps, newest first (paginated).")
+             summary="The jobs this service keeps, newest first (paginated).",
+             description="Each listed job leaves out its `result` (null here; a large job's result runs to megabytes) "
+                         "but keeps its `problem`: `GET /jobs/{id}` answers the full job.")
     def list_jobs(state: JobState | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
                   cursor: Annotated[str | None, Query(max_length=200)] = None) -> JobList:
         items, nxt = jobs.list(state, limit, cursor)

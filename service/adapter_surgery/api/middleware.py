@@ -45,7 +45,8 @@ def resolve_token(settings: Settings) -> str | None:
     newline; ``None`` when neither is set.
 
     Raises:
-        ValueError: both are set, the file cannot be read, or the token is empty.
+        ValueError: both are set, the file cannot be read, or the token is empty, not printable ASCII, or padded
+            with whitespace (no client could send it).
     """
     if settings.api_token is not None and settings.api_token_file is not None:
         raise ValueError("set ADAPTER_SURGERY_API_TOKEN or ADAPTER_SURGERY_API_TOKEN_FILE, not both")
@@ -61,6 +62,14 @@ def resolve_token(settings: Settings) -> str | None:
         return None
     if not token.strip():
         raise ValueError("the API token is empty; unset it to run without authentication")
+    bad = next((c for c in token if not (c.isascii() and c.isprintable())), None)
+    if bad is not None:  # HTTP clients send header values as bytes, servers read them as latin-1: never equal
+        raise ValueError(f"the API token contains {'a non-ASCII' if not bad.isascii() else 'a non-printable'} "
+                         f"character (U+{ord(bad):04X}), so no client could send it in an Authorization header; "
+                         "use printable ASCII only (e.g. `openssl rand -hex 32`)")
+    if token != token.strip():
+        raise ValueError("the API token starts or ends with whitespace, which HTTP drops from header values; "
+                         "remove it")
     return token
 
 

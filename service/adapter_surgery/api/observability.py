@@ -1,9 +1,9 @@
 """``GET /metrics`` (Prometheus text format) and ``GET /readyz``.
 
 Request metrics are counted by the request-context middleware into a registry of this application (no module
-globals). Job metrics are computed at scrape time from the job store (``app.state.jobs``: ``list``,
-``queue_depth``, ``healthy``), so every replica that shares the store reports the same numbers; without a job
-service they are left out.
+globals). Job metrics are computed at scrape time from the job store (``app.state.jobs``: ``counts``,
+``summaries``, ``queue_depth``, ``healthy``), so every replica that shares the store reports the same numbers;
+without a job service they are left out.
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections import Counter as Tally
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -33,8 +31,6 @@ PREFIX = "adapter_surgery"
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-#: Job records read per scrape at most (the store keeps ``job_retention`` finished ones).
-MAX_SCRAPED_JOBS = 100_000
 
 
 class HttpMetrics:
@@ -51,24 +47,10 @@ class HttpMetrics:
         self.duration.labels(method, route).observe(seconds)
 
 
-def _field(obj: Any, name: str) -> Any:
-    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-
-
-def iter_jobs(jobs: Any, page: int = 500) -> Iterator[Any]:
-    """Every job record of the store (newest first), following the cursor, at most ``MAX_SCRAPED_JOBS``."""
-    cursor, seen = None, 0
-    while seen < MAX_SCRAPED_JOBS:
-        batch, cursor = jobs.list(None, page, cursor)
-        yield from batch
-        seen += len(batch)
-        if cursor is None or not batch:
-            return
-
-
 class JobCollector(Collector):
-    """Job metrics from ``app.state.jobs`` at scrape time: jobs by state, queue depth, job durations (finished
-    records, ``started_at`` → ``finished_at``) and bytes read/written (summed from the results)."""
+    """Job metrics from ``app.state.jobs`` at scrape time: jobs by state (``counts``), queue depth, job durations
+    (finished records, ``started_at`` → ``finished_at``) and bytes read/written (recorded in each record when its
+    job finished), from ``summaries`` (one light row per record: no result is loaded)."""
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
@@ -78,29 +60,23 @@ class JobCollector(Collector):
         if jobs is None:
             return
         try:
-            records = list(iter_jobs(jobs))
+            states = jobs.counts()
+            rows = jobs.summaries()
             depth = jobs.queue_depth()
         except Exception:  # the store is down: /readyz says so; the scrape still answers the request metrics
             log.warning("job metrics unavailable", exc_info=True)
             return
-        states = Tally(str(getattr(_field(j, "state"), "value", _field(j, "state"))) for j in records)
         by_state = GaugeMetricFamily(f"{PREFIX}_jobs", "Job records in the store, by state.", labels=["state"])
         for state in sorted(set(JOB_STATES) | set(states)):
             by_state.add_metric([state], states.get(state, 0))
         yield by_state
         yield GaugeMetricFamily(f"{PREFIX}_job_queue_depth", "Jobs waiting for a worker.", value=depth)
         durations, read, written = [], 0, 0
-        for j in records:
-            started, finished = _field(j, "started_at"), _field(j, "finished_at")
+        for _state, started, finished, bytes_read, bytes_written in rows:
             if started is not None and finished is not None:
-                durations.append(max((finished - started).total_seconds(), 0.0))
-            result = _field(j, "result") or {}
-            progress = _field(j, "progress")
-            read += int(result.get("bytes_read") or 0)
-            if result.get("bytes_written") is not None:
-                written += int(result["bytes_written"])
-            elif result and _field(progress, "unit") == "bytes":  # succeeded: the bytes its writer reported
-                written += int(_field(progress, "done") or 0)
+                durations.append(max(finished - started, 0.0))
+            read += int(bytes_read or 0)
+            written += int(bytes_written or 0)
         counts = [sum(d <= b for d in durations) for b in JOB_BUCKETS]
         hist = HistogramMetricFamily(f"{PREFIX}_job_duration_seconds", "Time from a job's start to its end "
                                      "(finished records in the store).")

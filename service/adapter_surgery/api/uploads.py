@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import codecs
+import errno
 import json
 import lzma
 import shutil
@@ -34,6 +35,7 @@ from starlette.types import Receive, Scope, Send
 
 from adapter_surgery.errors import (
     BadRequest,
+    DiskFull,
     InvalidCheckpoint,
     InvalidSpec,
     PayloadTooLarge,
@@ -94,8 +96,25 @@ def new_scratch(data_dir: Path) -> Path:
     """A new scratch directory under the data directory, with its owner record (host, pid) inside: the job
     service's start-up sweep (:meth:`adapter_surgery.jobs.JobService.sweep`) removes those of dead processes."""
     work = scratch_root(data_dir) / uuid.uuid4().hex
-    make_work_dir(work, None)
+    try:
+        make_work_dir(work, None)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return work
+
+
+#: ``OSError`` numbers of a full volume: no space, over quota, over the file-size limit.
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def disk_full(exc: BaseException, data_dir: Path) -> DiskFull | None:
+    """The :class:`DiskFull` (507) for an ``OSError`` of a full volume while receiving an upload; else None."""
+    if not isinstance(exc, OSError) or exc.errno not in DISK_FULL:
+        return None
+    return DiskFull(f"no room in the data directory {data_dir} for the upload ({exc.strerror or exc}); nothing was "
+                    "kept", field="file", fix="Free space (or raise the quota) on the data directory's volume, or "
+                                              "send a smaller upload.")
 
 
 class _FormReceiver:
@@ -192,8 +211,9 @@ async def receive_upload(request: Request, settings: Settings, options_model: ty
     except LookupError:
         charset = "utf-8"
     limit = settings.max_upload_bytes
-    work = new_scratch(settings.data_dir)
+    work: Path | None = None
     try:
+        work = new_scratch(settings.data_dir)
         saved = work / "upload.bin"
         with saved.open("wb") as fh:
             form = _FormReceiver(fh, settings.max_json_bytes, charset)
@@ -234,8 +254,12 @@ async def receive_upload(request: Request, settings: Settings, options_model: ty
                                              settings.max_archive_members)
         return ReceivedUpload(work=work, data_dir_rel=work.relative_to(settings.data_dir).as_posix(),
                               filename=filename, checkpoint=checkpoint, options=options)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+    except BaseException as exc:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        full = disk_full(exc, settings.data_dir)
+        if full is not None:
+            raise full from None
         raise
 
 
@@ -315,6 +339,8 @@ def _unzip(src: Path, dest: Path, limit: int, max_members: int | None) -> None:
             zf.extractall(dest)
     except (zipfile.BadZipFile, RuntimeError, NotImplementedError, ValueError, OSError, EOFError,
             lzma.LZMAError, zlib.error) as exc:  # encrypted, unknown compression, file/dir name clashes...
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise  # the caller answers 507
         raise InvalidCheckpoint(f"the uploaded .zip cannot be extracted ({_reason(exc)})", field="file",
                                 fix="Upload a plain (unencrypted, stored or deflated) zip of a model directory.") \
             from None
@@ -336,6 +362,8 @@ def _untar(src: Path, dest: Path, limit: int, max_members: int | None) -> None:
                                             field="file", fix="Archive plain files with relative paths.")
             tf.extractall(dest, members=members, filter="data")
     except (tarfile.TarError, OSError, EOFError, ValueError, lzma.LZMAError, zlib.error) as exc:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise  # the caller answers 507
         raise InvalidCheckpoint(f"the uploaded tar cannot be extracted ({_reason(exc)})", field="file",
                                 fix="Upload a plain tar of a model directory.") from None
 

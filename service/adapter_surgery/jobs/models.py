@@ -26,7 +26,8 @@ class JobProgress(BaseModel):
     stage: str = Field("", description='What the job does now, e.g. "rewriting shard 2/4".')
     done: int = Field(0, ge=0, description="Units done in the whole job.")
     total: int = Field(0, ge=0, description="Units planned for the whole job (grows when a write plans more).")
-    unit: str = Field("bytes", description='"bytes", "tensors" or "steps".')
+    unit: str = Field("bytes", description='"bytes", "tensors", "steps", or "tokens" (extend-vocab planning its '
+                                           'tokens, before its writes).')
 
 
 class Job(BaseModel):
@@ -55,3 +56,5 @@ class JobRecord(BaseModel):
     pid: int | None = None
     pid_start: int | None = None
     heartbeat: float | None = None  # time.time() of the last heartbeat
+    bytes_read: int = 0  # recorded when the job finishes (for /metrics)
+    bytes_written: int = 0

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from huey import RedisHuey, SqliteHuey
 from pydantic import ValidationError
@@ -49,7 +50,7 @@ from adapter_surgery.io.atomic import OWNER_SUFFIX, _process_start, process_aliv
 from adapter_surgery.io.writer import DigestCache
 from adapter_surgery.jobs.models import FINISHED, Job, JobProgress, JobRecord, JobState
 from adapter_surgery.jobs.runner import run_operation
-from adapter_surgery.jobs.store import JobStore, RedisJobStore, SqliteJobStore
+from adapter_surgery.jobs.store import JobStore, RedisJobStore, SqliteJobStore, Summary, store_errors
 from adapter_surgery.ops import OPERATIONS
 from adapter_surgery.ops.common import ProgressEvent, RunContext
 from adapter_surgery.settings import Settings
@@ -156,13 +157,17 @@ class JobService:
             if self._huey is not None:
                 return
             if self.settings.queue_url:
-                huey = RedisHuey("adapter-surgery", url=self.settings.queue_url, results=False)
-                store: JobStore = RedisJobStore(huey.storage.conn)
+                url = urlsplit(self.settings.queue_url)
+                where = f"Redis at {url.hostname or 'localhost'}:{url.port or 6379}"  # never the password
+                with store_errors(where):
+                    huey = RedisHuey("adapter-surgery", url=self.settings.queue_url, results=False)
+                store: JobStore = RedisJobStore(huey.storage.conn, where=where)
             else:
-                self.state_dir.mkdir(parents=True, exist_ok=True)
                 db = self.state_dir / "queue.db"
-                huey = SqliteHuey("adapter-surgery", filename=str(db), results=False)
-                store = SqliteJobStore(db)
+                with store_errors(str(db), self.settings.data_dir):
+                    self.state_dir.mkdir(parents=True, exist_ok=True)
+                    huey = SqliteHuey("adapter-surgery", filename=str(db), results=False)
+                store = SqliteJobStore(db, data_dir=self.settings.data_dir)
             self._run_job = huey.task(name=TASK_NAME)(self._execute)
             self._store, self._huey = store, huey
 
@@ -185,9 +190,15 @@ class JobService:
         if first:
             if self.settings.warm_imports:
                 threading.Thread(target=warm_imports, daemon=True, name="adapter-surgery-warm-imports").start()
-            self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-            self.recover()
-            self.sweep()
+            try:
+                with store_errors(str(self.settings.data_dir), self.settings.data_dir):
+                    self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+                self.recover()
+                self.sweep()
+            except BaseException:
+                with self._init_lock:  # the next call tries again
+                    self._started = False
+                raise
         if self.embedded:
             self.start_workers()
 
@@ -211,7 +222,15 @@ class JobService:
         task = self._run_job.s(job.id)
         rec.task_id = task.id  # lets a cancel revoke the queued task
         self.store.insert(rec)
-        self.huey.enqueue(task)
+        try:
+            with store_errors(self.store.where, self.store.data_dir):
+                self.huey.enqueue(task)
+        except BaseException as exc:  # never left queued with no task behind it
+            if self.store.claim(job.id):
+                problem = exc.to_problem() if isinstance(exc, SurgeryError) else None
+                with contextlib.suppress(Exception):
+                    self._finish(rec, JobState.failed, problem=problem)
+            raise
         with self._wake:
             self._generation += 1
             self._wake.notify_all()
@@ -231,10 +250,11 @@ class JobService:
 
     def list(self, state: JobState | None = None, limit: int = 50,
              cursor: str | None = None) -> tuple[list[Job], str | None]:
-        """Newest first; ``cursor`` is the ``next_cursor`` of the previous page."""
+        """Newest first; ``cursor`` is the ``next_cursor`` of the previous page. The jobs come without their
+        ``result`` (which can be megabytes); :meth:`get` has it."""
         after = _parse_cursor(cursor) if cursor else None
         recs = self.store.page(state, limit + 1, after)
-        jobs = [r.job for r in recs[:limit]]
+        jobs = [r.job.model_copy(update={"result": None}) for r in recs[:limit]]
         more = len(recs) > limit and jobs
         return jobs, _make_cursor(jobs[-1]) if more else None
 
@@ -296,15 +316,33 @@ class JobService:
     def counts(self) -> dict[str, int]:
         return {s.value: self.store.count(s) for s in JobState}
 
+    def summaries(self) -> list[Summary]:
+        """(state, started_at, finished_at, bytes_read, bytes_written) per record, results not loaded."""
+        return self.store.summaries()
+
     def healthy(self) -> tuple[bool, str]:
-        """For ``/readyz``: the job store answers, and (embedded) the worker threads run or can start."""
+        """For ``/readyz``: the job store answers, and the workers run: (embedded) the threads run or can start;
+        (Redis) at least one ``adapter-surgery worker`` beat within the last few heartbeat intervals."""
         try:
             self.store.ping()
         except Exception as exc:
             return False, f"job store unreachable: {type(exc).__name__}: {exc}"
         if self.embedded and self._stop.is_set():
             return False, "the job workers were stopped"
+        if not self.embedded:
+            try:
+                live = self.store.live_workers()
+            except Exception as exc:
+                return False, f"job store unreachable: {type(exc).__name__}: {exc}"
+            if not live:
+                return False, ("no adapter-surgery worker is running (none sent a heartbeat in the last "
+                               f"{HEARTBEAT_MISSES * self.settings.heartbeat_seconds:g} s); start one with "
+                               "'adapter-surgery worker'")
         return True, "ok"
+
+    def beat(self) -> None:
+        """Register this process as a live worker for ``HEARTBEAT_MISSES`` heartbeat intervals."""
+        self.store.beat(self.identity, HEARTBEAT_MISSES * self.settings.heartbeat_seconds)
 
     # ----------------------------------------------------------------------------------------------- workers
     def start_workers(self) -> None:
@@ -366,7 +404,13 @@ class JobService:
         stop = threading.Event()
 
         def housekeeping() -> None:
-            while not stop.wait(self.settings.heartbeat_seconds):
+            while True:
+                try:
+                    self.beat()
+                except Exception:
+                    log.warning("cannot register this worker's heartbeat", exc_info=True)
+                if stop.wait(self.settings.heartbeat_seconds):
+                    return
                 with contextlib.suppress(Exception):
                     self.recover(sweep_outputs=True)
 
@@ -433,6 +477,9 @@ class JobService:
     def _finish(self, rec: JobRecord, state: JobState, *, result: dict[str, Any] | None = None,
                 problem: dict[str, Any] | None = None) -> None:
         rec.job.state, rec.job.finished_at, rec.job.result, rec.job.problem = state, _now(), result, problem
+        res, p = result or {}, rec.job.progress  # bytes written: what the writer reported, for a result only
+        rec.bytes_read = int(res.get("bytes_read") or res.get("base_bytes_read") or 0)
+        rec.bytes_written = int(res.get("bytes_written") or (p.done if result is not None and p.unit == "bytes" else 0))
         if state == JobState.succeeded:
             p = rec.job.progress
             total = p.total if p.total > 0 else 1

@@ -45,7 +45,15 @@ from adapter_surgery.io.writer import (
     write_checkpoint,
     write_single_file,
 )
-from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, RunContext, Seed, StrictModel
+from adapter_surgery.ops.common import (
+    ChangedTensor,
+    FileInfo,
+    PathFields,
+    ProgressEvent,
+    RunContext,
+    Seed,
+    StrictModel,
+)
 from adapter_surgery.paths import resolve_under
 from adapter_surgery.report import PreservationReport, preservation_report
 
@@ -171,14 +179,16 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     _refuse_unreadable_config(ckpt)
     arch = resolve_architecture(ckpt, ctx.architectures)
     warnings = list(ckpt.warnings) + arch.notes
+    ctx.say("loading the tokenizer")
     tok = _load_tokenizer(ckpt, spec)
+    ctx.check_cancelled()
     _check_memory(spec, ckpt, arch, tok, ctx.memory_limit_bytes)
-    plan = plan_vocab(spec, ckpt, arch, tok)
+    plan = plan_vocab(spec, ckpt, arch, tok, ctx)
     if not plan.rows and plan.rows_after == arch.vocab_rows and not spec.reinit_existing and not spec.untie:
         warnings.append("nothing to add: every token already exists (or none was given); the output is the input, "
                         "its weights hard-linked")
     ctx.say(f"planned {len(plan.added)} new tokens, {arch.vocab_rows} -> {plan.rows_after} rows")
-    changes, changed = vocab_changes(spec, ckpt, arch, plan, tok, device, warnings)
+    changes, changed = vocab_changes(spec, ckpt, arch, plan, tok, device, warnings, ctx)
     single_file = output.suffix == ".safetensors"
     if single_file and not ckpt.is_file:
         raise InvalidSpec("a .safetensors output needs a bare .safetensors checkpoint", field="output",
@@ -244,13 +254,30 @@ def _load_tokenizer(ckpt: Checkpoint, spec: ExtendVocabSpec):  # -> PreTrainedTo
                                 field="checkpoint", fix="Re-save the tokenizer with save_pretrained.") from None
 
 
-def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok) -> VocabPlan:
-    """Plan the rows: ids of the new tokens (added to ``tok`` in place), padding, the final row count.
+#: The planning loops check for a cancel and report progress every this many tokens or rows.
+PLAN_STEP = 1024
+
+
+def _planning(ctx: RunContext | None, stage: str, done: int, total: int) -> None:
+    """At a planning loop boundary: raise :class:`Cancelled` when asked to stop; report ``done`` of ``total`` (unit
+    ``tokens``, apart from the byte tally of the writes that follow)."""
+    if ctx is None:
+        return
+    ctx.check_cancelled()
+    if ctx.progress is not None:
+        ctx.progress(ProgressEvent(stage, done, max(total, done), "tokens"))
+
+
+def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok,
+               ctx: RunContext | None = None) -> VocabPlan:
+    """Plan the rows: ids of the new tokens (added to ``tok`` in place), padding, the final row count. With
+    ``ctx``, every :data:`PLAN_STEP` tokens or rows checks for a cancel and reports progress.
 
     Used by extend-vocab and by attach-head (for a dedicated pad token).
 
     Raises:
         InvalidSpec: a copy source that does not exist, subword_mean without tokenizer.
+        Cancelled: the job was asked to stop.
     """
     rows_before = arch.vocab_rows
     default = spec.init
@@ -261,6 +288,8 @@ def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok)
         has_entry = torch.ones(rows_before, dtype=torch.bool)
         n_new = spec.num_new_tokens or 0
         for i in range(n_new):
+            if i % PLAN_STEP == 0:
+                _planning(ctx, f"planning new rows {i}/{n_new}", i, n_new)
             rows.append(_row_for(rows_before + i, default, None, None, tok, "num_new_tokens", rows_before))
             added.append(TokenId(token=None, id=rows_before + i))
         needed, tok_before = rows_before + n_new, None
@@ -272,7 +301,10 @@ def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok)
         has_entry[ids] = True
         seen: set[str] = set()
         pending: list[tuple[str, bool, _Row]] = []  # plain tuples: 2^20 pydantic objects would cost seconds
+        n_tokens = len(spec.tokens)
         for i, raw in enumerate(spec.tokens):
+            if i % PLAN_STEP == 0:
+                _planning(ctx, f"planning tokens {i}/{n_tokens}", i, 2 * n_tokens)
             content = raw if isinstance(raw, str) else raw.content
             if content in seen:
                 continue
@@ -286,10 +318,14 @@ def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok)
                 init, special, text = raw.init or default, raw.special, raw.description or content
             pending.append((content, special, _row_for(-1, init, text, vocab, tok, f"tokens.{i}", rows_before)))
         size = len(tok)
+        _planning(ctx, f"adding {len(pending)} tokens to the tokenizer", n_tokens, 2 * n_tokens)
         _add_to_tokenizer(tok, [(content, special) for content, special, _ in pending])
         first, last = (tok.convert_tokens_to_ids(pending[i][0]) for i in (0, -1)) if pending else (0, -1)
         consecutive = first == size and last == size + len(pending) - 1 == len(tok) - 1
         for i, (content, _special, row) in enumerate(pending):  # ids are consecutive but for odd tokenizers
+            if i % PLAN_STEP == 0:
+                _planning(ctx, f"assigning ids {i}/{len(pending)}", n_tokens + i * n_tokens // max(len(pending), 1),
+                          2 * n_tokens)
             row.id = size + i if consecutive else tok.convert_tokens_to_ids(content)
             rows.append(row)
             added.append(TokenId(token=content, id=row.id))
@@ -303,7 +339,9 @@ def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok)
     pad_strategy = "mean" if default == "subword_mean" else default
     taken = {r.id for r in rows}
     padding = [i for i in range(rows_before, rows_after) if i not in taken]
-    for r in padding:
+    for k, r in enumerate(padding):
+        if k % PLAN_STEP == 0:
+            _planning(ctx, f"planning padding rows {k}/{len(padding)}", k, len(padding))
         rows.append(_row_for(r, pad_strategy, None, None, tok, "init", rows_before))
     if tok is None:
         rows_without_token = []
@@ -387,7 +425,8 @@ def _add_to_tokenizer(tok, tokens: list[tuple[str, bool]]) -> None:
 
 # -- values ---------------------------------------------------------------------------------------------------
 def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, plan: VocabPlan, tok,
-                  device: torch.device, warnings: list[str]) -> tuple[Changes, list[ChangedTensor]]:
+                  device: torch.device, warnings: list[str],
+                  ctx: RunContext | None = None) -> tuple[Changes, list[ChangedTensor]]:
     """The tensor changes of ``plan``: every vocabulary tensor of ``arch`` row-patched with its strategy values.
 
     Also reports (into ``plan``) existing tokens with all-zero rows and re-initializes them with
@@ -408,7 +447,10 @@ def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, p
         row_shape = tuple(ckpt.info(key).shape[1:])
         return reinit_hewitt or (n_hewitt > 0 and hewitt_needs_covariance(n_hewitt, row_shape))
 
-    stats = {k: _stats(ckpt, k, plan, device, need_cov(k)) for k in arch.vocab_tensors}
+    stats = {}
+    for n, k in enumerate(arch.vocab_tensors):
+        _planning(ctx, f"row statistics of {k}", n, len(arch.vocab_tensors))
+        stats[k] = _stats(ckpt, k, plan, device, need_cov(k))
     zero = sorted(set().union(*(set(s.zero_rows) for s in stats.values())))
     names = [None] * len(zero) if tok is None else tok.convert_ids_to_tokens(zero)
     plan.untrained = [TokenId(token=name, id=i) for name, i in zip(names, zero, strict=True)]
@@ -423,8 +465,9 @@ def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, p
         plan.reinit = list(plan.untrained)
     changed: list[ChangedTensor] = []
     if plan.rows or plan.rows_after != arch.vocab_rows:
-        for key in arch.vocab_tensors:
-            src = _patched(ckpt, key, stats[key], plan, spec, device, arch)
+        for n, key in enumerate(arch.vocab_tensors):
+            _planning(ctx, f"initializing the rows of {key}", n, len(arch.vocab_tensors))
+            src = _patched(ckpt, key, stats[key], plan, spec, device, arch, ctx)
             changes.replace[key] = src
             changed.append(ChangedTensor(name=key, shape_before=list(ckpt.info(key).shape), shape=list(src.shape)))
     if spec.untie:
@@ -470,7 +513,7 @@ def _stats(ckpt: Checkpoint, key: str, plan: VocabPlan, device: torch.device, co
 
 
 def _patched(ckpt: Checkpoint, key: str, stats: RowStats, plan: VocabPlan, spec: ExtendVocabSpec,
-             device: torch.device, arch: Architecture) -> TensorSource:
+             device: torch.device, arch: Architecture, ctx: RunContext | None = None) -> TensorSource:
     info = ckpt.info(key)
     dtype = info.torch_dtype
     row_shape = tuple(info.shape[1:])
@@ -493,6 +536,8 @@ def _patched(ckpt: Checkpoint, key: str, stats: RowStats, plan: VocabPlan, spec:
     if plan.rows_after > rows_before:  # filled by index below: no per-row tensors for 2^20 new rows
         appended = torch.empty(plan.rows_after - rows_before, *row_shape, dtype=dtype)
     for strategy, group in by_strategy.items():
+        if ctx is not None:
+            ctx.check_cancelled()
         rctx = RowContext(name=key, stats=stats, row_shape=row_shape, read_rows=read_rows,
                           initializer_range=init_range, seed=spec.seed, device=device,
                           source_ids=[r.sources for r in group], trained_rows=trained_rows)
