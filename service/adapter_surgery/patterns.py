@@ -84,7 +84,7 @@ def check(value: Any, field: str) -> Any:
     for pattern in patterns:
         reason = why_unsafe(pattern)
         if reason is not None:
-            raise ValueError(f"{field}: the regular expression {reason}. {FIX}")
+            raise ValueError(f"the regular expression {reason}. {FIX}")
     return value
 
 

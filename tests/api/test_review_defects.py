@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from adapter_surgery.api.app import create_app
 from adapter_surgery.ops.attach_lora import AttachLoraOptions
@@ -86,8 +87,9 @@ def test_a_list_of_names_is_not_a_regex() -> None:
     ({"target_modules": "x" * 300}, "target_modules"),
 ])
 def test_every_regex_field_is_checked(body: dict, field: str) -> None:
-    with pytest.raises(ValueError, match="simpler pattern"):
+    with pytest.raises(ValidationError, match="simpler pattern") as err:
         AttachLoraOptions(**body)
+    assert [e["loc"] for e in err.value.errors()] == [(field,)]
 
 
 SCRIPT = textwrap.dedent("""
