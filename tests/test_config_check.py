@@ -59,6 +59,11 @@ DEFECTS = [
     ("gpt2-tied-tiny", {"n_embd": 64}, "config.n_embd", ["n_embd 64", "32 wide"]),
     ("bert-mlm-tiny", {"num_hidden_layers": 12}, "config.num_hidden_layers", ["bert.encoder.layer.1 (2 layers)"]),
     ("llama-untied-tiny", {"max_position_embeddings": 10**12}, "config.max_position_embeddings", ["10000000000"]),
+    # Fewer than the weights hold: expand-blocks wrote a corrupt file, extend-vocab 180 unexpected keys (review).
+    ("llama-untied-tiny", {"num_hidden_layers": 1}, "config.num_hidden_layers",
+     ["num_hidden_layers 1", "model.layers.0 to model.layers.1 (2 layers)"]),
+    ("gpt2-tied-tiny", {"n_layer": 1}, "config.n_layer", ["n_layer 1", "transformer.h.0 to transformer.h.1"]),
+    ("llama-untied-tiny", {"vocab_size": 100}, "config.vocab_size", ["vocab_size 100", "has 128 rows"]),
 ]
 
 
@@ -131,12 +136,12 @@ def test_text_config_of_a_multimodal_config_is_named(data: Path) -> None:
 
 
 @pytest.mark.parametrize(("changes", "field", "words"), [
-    ({"vocab_size": 100}, "config.vocab_size", ["[100, 32]", "[128, 32]", "vocab_size 128"]),
     ({"hidden_size": 16}, "config.hidden_size", ["[128, 16]", "[128, 32]", "hidden_size 32"]),
 ])
-def test_smaller_numbers_are_refused_once_the_model_is_built(data: Path, changes: dict, field: str,
+def test_a_narrower_width_is_refused_once_the_model_is_built(data: Path, changes: dict, field: str,
                                                              words: list[str]) -> None:
-    """Smaller than the weights: the meta-device model (no storage) has another embedding shape."""
+    """Narrower than the weights: the meta-device model (no storage) has another embedding shape. (A smaller
+    ``vocab_size`` or layer count is refused from the headers, see DEFECTS.)"""
     src = with_config(data, "llama-untied-tiny", f"small-{next(iter(changes))}", **changes)
     for op in ("extend-vocab", "attach-head", "attach-lora"):
         spec = OPERATIONS[op].spec.model_validate(request(op, src))
@@ -182,3 +187,39 @@ def test_patched_checkpoint_of_verify_is_named(data: Path) -> None:
     with pytest.raises(InvalidCheckpoint) as err:
         check_config(Checkpoint.open(data / src), "patched.config")
     assert err.value.field == "patched.config.hidden_size"
+
+
+def _layers(tmp_path: Path, name: str, tensors: list[str], config: dict) -> Checkpoint:
+    root = tmp_path / name
+    root.mkdir()
+    save_file({k: torch.zeros(16, 8) for k in ["model.embed_tokens.weight", *tensors]},
+              str(root / "model.safetensors"))
+    (root / "config.json").write_text(json.dumps({"hidden_size": 8, "vocab_size": 16, **config}))
+    return Checkpoint.open(root)
+
+
+def test_extra_layers_the_config_names_pass(tmp_path: Path) -> None:
+    """Multi-token-prediction layers after the declared ones (DeepSeek-V3, GLM-4.5), a deeper decoder (T5), other
+    numbered lists (wav2vec2's conv_layers), a padded vocabulary that ChatGLM declares as padded_vocab_size."""
+    layers = [f"model.layers.{i}.mlp.weight" for i in range(3)]
+    check_config(_layers(tmp_path, "mtp", layers, {"num_hidden_layers": 2, "num_nextn_predict_layers": 1}))
+    check_config(_layers(tmp_path, "t5", ["encoder.block.0.w.weight", *(f"decoder.block.{i}.w.weight"
+                                                                           for i in range(3))],
+                         {"num_layers": 1, "num_decoder_layers": 3}))
+    check_config(_layers(tmp_path, "conv", [*layers[:1], *(f"fe.conv_layers.{i}.w.weight" for i in range(7))],
+                         {"num_hidden_layers": 1}))
+    check_config(_layers(tmp_path, "glm", [], {"vocab_size": 12, "padded_vocab_size": 16}))
+    with pytest.raises(InvalidCheckpoint) as err:
+        check_config(_layers(tmp_path, "mtp-short", layers, {"num_hidden_layers": 1, "num_nextn_predict_layers": 1}))
+    assert err.value.field == "config.num_hidden_layers" and "num_hidden_layers 2" in err.value.fix
+
+
+def test_expand_blocks_refuses_a_config_declaring_fewer_layers_over_http(data: Path) -> None:
+    """The reviewer's case: expand-blocks answered 200 (a corrupt output) for num_hidden_layers below the weights'."""
+    src = with_config(data, "llama-untied-tiny", "one-layer", num_hidden_layers=1)
+    before = tree_digest(data / src)
+    client = TestClient(create_app(Settings(data_dir=data)), raise_server_exceptions=False)
+    r = client.post("/expand-blocks", json={"checkpoint": src, "output": "one-layer-out", "num_blocks": 1})
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json", r.text
+    assert r.json()["field"] == "config.num_hidden_layers" and "num_hidden_layers 2" in r.json()["fix"]
+    assert not (data / "one-layer-out").exists() and tree_digest(data / src) == before

@@ -8,12 +8,13 @@ allocate per declared layer):
 - **ceilings** (:data:`CEILINGS`): layer, width, head, expert, vocabulary and position counts beyond any model
   (``num_hidden_layers: 1000000000`` would build a billion modules on the meta device), in every sub-config;
 - **layers**: the text config's ``num_hidden_layers`` (``n_layer``, ``num_layers``) may not exceed the layers the
-  weights hold (the largest ``<list>.<i>.`` index + 1 of a layer list outside vision/audio towers). Fewer layers
-  than the weights hold is refused by the operations that build the model (they know which extra tensors
-  ``transformers`` ignores, e.g. multi-token-prediction layers);
+  weights hold (the largest ``<list>.<i>.`` index + 1 of a layer list outside vision/audio towers), nor fall
+  short of what a transformer layer list (``layers``, ``layer``, ``h``, ``block``, ``blocks``) holds: a
+  layer list may hold the largest declared layer count (``num_decoder_layers`` and the like of an
+  encoder-decoder) plus the multi-token-prediction layers the config names (``num_nextn_predict_layers``);
 - **width**: ``hidden_size`` (``n_embd``, ``d_model``) may not exceed the input embedding's width unless another
   declared width (``embedding_size``, ``word_embed_proj_dim``) is that width;
-- **vocabulary**: ``vocab_size`` may not exceed the input embedding's rows;
+- **vocabulary**: ``vocab_size`` must equal the input embedding's rows (``padded_vocab_size`` may stand for it);
 - **experts**: ``num_local_experts`` (``num_experts``, ``n_routed_experts``, ``moe_num_experts``) may not exceed
   the experts the weights hold, where they hold expert tensors (``.experts.<i>.`` or fused 3-D ``.experts.*``).
 
@@ -58,6 +59,13 @@ TEXT_KEYS = ("text_config", "llm_config", "language_config")
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 WIDTH_KEYS = ("hidden_size", "n_embd", "d_model")
 OTHER_WIDTH_KEYS = ("embedding_size", "word_embed_proj_dim")
+#: Every layer count a config may declare (an encoder-decoder's decoder may be deeper than its encoder).
+ALL_LAYER_KEYS = (*LAYER_KEYS, "num_decoder_layers", "num_encoder_layers", "encoder_layers", "decoder_layers")
+#: Layers the weights hold beyond the declared ones, legitimately (multi-token prediction, DeepSeek-V3 and GLM).
+EXTRA_LAYER_KEYS = ("num_nextn_predict_layers",)
+#: Names of the lists that hold a transformer's layers (``model.layers``, ``transformer.h``, ``encoder.block``):
+#: other numbered lists (``conv_layers``, ``mtp_block``, ``altup_projections``) are not counted as missing layers.
+LAYER_LISTS = ("layers", "layer", "h", "block", "blocks")
 EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 #: Layer lists of these towers are not the text model's.
 NOT_TEXT = re.compile(r"(^|[._])(vision|visual|audio|image|speech|mm_projector|multi_modal)", re.IGNORECASE)
@@ -143,17 +151,31 @@ def _check_layers(config: dict[str, Any], text: dict[str, Any], text_path: str,
         if m and not NOT_TEXT.search(m.group(1)):
             lists[m.group(1)] = max(lists.get(m.group(1), 0), int(m.group(2)) + 1)
     held = max(lists.values(), default=0)
-    if declared <= held:
+    field = _field(where, text_path, key, in_text)
+    if declared > held:
+        if lists:
+            path = max(lists, key=lambda p: lists[p])
+            holds = f"{path}.0 to {path}.{held - 1} ({held} layers)"
+        else:
+            holds = "no numbered layers at all"
+        raise InvalidCheckpoint(
+            f"config.json declares {key} {declared} but the weights hold {holds}", field=field,
+            fix=f"Send the config.json that belongs to these weights ({key} {held}, what the weights hold).")
+    deepest = max(v for cfg in (text, config) for k in ALL_LAYER_KEYS
+                  if isinstance(v := cfg.get(k), int) and not isinstance(v, bool))
+    merged = {**config, **text}
+    extra = sum(v for k in EXTRA_LAYER_KEYS if isinstance(v := merged.get(k), int) and not isinstance(v, bool)
+                and v > 0)
+    layer_lists = {p: n for p, n in lists.items() if p.rsplit(".", 1)[-1] in LAYER_LISTS}
+    if not layer_lists or max(layer_lists.values()) <= deepest + extra:
         return
-    if lists:
-        path = max(lists, key=lambda p: lists[p])
-        holds = f"{path}.0 to {path}.{held - 1} ({held} layers)"
-    else:
-        holds = "no numbered layers at all"
+    path = max(layer_lists, key=lambda p: layer_lists[p])
+    n = layer_lists[path]
+    mtp = f" ({extra} of them multi-token-prediction layers the config names)" if extra else ""
     raise InvalidCheckpoint(
-        f"config.json declares {key} {declared} but the weights hold {holds}",
-        field=_field(where, text_path, key, in_text),
-        fix=f"Send the config.json that belongs to these weights ({key} {held}, what the weights hold).")
+        f"config.json declares {key} {declared} but the weights hold {path}.0 to {path}.{n - 1} ({n} layers); "
+        "the layers past the declared ones would be dropped or misread", field=field,
+        fix=f"Send the config.json that belongs to these weights ({key} {n - extra}, what the weights hold{mtp}).")
 
 
 def header_embedding(shapes: dict[str, tuple[int, ...]]) -> str | None:
@@ -172,7 +194,8 @@ def _check_embedding(text: dict[str, Any], text_path: str, config: dict[str, Any
         return
     rows, width = shapes[embed]
     found = _find(text, config, ("vocab_size",))
-    if found is not None and found[1] > rows:
+    padded = _find(text, config, ("padded_vocab_size",))  # ChatGLM: the embedding has the padded rows
+    if found is not None and (found[1] > rows or (found[1] < rows and (padded is None or padded[1] != rows))):
         key, declared, in_text = found
         raise InvalidCheckpoint(
             f"config.json declares {key} {declared} but {embed} has {rows} rows",

@@ -196,6 +196,16 @@ def _exists(env: Env) -> None:
     (env.data / "out" / "keep.txt").write_text("mine")
 
 
+def _output_link(env: Env) -> dict:
+    (env.data / "linkin").symlink_to(GPT2)
+    return {"output": "linkin", "overwrite": True}
+
+
+def _huge_number(env: Env) -> None:
+    text = (env.data / SRC / "config.json").read_text()
+    (env.data / SRC / "config.json").write_text(text.replace("{", '{"huge": ' + "9" * 5000 + ", ", 1))
+
+
 def _lora_out(**opts: Any) -> Callable[..., Any]:
     return post("attach-lora", output="lora", **opts)
 
@@ -224,6 +234,12 @@ CASES: list[Case] = [
     Case("path-exists", "output exists and overwrite is false", 409, "output", with_setup(_exists, **TOK)),
     Case("path-fifo", "checkpoint a FIFO named `.safetensors` (a read would hang)", 422, "checkpoint",
          with_setup(_fifo, **TOK)),
+    Case("path-state-dir", "output the service's state directory `.adapter-surgery`, with overwrite", 403, "output",
+         post("extend-vocab", output=".adapter-surgery", overwrite=True, **TOK)),
+    Case("path-output-symlink", "output a symlink to another model in the data directory, with overwrite", 422,
+         "output", with_setup(_output_link, **TOK)),
+    Case("path-deep", "output of 2000 path components (`d/d/d/...`)", 422, "output",
+         post("extend-vocab", output="/".join(["d"] * 2000), **TOK)),
     # checkpoint files
     Case("ckpt-pickle", "a directory holding only `pytorch_model.bin` (never unpickled)", 422, "checkpoint",
          with_setup(_pickle, **TOK)),
@@ -251,6 +267,8 @@ CASES: list[Case] = [
          with_setup(_index_lies, **TOK), mutates_input=True),
     Case("ckpt-config-deep", "`config.json` of 100,000 nested arrays", 422, "checkpoint",
          with_setup(lambda e: (e.data / SRC / "config.json").write_bytes(DEEP), **TOK), mutates_input=True),
+    Case("ckpt-config-digits", "`config.json` holding a number of 5000 digits", 422, "checkpoint",
+         with_setup(_huge_number, **TOK), mutates_input=True),
     # config.json that contradicts the weights (checked against the headers before anything is built)
     Case("config-layers-1e9", "`num_hidden_layers` 10^9 in config.json (2 layers in the weights)", 422,
          "config.num_hidden_layers", with_setup(lambda e: _config(e, num_hidden_layers=10**9), **TOK),
@@ -262,6 +280,12 @@ CASES: list[Case] = [
          with_setup(lambda e: _config(e, hidden_size=128), **TOK), mutates_input=True),
     Case("config-vocab", "`vocab_size` 4096 on 128 embedding rows", 422, "config.vocab_size",
          with_setup(lambda e: _config(e, vocab_size=4096), **TOK), mutates_input=True),
+    Case("config-layers-fewer", "expand-blocks on `num_hidden_layers` 1 (2 in the weights)", 422,
+         "config.num_hidden_layers", with_setup(lambda e: _config(e, num_hidden_layers=1), "expand-blocks",
+                                                num_blocks=1), mutates_input=True),
+    Case("config-vocab-smaller", "expand-blocks on `vocab_size` 100 over 128 embedding rows", 422,
+         "config.vocab_size", with_setup(lambda e: _config(e, vocab_size=100), "expand-blocks", num_blocks=1),
+         mutates_input=True),
     Case("config-lora-layers", "attach-lora on a config claiming 10^9 layers", 422, "config.num_hidden_layers",
          with_setup(lambda e: _config(e, num_hidden_layers=10**9), "attach-lora"), mutates_input=True),
     Case("config-head-layers", "attach-head on a config claiming 10^9 layers", 422, "config.num_hidden_layers",
@@ -311,6 +335,8 @@ CASES: list[Case] = [
          _lora_out(target_modules=["nothing_here"])),
     Case("lora-typo", "one typo'd entry among valid `target_modules`", 422, "target_modules.1",
          _lora_out(target_modules=["q_proj", "v_prj"])),
+    Case("lora-regex-backtracking", "`target_modules` regex `(.*)*z$` (nested quantifiers: exponential matching)",
+         422, "target_modules", _lora_out(target_modules="(.*)*z$")),
     Case("lora-alpha-zero", "`lora_alpha` 0", 422, "lora_alpha", _lora_out(lora_alpha=0)),
     Case("lora-dropout", "`lora_dropout` 1.5", 422, "lora_dropout", _lora_out(lora_dropout=1.5)),
     Case("lora-pissa-niter", "`init_lora_weights` `pissa_niter_999999999`", 422, "init_lora_weights",

@@ -208,7 +208,7 @@ def _read_config(root: Path) -> tuple[dict[str, object] | None, str | None]:
         return None, "the checkpoint has no config.json"
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, over 4300 digits
         return None, f"config.json is not valid JSON ({exc})"
     if not isinstance(doc, dict):
         return None, "config.json is not a JSON object"
@@ -218,7 +218,7 @@ def _read_config(root: Path) -> tuple[dict[str, object] | None, str | None]:
 def _read_index(path: Path) -> tuple[dict[str, str], dict[str, object]]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, over 4300 digits
         raise InvalidCheckpoint(f"{path.name} is not valid JSON ({exc})", field="checkpoint",
                                 fix="Regenerate the index with save_pretrained.") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None

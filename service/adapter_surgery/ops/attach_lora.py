@@ -80,7 +80,7 @@ import torch
 from pydantic import BaseModel, Field, StringConstraints, field_validator
 from torch import nn
 
-from adapter_surgery import resources
+from adapter_surgery import patterns, resources
 from adapter_surgery.arch import Architecture, build_meta_model, resolve_architecture
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
@@ -182,6 +182,9 @@ class AttachLoraOptions(StrictModel):
     device: DeviceName = Field("auto", description="Where inits that read weights compute: auto (GPU when "
                                                    "present), cpu, cuda.")
 
+
+    _safe_patterns = field_validator("target_modules", "exclude_modules", "layers_pattern", "rank_pattern",
+                                     "alpha_pattern")(patterns.checked)
 
     @field_validator("init_lora_weights")
     @classmethod

@@ -171,7 +171,7 @@ def open_adapter(data_dir: Path, value: str, field: str, index: int = 0) -> Adap
             raise NotFound(f"adapter {value!r} has no {name}", field=field, fix=fix)
     try:
         config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, over 4300 digits
         raise InvalidSpec(f"{value}/{ADAPTER_CONFIG} is not valid JSON ({exc})", field=field, fix=fix) from None
     if not isinstance(config, dict):
         raise InvalidSpec(f"{value}/{ADAPTER_CONFIG} is not a JSON object", field=field, fix=fix)
