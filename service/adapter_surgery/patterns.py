@@ -3,8 +3,10 @@
 ``peft`` matches a string ``target_modules``/``exclude_modules`` with ``re.fullmatch`` against every module name,
 ``rank_pattern``/``alpha_pattern`` keys with ``re.match`` and ``layers_pattern`` inside a larger pattern. Python's
 ``re`` backtracks and holds the GIL while it does, so a pattern such as ``(.*)*z$`` freezes the whole service on
-a long module name. Refused (a 422 naming the field): patterns over :data:`MAX_PATTERN` characters and nested
-quantifiers, a repeated group whose body itself holds a quantifier (``(.*)*``, ``(a+)+``, ``(\\w+\\s?)*``).
+a long module name. Refused (a 422 naming the field): patterns over :data:`MAX_PATTERN` characters; a repeated
+group whose body holds a quantifier (``(.*)*``, ``(a+)+``, ``(\\w+\\s?)*``) or an alternation (``(.|.)*``,
+``(a|ab)*``: overlapping branches backtrack exponentially too); more than :data:`MAX_UNBOUNDED` unbounded
+quantifiers in all (``.*.*.*.*z`` costs n^k steps per failing name).
 A list of names is matched by suffix, never as a regex, and is not checked here.
 """
 
@@ -19,9 +21,11 @@ except ImportError:  # pragma: no cover
     import sre_parse  # type: ignore[no-redef]
 
 MAX_PATTERN = 256
+#: Unbounded quantifiers (``*``, ``+``, ``{n,}``) per pattern at most: a failing match costs about n^k steps.
+MAX_UNBOUNDED = 3
 _REPEATS = {sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT, getattr(sre_parse, "POSSESSIVE_REPEAT", None)} - {None}
 FIX = "Send a list of module names (e.g. ['q_proj', 'v_proj']) or a simpler pattern without a repeated group " \
-      "that holds a quantifier (e.g. '.*\\.(q_proj|v_proj)')."
+      "that holds a quantifier or an alternation (e.g. '.*\\.(q_proj|v_proj)')."
 
 
 def _bodies(op: Any, arg: Any) -> list[Any]:
@@ -40,7 +44,7 @@ def _bodies(op: Any, arg: Any) -> list[Any]:
 
 
 def _repeats(items: Any, inside: bool) -> bool:
-    """True where a repeat lies inside another repeat of more than once (``inside``: under one already)."""
+    """True where a repeat or an alternation lies inside a repeat of more than once (``inside``: under one)."""
     for op, arg in items:
         if op in _REPEATS:
             if inside:
@@ -48,9 +52,21 @@ def _repeats(items: Any, inside: bool) -> bool:
             _, high, body = arg
             if _repeats(body, high is sre_parse.MAXREPEAT or high > 1):
                 return True
-        elif any(_repeats(body, inside) for body in _bodies(op, arg)):
+        elif (op is sre_parse.BRANCH and inside) or any(_repeats(body, inside) for body in _bodies(op, arg)):
             return True
     return False
+
+
+def _unbounded(items: Any) -> int:
+    """How many unbounded quantifiers the parsed pattern holds."""
+    count = 0
+    for op, arg in items:
+        if op in _REPEATS:
+            count += arg[1] is sre_parse.MAXREPEAT
+            count += _unbounded(arg[2])
+        else:
+            count += sum(_unbounded(body) for body in _bodies(op, arg))
+    return count
 
 
 def why_unsafe(pattern: str) -> str | None:
@@ -62,8 +78,11 @@ def why_unsafe(pattern: str) -> str | None:
     except (re.error, RecursionError, OverflowError):
         return None
     if _repeats(list(parsed), False):
-        return (f"{pattern!r} repeats a group that itself holds a quantifier (like '(.*)*' or '(a+)+'), which "
-                "makes regular-expression matching take exponential time")
+        return (f"{pattern!r} repeats a group that itself holds a quantifier or an alternation (like '(.*)*', "
+                "'(a+)+' or '(.|.)*'), which makes regular-expression matching take exponential time")
+    if _unbounded(list(parsed)) > MAX_UNBOUNDED:
+        return (f"{pattern!r} holds more than {MAX_UNBOUNDED} unbounded quantifiers ('*', '+', '{{n,}}'), which "
+                "makes a failing match take polynomial time of that degree")
     return None
 
 

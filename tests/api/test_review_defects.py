@@ -61,13 +61,15 @@ def snapshot(data_dir: Path) -> tuple[list[str], dict[str, str]]:
 SLOW = "(.*)*z$"
 
 
-@pytest.mark.parametrize("pattern", [SLOW, "(a+)+", r"(\w+\s?)*", "((ab)*c)*", "(?:x|y+){2,}", "x" * 300])
+@pytest.mark.parametrize("pattern", [SLOW, "(a+)+", r"(\w+\s?)*", "((ab)*c)*", "(?:x|y+){2,}", "x" * 300,
+                                     "(.|.)*z", "(a|ab)*c", ".*.*.*.*z", ".*" * 10])
 def test_unsafe_patterns(pattern: str) -> None:
     assert why_unsafe(pattern)
 
 
 @pytest.mark.parametrize("pattern", ["q_proj", r".*\.(q_proj|v_proj)$", r"model\.layers\.(\d+)\.self_attn\.(q|v)_proj",
-                                     "all-linear", "(q|k)_proj", "(a+)?", ".*" * 10, "x" * MAX_PATTERN])
+                                     "all-linear", "(q|k)_proj", "(a+)?", ".*.*.*z", r"(?:layers\.(0|1)\.)+x",
+                                     "x" * MAX_PATTERN])
 def test_ordinary_patterns_pass(pattern: str) -> None:
     assert why_unsafe(pattern) is None
     AttachLoraOptions(target_modules=pattern, exclude_modules=pattern, rank_pattern={pattern: 4},
@@ -229,3 +231,23 @@ def test_a_number_of_5000_digits_is_a_422(client: TestClient, data_dir: Path, da
             "verify": {"patched": SRC}}[op]
     r = client.post(f"/{op}", json={"checkpoint": SRC, **body})
     refused(r, 422, "checkpoint", data_dir, listing, before)
+
+
+def test_regexes_in_an_adapter_config_are_checked_before_merging(data_dir: Path) -> None:
+    """peft matches an adapter's rank_pattern keys (and a string target_modules) as regexes: merge-lora refuses one
+    that would backtrack exponentially (the reviewer's ``(.|.)*z`` froze the service) before reading a weight."""
+    import torch
+    from safetensors.torch import save_file
+
+    from adapter_surgery.errors import InvalidSpec
+    from adapter_surgery.ops.merge_lora import open_adapter
+
+    for key, value in [("rank_pattern", {"(.|.)*z": 4}), ("alpha_pattern", {"(a+)+": 8}), ("target_modules", "(.*)*z")]:
+        adapter = data_dir / f"a-{key}"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                                 "target_modules": ["q_proj"], key: value}))
+        save_file({"x.lora_A.weight": torch.zeros(4, 8)}, str(adapter / "adapter_model.safetensors"))
+        with pytest.raises(InvalidSpec, match="exponential") as exc:
+            open_adapter(data_dir, adapter.name, "adapters.0.path")
+        assert exc.value.field == "adapters.0.path" and key in exc.value.detail

@@ -49,7 +49,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, Field
 
-from adapter_surgery import resources
+from adapter_surgery import patterns, resources
 from adapter_surgery.arch import build_meta_model, resolve_architecture
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec, NotFound, SurgeryError
@@ -183,6 +183,12 @@ def open_adapter(data_dir: Path, value: str, field: str, index: int = 0) -> Adap
         raise InvalidSpec(f"adapter {value!r} uses {bad[0]}={config[bad[0]]!r}, a LoRA variant this operation does "
                           "not support (LoRA, rsLoRA, DoRA, modules_to_save and trainable tokens are)", field=field,
                           fix="Merge it with peft's merge_and_unload instead.")
+    for key in ("target_modules", "exclude_modules", "rank_pattern", "alpha_pattern", "layers_pattern"):
+        try:  # peft matches these as regexes: one that backtracks exponentially would freeze the service
+            patterns.check(config.get(key), key)
+        except ValueError as exc:
+            raise InvalidSpec(f"adapter {value!r}: {ADAPTER_CONFIG}'s {key}: {exc}", field=field,
+                              fix=patterns.FIX) from None
     try:
         weights = Checkpoint.open(path / ADAPTER_WEIGHTS)
     except SurgeryError as exc:
