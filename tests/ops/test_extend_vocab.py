@@ -440,3 +440,11 @@ def test_hewitt_few_rows_sample_from_the_rows_many_rows_from_the_covariance(data
     assert few.shape == (8, 32)
     spread = (few - old.mean(0)).pow(2).mean(0).sum() / (HEWITT_COVARIANCE_SCALE * old.var(0, correction=0).sum())
     assert 0.3 < float(spread) < 3  # 8 draws: the right scale, not an exact ratio
+
+
+def test_bytes_read_are_the_vocabulary_tensors_once(data_dir: Path, build) -> None:
+    """The result counts the tensor bytes read into memory: each vocabulary tensor once (for its statistics),
+    nothing of the rest of the model (copied by the kernel); the job metrics sum this."""
+    src = build("FX-B")
+    r = run(data_dir, src, tokens=["<a>"])
+    assert r.bytes_read == 2 * 128 * 32 * 2  # embed_tokens and lm_head, bf16, read once each

@@ -145,6 +145,9 @@ class ExtendVocabResult(BaseModel):
     changed_tensors: list[ChangedTensor]
     files: list[FileInfo]
     warnings: list[str]
+    bytes_read: int = Field(0, description="Bytes of the input's tensor data read into memory (rows for the "
+                                           "statistics and the copied rows); the kernel's file-to-file copies of "
+                                           "unchanged tensors are not counted.")
     seconds: float
     report: PreservationReport | None = Field(None, description="With verify: true, the preservation report.")
 
@@ -212,7 +215,8 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
         tokenizer_size_before=plan.tok_before, tokenizer_size_after=None if tok is None else len(tok),
         added=plan.added, existing=plan.existing, untrained_existing=plan.untrained, reinitialized=plan.reinit,
         padding_rows=plan.padding_rows, rows_without_token=plan.rows_without_token, changed_tensors=changed,
-        files=[FileInfo.of(f) for f in files], warnings=warnings, seconds=round(time.perf_counter() - started, 4),
+        files=[FileInfo.of(f) for f in files], warnings=warnings, bytes_read=ckpt.bytes_read,
+        seconds=round(time.perf_counter() - started, 4),
         report=report)
 
 
