@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,16 +19,10 @@ from adapter_surgery.ops.common import RunContext
 from adapter_surgery.ops.extend_vocab import ExtendVocabSpec, extend_vocab
 from adapter_surgery.settings import Settings
 from tests.conftest import tree_digest
-from tests.jobs.helpers import temporaries, until
+from tests.jobs.helpers import free_port, redis_server, temporaries, until
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = {"tokens": ["<a>", "<b>"]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -94,18 +87,8 @@ def test_redis_two_workers(data_dir: Path, build, tmp_path: Path) -> None:
     src = build("FX-B")
     expected = reference(data_dir, src, "ref")
     before = tree_digest(data_dir / src)
-    port = free_port()
-    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-
-    def redis_up() -> bool:
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.connect(("127.0.0.1", port))
-            return True
-        return False
-
-    until(redis_up, 60)
+    stack = contextlib.ExitStack()
+    url = stack.enter_context(redis_server())
     env = {"ADAPTER_SURGERY_QUEUE_URL": url, "ADAPTER_SURGERY_HEARTBEAT_SECONDS": "0.5",
            "ADAPTER_SURGERY_TEST_TENSOR_DELAY": "0.05"}
     workers = [spawn(["worker", "--data-dir", str(data_dir), "--workers", "1"], env, tmp_path / f"w{i}.log")
@@ -151,5 +134,4 @@ def test_redis_two_workers(data_dir: Path, build, tmp_path: Path) -> None:
                 w.terminate()
         for w in workers:
             w.wait(30)
-        redis.terminate()
-        redis.wait(10)
+        stack.close()

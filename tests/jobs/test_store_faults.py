@@ -7,7 +7,6 @@ import contextlib
 import errno
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import time
@@ -21,7 +20,7 @@ from adapter_surgery.api import uploads
 from adapter_surgery.api.app import create_app
 from adapter_surgery.jobs import JobService, JobState
 from adapter_surgery.settings import Settings
-from tests.jobs.helpers import until
+from tests.jobs.helpers import free_port, redis_server, until
 
 SPEC = {"tokens": ["<a>", "<b>"]}
 PROBLEM = "application/problem+json"
@@ -40,12 +39,6 @@ def assert_problem(r, status: int) -> dict:
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == PROBLEM
     return r.json()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -176,19 +169,7 @@ def test_unusable_sqlite_store_is_503(data_dir: Path, monkeypatch: pytest.Monkey
 # -- live workers (Redis) ----------------------------------------------------------------------------------------
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 def test_readyz_in_redis_mode_needs_a_live_worker(data_dir: Path) -> None:
-    port = free_port()
-    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-
-    def redis_up() -> bool:
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.connect(("127.0.0.1", port))
-            return True
-        return False
-
-    try:
-        until(redis_up, 60)
+    with redis_server() as url:
         client = client_of(data_dir, queue_url=url)
         r = client.get("/readyz")
         assert r.status_code == 503 and r.headers["content-type"] == PROBLEM
@@ -203,9 +184,6 @@ def test_readyz_in_redis_mode_needs_a_live_worker(data_dir: Path) -> None:
         job = client.post("/extend-vocab", json={"checkpoint": "c", "output": "o", **SPEC},
                           headers={"Prefer": "respond-async"}).json()
         assert job["state"] == JobState.queued
-    finally:
-        redis.terminate()
-        redis.wait(10)
 
 
 def test_worker_consumer_beats(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -126,11 +126,10 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 @dataclass
-class CopiedTensor:
-    """An unchanged tensor, copied byte for byte from its source file."""
+class _SameHeader:
+    """A source whose header entry (dtype, shape, byte length) is that of a tensor of the input."""
 
     info: TensorInfo
-    path: Path
 
     @property
     def dtype(self) -> str:
@@ -144,8 +143,26 @@ class CopiedTensor:
     def nbytes(self) -> int:
         return self.info.nbytes
 
+
+@dataclass
+class CopiedTensor(_SameHeader):
+    """An unchanged tensor, copied byte for byte from its source file."""
+
+    path: Path
+
     def write(self, fd: int) -> None:
         _copy_range(self.path, self.info.begin, self.info.nbytes, fd)
+
+
+@dataclass
+class ComputedTensor(_SameHeader):
+    """A tensor of the input's dtype and shape whose new values are computed only when the writer reaches it
+    (``compute`` returns them in that dtype), so that one such tensor is in memory at a time."""
+
+    compute: Callable[[], torch.Tensor]
+
+    def write(self, fd: int) -> None:
+        NewTensor(self.compute()).write(fd)
 
 
 @dataclass

@@ -6,8 +6,9 @@ Each adapter (``adapter_config.json`` + ``adapter_model.safetensors``, as ``Peft
 them) is planned from headers alone: every key is mapped to the checkpoint tensor it changes, and shapes, ranks
 and names are checked against the base's headers before any tensor data is read. The output is then written by
 the streaming writer: a targeted tensor is read, merged and written one at a time when the writer reaches it
-(:class:`_Merged`, a lazy ``TensorSource``), untouched tensors are byte-copied, shards without a target are
-hard-linked, config and tokenizer files copied. Memory: a few copies of the largest targeted tensor in float32.
+(:class:`adapter_surgery.io.writer.ComputedTensor`, a lazy source), untouched tensors are byte-copied, shards
+without a target are hard-linked, config and tokenizer files copied. Memory: a few copies of the largest targeted
+tensor in float32.
 
 Formulas (``peft/tuners/lora/layer.py``, ``variants.py``, ``dora.py``, ``trainable_tokens/layer.py``)
 ----------------------------------------------------------------------------------------------------
@@ -41,7 +42,6 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -55,8 +55,7 @@ from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec, NotFound, SurgeryError
 from adapter_surgery.io import Checkpoint, atomic_output, describe_files
 from adapter_surgery.io.atomic import check_output_path
-from adapter_surgery.io.header import TensorInfo
-from adapter_surgery.io.writer import Changes, NewTensor, RowPatchedTensor, write_checkpoint
+from adapter_surgery.io.writer import Changes, ComputedTensor, RowPatchedTensor, write_checkpoint
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
 from adapter_surgery.paths import resolve_under
 
@@ -430,29 +429,6 @@ def _check_residual_base(adapter: Adapter, checkpoint: Path, data_dir: Path) -> 
 
 
 # -- computing ------------------------------------------------------------------------------------------------
-@dataclass
-class _Merged:
-    """A targeted tensor, merged when the writer reaches it (a lazy ``TensorSource``)."""
-
-    info: TensorInfo
-    compute: Callable[[], torch.Tensor]
-
-    @property
-    def dtype(self) -> str:
-        return self.info.dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.info.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.info.nbytes
-
-    def write(self, fd: int) -> None:
-        NewTensor(self.compute()).write(fd)
-
-
 class _Merger:
     def __init__(self, base: _Base, device: torch.device, safe_merge: bool, weights: list[float]) -> None:
         self.base = base
@@ -476,7 +452,7 @@ class _Merger:
                 self._check(rows, target, c)
                 overrides.update({i: rows[n] for n, i in enumerate(c.ids)})
             return RowPatchedTensor(info, self.base.ckpt.path_of(target), overrides)
-        return _Merged(info, lambda: self.merge(target, changes))
+        return ComputedTensor(info, lambda: self.merge(target, changes))
 
     @torch.no_grad()
     def merge(self, target: str, changes: list[_Change]) -> torch.Tensor:
