@@ -39,7 +39,6 @@ import json
 import math
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -52,13 +51,12 @@ from adapter_surgery.arch import build_meta_model, quiet_transformers
 from adapter_surgery.config_check import MAX_LAYERS
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
-from adapter_surgery.io import Changes, Checkpoint, CopiedTensor, atomic_output, describe_files
-from adapter_surgery.io.atomic import check_output_path
+from adapter_surgery.io import Changes, Checkpoint, CopiedTensor, describe_files
 from adapter_surgery.io.header import DTYPES
 from adapter_surgery.io.writer import tensor_bytes, write_checkpoint
 from adapter_surgery.model.layers import Layers, find_layer_list, layer_facts, meta_model_for, renumbered_config
 from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, RunContext, Seed, StrictModel
-from adapter_surgery.paths import resolve_under
+from adapter_surgery.ops.runner import begin
 from adapter_surgery.report import PreservationReport, preservation_report
 
 #: New blocks per request at most (and never more than the base has layers).
@@ -289,12 +287,10 @@ def expand_blocks(spec: ExpandBlocksSpec, ctx: RunContext) -> ExpandBlocksResult
             other layers than the blocks copied; a residual writer that is not float.
         NotEnoughMemory: scaled_normal's largest tensor does not fit (503); DiskFull (507) when the output cannot.
     """
-    started = time.perf_counter()
-    checkpoint = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
-    output = resolve_under(ctx.data_dir, spec.output, "output")
-    check_output_path(output, checkpoint, spec.overwrite)
+    run = begin(spec, ctx)
+    checkpoint, output = run.checkpoint, run.output
     device = pick_device(spec.device)
-    ckpt = Checkpoint.open(checkpoint)
+    ckpt = run.open()
     if ckpt.is_file or output.suffix == ".safetensors":
         raise InvalidCheckpoint("expand-blocks needs a model directory (config.json names the layer count it "
                                 "changes)", field="checkpoint" if ckpt.is_file else "output",
@@ -322,7 +318,7 @@ def expand_blocks(spec: ExpandBlocksSpec, ctx: RunContext) -> ExpandBlocksResult
     for key, why in layers.depth_dependent.items():
         warnings.append(f"config {key} is set: {why}, so the output is not an exact identity of the base")
     _check_resources(spec, ckpt, plan, output)
-    with atomic_output(output, spec.overwrite) as tmp:
+    with run.writing() as tmp:
         digests = write_checkpoint(ckpt, tmp, plan.changes, ctx.say, cache=ctx.digests)
         for path in ckpt.other_files():
             if path.name != "config.json":
@@ -344,7 +340,7 @@ def expand_blocks(spec: ExpandBlocksSpec, ctx: RunContext) -> ExpandBlocksResult
         num_layers_before=layers.count, num_layers_after=len(plan.sequence), layer_prefix=layers.key_prefix,
         residual_writers=list(layers.residual_writers), init=spec.init, init_std=plan.std,
         changed_tensors=plan.changed, renamed_tensors=plan.renamed, files=[FileInfo.of(f) for f in files],
-        warnings=warnings, seconds=round(time.perf_counter() - started, 4), report=report)
+        warnings=warnings, seconds=run.seconds(), report=report)
 
 
 def hidden_state_map(sequence: list[tuple[int, bool]]) -> list[int | None]:

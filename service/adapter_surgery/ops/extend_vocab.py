@@ -14,7 +14,6 @@ import json
 import math
 import re
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from adapter_surgery import resources
-from adapter_surgery.arch import Architecture, resolve_architecture
+from adapter_surgery.arch import Architecture
 from adapter_surgery.config_check import text_config
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
@@ -36,8 +35,7 @@ from adapter_surgery.initializers import (
     row_stats,
     trained_blocks,
 )
-from adapter_surgery.io import Checkpoint, atomic_output, describe_files
-from adapter_surgery.io.atomic import check_output_path
+from adapter_surgery.io import Checkpoint, describe_files
 from adapter_surgery.io.writer import (
     Changes,
     RowPatchedTensor,
@@ -54,7 +52,7 @@ from adapter_surgery.ops.common import (
     Seed,
     StrictModel,
 )
-from adapter_surgery.paths import resolve_under
+from adapter_surgery.ops.runner import begin
 from adapter_surgery.report import PreservationReport, preservation_report
 
 #: New rows per request at most (pad_to_multiple_of or num_new_tokens beyond this is a mistake, not a model).
@@ -173,14 +171,12 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
         InvalidCheckpoint: the checkpoint is malformed.
         InvalidSpec: the request does not fit the checkpoint (no tokenizer for ``tokens``, unknown copy source...).
     """
-    started = time.perf_counter()
-    checkpoint = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
-    output = resolve_under(ctx.data_dir, spec.output, "output")
-    check_output_path(output, checkpoint, spec.overwrite)
+    run = begin(spec, ctx)
+    checkpoint, output = run.checkpoint, run.output
     device = pick_device(spec.device)
-    ckpt = Checkpoint.open(checkpoint)
+    ckpt = run.open()
     _refuse_unreadable_config(ckpt)
-    arch = resolve_architecture(ckpt, ctx.architectures)
+    arch = run.architecture(ckpt)
     warnings = list(ckpt.warnings) + arch.notes
     ctx.say("loading the tokenizer")
     tok = _load_tokenizer(ckpt, spec)
@@ -191,12 +187,14 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
         warnings.append("nothing to add: every token already exists (or none was given); the output is the input, "
                         "its weights hard-linked")
     ctx.say(f"planned {len(plan.added)} new tokens, {arch.vocab_rows} -> {plan.rows_after} rows")
-    changes, changed = vocab_changes(spec, ckpt, arch, plan, tok, device, warnings, ctx)
+    derived = vocab_changes(spec, ckpt, arch, plan, tok, device, ctx)
+    changes, changed, plan = derived.changes, derived.changed, derived.plan
+    warnings += derived.warnings
     single_file = output.suffix == ".safetensors"
     if single_file and not ckpt.is_file:
         raise InvalidSpec("a .safetensors output needs a bare .safetensors checkpoint", field="output",
                           fix="Give a directory as output for a model directory.")
-    with atomic_output(output, spec.overwrite, owner=ctx.owner) as tmp:
+    with run.writing() as tmp:
         if single_file:
             ctx.say("write single file")
             write_single_file(ckpt, tmp, changes, ctx)
@@ -216,7 +214,7 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
         added=plan.added, existing=plan.existing, untrained_existing=plan.untrained, reinitialized=plan.reinit,
         padding_rows=plan.padding_rows, rows_without_token=plan.rows_without_token, changed_tensors=changed,
         files=[FileInfo.of(f) for f in files], warnings=warnings, bytes_read=ckpt.bytes_read,
-        seconds=round(time.perf_counter() - started, 4),
+        seconds=run.seconds(),
         report=report)
 
 
@@ -428,17 +426,28 @@ def _add_to_tokenizer(tok, tokens: list[tuple[str, bool]]) -> None:
 
 
 # -- values ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VocabChanges:
+    """What :func:`vocab_changes` derives from a plan: the tensor changes, the changed tensors as the result lists
+    them, the plan completed with what the row statistics found (untrained rows; re-initialized ones), warnings."""
+
+    changes: Changes
+    changed: list[ChangedTensor]
+    plan: VocabPlan
+    warnings: list[str]
+
+
 def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, plan: VocabPlan, tok,
-                  device: torch.device, warnings: list[str],
-                  ctx: RunContext | None = None) -> tuple[Changes, list[ChangedTensor]]:
+                  device: torch.device, ctx: RunContext | None = None) -> VocabChanges:
     """The tensor changes of ``plan``: every vocabulary tensor of ``arch`` row-patched with its strategy values.
 
-    Also reports (into ``plan``) existing tokens with all-zero rows and re-initializes them with
-    ``reinit_existing``, drops redundant tied heads and unties on request; appends to ``warnings``.
+    Also finds existing tokens with all-zero rows (re-initialized with ``reinit_existing``: the returned plan has
+    them; ``plan`` itself is left as it is), drops redundant tied heads and unties on request.
 
     Raises:
         InvalidCheckpoint: a vocabulary tensor without any trained row.
     """
+    warnings: list[str] = []
     changes = Changes()
     for key in arch.redundant_keys:
         changes.remove.add(key)
@@ -457,16 +466,16 @@ def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, p
         stats[k] = _stats(ckpt, k, plan, device, need_cov(k))
     zero = sorted(set().union(*(set(s.zero_rows) for s in stats.values())))
     names = [None] * len(zero) if tok is None else tok.convert_ids_to_tokens(zero)
-    plan.untrained = [TokenId(token=name, id=i) for name, i in zip(names, zero, strict=True)]
+    untrained = [TokenId(token=name, id=i) for name, i in zip(names, zero, strict=True)]
+    plan = dataclasses.replace(plan, untrained=untrained)
     if zero:
         warnings.append(f"{len(zero)} existing token(s) have all-zero rows (reserved or untrained), e.g. id {zero[0]}"
                         + ("; re-initialized" if spec.reinit_existing else "; send reinit_existing: true to "
                            "initialize them"))
     if spec.reinit_existing:
         strategy = spec.init if spec.init != "subword_mean" else "mean"
-        for i in zero:
-            plan.rows.append(_row_for(i, strategy, None, None, None, "init", arch.vocab_rows))
-        plan.reinit = list(plan.untrained)
+        reinit = [_row_for(i, strategy, None, None, None, "init", arch.vocab_rows) for i in zero]
+        plan = dataclasses.replace(plan, rows=[*plan.rows, *reinit], reinit=list(untrained))
     changed: list[ChangedTensor] = []
     if plan.rows or plan.rows_after != arch.vocab_rows:
         for n, key in enumerate(arch.vocab_tensors):
@@ -476,7 +485,7 @@ def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, p
             changed.append(ChangedTensor(name=key, shape_before=list(ckpt.info(key).shape), shape=list(src.shape)))
     if spec.untie:
         _untie(changes, changed, ckpt, arch, warnings)
-    return changes, changed
+    return VocabChanges(changes, changed, plan, warnings)
 
 
 def _untie(changes: Changes, changed: list[ChangedTensor], ckpt: Checkpoint, arch: Architecture,

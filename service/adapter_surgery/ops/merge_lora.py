@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -53,10 +52,11 @@ from adapter_surgery import patterns, resources
 from adapter_surgery.arch import build_meta_model, resolve_architecture
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec, NotFound, SurgeryError
-from adapter_surgery.io import Checkpoint, atomic_output, describe_files
+from adapter_surgery.io import Checkpoint, describe_files
 from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.writer import Changes, ComputedTensor, RowPatchedTensor, write_checkpoint
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
+from adapter_surgery.ops.runner import begin
 from adapter_surgery.paths import resolve_under
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -508,15 +508,13 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
             ``adapters.<i>.path``, naming the first mismatch), a LoRA variant not supported, a weight on a replaced
             tensor, adapters that change one tensor in ways that do not add up, NaN/Inf with ``safe_merge``.
     """
-    started = time.perf_counter()
-    checkpoint = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
-    output = resolve_under(ctx.data_dir, spec.output, "output")
-    check_output_path(output, checkpoint, spec.overwrite)
+    run = begin(spec, ctx)
+    checkpoint, output = run.checkpoint, run.output
     device = pick_device(spec.device)
     weights = [a.weight for a in spec.adapters]
     if not all(math.isfinite(w) for w in weights):  # the request model refuses these; specs built without it
         raise InvalidSpec("adapter weights must be finite", field="adapters", fix="Send finite weights.")
-    ckpt = Checkpoint.open(checkpoint)
+    ckpt = run.open()
     base = _open_base(ckpt)  # config.json checked against the weights first
     adapters = [open_adapter(ctx.data_dir, a.path, f"adapters.{i}.path", i) for i, a in enumerate(spec.adapters)]
     for a in adapters:
@@ -529,7 +527,7 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
     ctx.say(f"{len(plan)} tensors to merge from {len(adapters)} adapter(s)")
     merger = _Merger(base, device, spec.safe_merge, weights)
     changes = Changes(replace={t: merger.source(t, cs) for t, cs in plan.items()})
-    with atomic_output(output, spec.overwrite, owner=ctx.owner) as tmp:
+    with run.writing() as tmp:
         digests = write_checkpoint(ckpt, tmp, changes, ctx, cache=ctx.digests)
         for path in ckpt.other_files():
             shutil.copyfile(path, tmp / path.name)
@@ -542,7 +540,7 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
         output=spec.output, merged_tensors=merged, linked_shards=linked, files=[FileInfo.of(f) for f in files],
         base_bytes_read=ckpt.bytes_read, adapter_bytes_read=merger.adapter_bytes,
         bytes_read=ckpt.bytes_read + merger.adapter_bytes, bytes_written=written, device=str(device),
-        warnings=warnings, seconds=round(time.perf_counter() - started, 4))
+        warnings=warnings, seconds=run.seconds())
 
 
 def _check_memory(plan: dict[str, list[_Change]], base: _Base) -> None:

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,12 +29,12 @@ from pydantic import BaseModel, Field, create_model, field_validator
 
 from adapter_surgery.config_check import check_config
 from adapter_surgery.errors import InvalidSpec, SurgeryError
-from adapter_surgery.io import Checkpoint, atomic_output, describe_files
-from adapter_surgery.io.atomic import check_output_path, make_work_dir
+from adapter_surgery.io import describe_files
+from adapter_surgery.io.atomic import make_work_dir
 from adapter_surgery.io.writer import WrittenFile
 from adapter_surgery.ops.attach_lora import Name, TokenIds
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
-from adapter_surgery.paths import resolve_under
+from adapter_surgery.ops.runner import begin
 from adapter_surgery.report import PreservationReport, VerifyOptions, preservation_report
 
 if TYPE_CHECKING:
@@ -138,14 +137,12 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
         InvalidCheckpoint, InvalidSpec: from the failing step, with ``field`` prefixed by ``steps.<i>``; a
             ``.safetensors`` output.
     """
-    started = time.perf_counter()
-    checkpoint = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
-    output = resolve_under(ctx.data_dir, spec.output, "output")
-    check_output_path(output, checkpoint, spec.overwrite)
+    run = begin(spec, ctx)
+    checkpoint, output = run.checkpoint, run.output
     if output.suffix == ".safetensors":
         raise InvalidSpec("a surgery output is a directory (the patched base, and the adapter beside it)",
                           field="output", fix="Name the output without the .safetensors suffix.")
-    check_config(Checkpoint.open(checkpoint))  # before any step: config.json against the weights
+    check_config(run.open())  # before any step: config.json against the weights
     root = ctx.data_dir.resolve()
     work = output.parent / f".{output.name}.surgery-{uuid.uuid4().hex[:12]}"
     work_rel = str(work.relative_to(root))
@@ -187,7 +184,7 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
                       "base_model_name_or_path": final_cfg["base_model_name_or_path"]}
             results.append(StepResult(op=step.op, result=result))
             warnings += [f"steps.{i}: {w}" for w in result.get("warnings", [])]
-        with atomic_output(output, spec.overwrite, owner=ctx.owner) as tmp:
+        with run.writing() as tmp:
             if patched:
                 os.replace(root / current, tmp)
             else:
@@ -208,7 +205,7 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
     return SurgeryResult(
         output=spec.output, base=spec.output if patched else spec.checkpoint,
         adapter=f"{spec.output}/{ADAPTER_DIR}" if lora is not None else None, steps=results, report=report,
-        files=[FileInfo.of(f) for f in files], warnings=warnings, seconds=round(time.perf_counter() - started, 4))
+        files=[FileInfo.of(f) for f in files], warnings=warnings, seconds=run.seconds())
 
 
 def _run_step(i: int, step: BaseModel, checkpoint: str, output: str, ctx: RunContext) -> dict[str, Any]:
