@@ -480,7 +480,8 @@ def _check_weights_fit_config(ckpt: Checkpoint, model: nn.Module, arch: Architec
     """
     names = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "") or ""
-    unknown = [k for k in ckpt.weight_map if k not in arch.redundant_keys and _ckpt_name(k, names, prefix) is None]
+    unknown = [k for k in ckpt.weight_map if k not in arch.redundant_keys and _ckpt_name(k, names, prefix) is None
+               and arch.keys.model_name(k) not in names]  # another layout (LLaVA's language_model.model.*)
     if not unknown:
         return []
     extra, other = unexpected_tensors(unknown, model, names)
@@ -568,7 +569,7 @@ def _plan(config, model: nn.Module, ckpt: Checkpoint, arch: Architecture, spec: 
         if default is None:
             raise InvalidSpec(f"peft has no default target_modules for model type {model_type!r}",
                               field="target_modules", fix=f"Name the modules to adapt, from: {listing}; "
-                                                          "or send 'all-linear'.")
+                                                          "or send 'all-linear'." + _text_only_hint(arch, names))
         cfg.target_modules = default if isinstance(default, str) else set(default)
     with contextlib.suppress(Exception):  # peft skips the conversion when it cannot apply it, so do we
         from peft.utils.transformers_weight_conversion import (
@@ -653,6 +654,13 @@ def _plan(config, model: nn.Module, ckpt: Checkpoint, arch: Architecture, spec: 
     return targets
 
 
+def _text_only_hint(arch: Architecture, names: list[str]) -> str:
+    """For a multimodal model: the regex that adapts the language model only (names match its vision tower too)."""
+    picked = [n for n in ("q_proj", "v_proj") if n in names] or names[:2]
+    return (f" To adapt only the language model: \"{re.escape(arch.text_module)}\\..*\\.({'|'.join(picked)})$\""
+            if arch.text_module and picked else "")
+
+
 def _find_module(model: nn.Module, name: str) -> nn.Module | None:
     """The first module whose full name is ``name`` or ends with ``.name`` (peft's suffix matching)."""
     return next((m for k, m in model.named_modules() if k == name or k.endswith(f".{name}")), None)
@@ -696,7 +704,7 @@ def _ckpt_key(ckpt: Checkpoint, param: str, prefix: str, arch: Architecture) -> 
         candidates.append(param[len(prefix) + 1:])
     elif prefix:
         candidates.append(f"{prefix}.{param}")
-    found = next((c for c in candidates if c in ckpt), None)
+    found = next((c for c in candidates if c in ckpt), None) or arch.keys.checkpoint_key(param, ckpt)
     if found is None and arch.tied and param == arch.head_param:
         return arch.input_embedding
     return found
