@@ -19,10 +19,12 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
+from adapter_surgery.arch import resolve_architecture
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
+from adapter_surgery.io.checkpoint import Checkpoint
 from adapter_surgery.ops.attach_head import AttachHeadSpec, attach_head
 from adapter_surgery.ops.attach_lora import AttachLoraSpec, attach_lora
 from adapter_surgery.ops.common import RunContext
@@ -189,3 +191,27 @@ def test_attach_head_on_multimodal_is_a_422(data: Path, name: str) -> None:
         attach_head(AttachHeadSpec(checkpoint=name, output=f"{name}-head", num_labels=3), RunContext(data))
     assert err.value.field == "task" and "no sequence_classification class" in str(err.value)
     assert not (data / f"{name}-head").exists()
+
+
+# -- merge-lora -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["llava", "qwen2vl"])
+def test_merge_lora_writes_merged_tensors_under_the_input_keys(data: Path, name: str) -> None:
+    from adapter_surgery.ops.merge_lora import MergeLoraSpec, merge_lora
+
+    src = build(name, data)
+    attach_lora(AttachLoraSpec(checkpoint=name, output=f"{name}-trained", overwrite=True, **lora_targets(name)),
+                RunContext(data))
+    weights = data / f"{name}-trained" / "adapter_model.safetensors"  # "trained": B != 0, a real delta
+    save_file({k: torch.full_like(v, 0.01) if ".lora_B." in k else v for k, v in load_file(str(weights)).items()},
+              str(weights), metadata={"format": "pt"})
+    merge_lora(MergeLoraSpec.model_validate({"checkpoint": name, "output": f"{name}-merged",
+                                             "adapters": [{"path": f"{name}-trained"}]}), RunContext(data))
+    out = data / f"{name}-merged"
+    before, after = tensors(src), tensors(out)
+    assert set(after) == set(before)
+    reference = PeftModel.from_pretrained(load(src), str(data / f"{name}-trained")).merge_and_unload().state_dict()
+    keys = resolve_architecture(Checkpoint.open(src)).keys
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+    for key, value in after.items():
+        assert torch.equal(value, reference[keys.model_name(key)]), key
