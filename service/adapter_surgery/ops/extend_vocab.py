@@ -177,6 +177,7 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     ckpt = run.open()
     _refuse_unreadable_config(ckpt)
     arch = run.architecture(ckpt)
+    arch.check_growable()
     warnings = list(ckpt.warnings) + arch.notes
     ctx.say("loading the tokenizer")
     tok = _load_tokenizer(ckpt, spec)
@@ -497,8 +498,9 @@ def _untie(changes: Changes, changed: list[ChangedTensor], ckpt: Checkpoint, arc
         raise InvalidSpec("untie: this model has no output head to untie", field="untie", fix="Send untie: false.")
     embed = changes.replace.get(arch.input_embedding) or RowPatchedTensor(ckpt.info(arch.input_embedding),
                                                                         ckpt.path_of(arch.input_embedding))
-    changes.add[arch.head_param] = (embed, arch.input_embedding)
-    changed.append(ChangedTensor(name=arch.head_param, shape_before=None, shape=list(embed.shape)))
+    head = arch.head_layout_key or arch.head_param  # in the input's layout (LLaVA: language_model.lm_head.weight)
+    changes.add[head] = (embed, arch.input_embedding)
+    changed.append(ChangedTensor(name=head, shape_before=None, shape=list(embed.shape)))
 
 
 def _trained_mask(ckpt: Checkpoint, key: str, plan: VocabPlan) -> Callable[[int, int], torch.Tensor]:

@@ -55,6 +55,7 @@ from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec, NotFound, Sur
 from adapter_surgery.io import Checkpoint, describe_files
 from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.writer import Changes, ComputedTensor, RowPatchedTensor, write_checkpoint
+from adapter_surgery.model.keys import KeyMap
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
 from adapter_surgery.ops.runner import begin
 from adapter_surgery.paths import resolve_under
@@ -219,6 +220,7 @@ class _Base:
     input_embedding: str
     head_param: str | None
     tied: bool
+    keys: KeyMap = field(default_factory=KeyMap)  # another layout (LLaVA's language_model.model.*)
 
     def key(self, param: str) -> str | None:
         """The checkpoint key of model parameter ``param`` (base-model prefix added or removed, tied head)."""
@@ -227,7 +229,7 @@ class _Base:
             candidates.append(param[len(self.prefix) + 1:])
         elif self.prefix:
             candidates.append(f"{self.prefix}.{param}")
-        found = next((c for c in candidates if c in self.ckpt), None)
+        found = next((c for c in candidates if c in self.ckpt), None) or self.keys.checkpoint_key(param, self.ckpt)
         if found is None and self.tied and param == self.head_param:
             return self.input_embedding
         return found
@@ -247,7 +249,7 @@ def _open_base(ckpt: Checkpoint) -> _Base:
     conv1d = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
     embeddings = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
     return _Base(ckpt, getattr(model, "base_model_prefix", "") or "", conv1d, embeddings, arch.input_embedding,
-                 arch.head_param, arch.tied)
+                 arch.head_param, arch.tied, arch.keys)
 
 
 def _mismatch(adapter: Adapter, what: str, fix: str = "Merge the adapter into the checkpoint it was trained on "

@@ -205,7 +205,8 @@ def check_weights_fit_config(ckpt: Checkpoint, model: nn.Module, arch: Architect
     """
     names = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "") or ""
-    unknown = [k for k in ckpt.weight_map if k not in arch.redundant_keys and ckpt_name(k, names, prefix) is None]
+    unknown = [k for k in ckpt.weight_map if k not in arch.redundant_keys and ckpt_name(k, names, prefix) is None
+               and arch.keys.model_name(k) not in names]  # another layout (LLaVA's language_model.model.*)
     if not unknown:
         return []
     extra, other = unexpected_tensors(unknown, model, names)
@@ -274,7 +275,7 @@ def plan(config, model: nn.Module, ckpt: Checkpoint, arch: Architecture,
     """
     names = linear_names(arch)
     notes = check_entries(config, model, spec, names)
-    cfg = matching_config(config, model, names)
+    cfg = matching_config(config, model, names, arch)
     prefix = getattr(model, "base_model_prefix", "") or ""
     targets = [target_of(key, module, cfg, ckpt, arch, prefix, names)
                for key, module in matched_modules(cfg, model, spec, names)]
@@ -282,7 +283,7 @@ def plan(config, model: nn.Module, ckpt: Checkpoint, arch: Architecture,
     return targets, notes
 
 
-def matching_config(config, model: nn.Module, names: list[str]):
+def matching_config(config, model: nn.Module, names: list[str], arch: Architecture | None = None):
     """A copy of ``config`` as ``inject_adapter`` matches with it: peft's default targets for the model type, the
     transformers-v5 conversion, ``"all-linear"`` expanded."""
     cfg = copy.deepcopy(config)
@@ -292,9 +293,16 @@ def matching_config(config, model: nn.Module, names: list[str]):
         if default is None:
             raise InvalidSpec(f"peft has no default target_modules for model type {model_type!r}",
                               field="target_modules", fix=f"Name the modules to adapt, from: {', '.join(names)}; "
-                                                          "or send 'all-linear'.")
+                                                          "or send 'all-linear'." + text_only_hint(arch, names))
         cfg.target_modules = default if isinstance(default, str) else set(default)
     return bridge.with_all_linear(bridge.converted_for_transformers(cfg, model), model)
+
+
+def text_only_hint(arch: Architecture | None, names: list[str]) -> str:
+    """For a multimodal model: the regex that adapts the language model only (names match its vision tower too)."""
+    picked = [n for n in ("q_proj", "v_proj") if n in names] or names[:2]
+    return (f" To adapt only the language model: \"{re.escape(arch.text_module)}\\..*\\.({'|'.join(picked)})$\""
+            if arch is not None and arch.text_module and picked else "")
 
 
 def matched_modules(cfg, model: nn.Module, spec: AttachLoraSpec, names: list[str]) -> list[tuple[str, nn.Module]]:
@@ -423,7 +431,7 @@ def ckpt_key(ckpt: Checkpoint, param: str, prefix: str, arch: Architecture) -> s
         candidates.append(param[len(prefix) + 1:])
     elif prefix:
         candidates.append(f"{prefix}.{param}")
-    found = next((c for c in candidates if c in ckpt), None)
+    found = next((c for c in candidates if c in ckpt), None) or arch.keys.checkpoint_key(param, ckpt)
     if found is None and arch.tied and param == arch.head_param:
         return arch.input_embedding
     return found
