@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -107,6 +108,21 @@ class PreservationReport(BaseModel):
     seconds: float = 0.0
 
 
+
+
+@dataclass(frozen=True)
+class StepFacts:
+    """What one step of a surgery plan tells the report about its output (its own ``verify`` knows the same).
+
+    ``head_init``: the init of the head it created (checked against its formula). ``layer_map``: for each hidden
+    state of its output, the hidden state of its input at the same depth (``None``: none), when it changes the
+    layer count. ``changes_output``: why its output's logits differ from its input's by design (no pass/fail on
+    them).
+    """
+
+    head_init: str | None = None
+    layer_map: tuple[int | None, ...] | None = None
+    changes_output: str | None = None
 
 
 class Skip(Exception):
