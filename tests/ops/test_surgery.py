@@ -208,3 +208,22 @@ def test_report_with_a_scaled_normal_step(data_dir: Path, build) -> None:
     assert [(h.layer, h.base_layer) for h in r.report.hidden_states] == [(0, 0), (1, 1), (2, 1), (4, 2)]
     # the new blocks write into the stream: states after them differ from the base's at that depth
     assert r.report.hidden_states[2].max_abs_delta > 0 and r.report.passed == r.report.hidden_states_passed
+
+
+def test_report_checks_the_head_of_an_attach_head_step_as_attach_head_does(data_dir: Path, build) -> None:
+    """The plan's report knows the head step's init (it showed init/expected_std/passed null): the same head
+    section as a standalone attach-head with verify, on the same base."""
+    from adapter_surgery.initializers import expected_std
+    from adapter_surgery.ops.attach_head import AttachHeadSpec, attach_head
+
+    src = build("FX-B")
+    head = {"num_labels": 4, "init": "xavier_uniform", "pad_token": "add", "seed": 5}
+    r = run(data_dir, src, [{"op": "attach-head", **head}], verify=True)
+    assert r.report is not None and r.report.status == "ok" and r.report.head is not None
+    weight = next(t for t in r.report.head.tensors if t.name.endswith("score.weight"))
+    assert weight.shape == [4, 32] and weight.init == "xavier_uniform"
+    assert weight.expected_std == pytest.approx(expected_std("xavier_uniform", 32, 4)) and weight.passed is True
+    assert r.report.head.passed is True and r.report.passed is True
+    alone = attach_head(AttachHeadSpec(checkpoint=src, output="alone", verify=True, **head), RunContext(data_dir))
+    assert alone.report is not None and alone.report.head is not None
+    assert r.report.head.model_dump() == alone.report.head.model_dump()

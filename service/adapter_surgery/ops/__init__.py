@@ -51,6 +51,11 @@ class StepRole:
     report_facts: Callable[[Any, dict[str, Any]], StepFacts] | None = None
 
 
+def _attach_head_facts(options: AttachHeadOptions, result: dict[str, Any]) -> StepFacts:
+    """attach-head's ``verify`` checks the new head against its ``init``: so does a plan's report."""
+    return StepFacts(head_init=options.init)
+
+
 @dataclass(frozen=True)
 class Operation:
     """One operation: its name (the URL path and CLI command), request models, result model, function.
@@ -78,7 +83,8 @@ OPERATIONS: dict[str, Operation] = {
         Operation("attach-lora", SUMMARIES["attach-lora"], AttachLoraSpec, AttachLoraOptions, AttachLoraResult,
                   attach_lora, step=StepRole("adapter")),  # type: ignore[arg-type]
         Operation("attach-head", SUMMARIES["attach-head"], AttachHeadSpec, AttachHeadOptions, AttachHeadResult,
-                  attach_head, step=StepRole("base", once="a later head would replace the earlier one")),  # type: ignore[arg-type]
+                  attach_head, step=StepRole("base", once="a later head would replace the earlier one",
+                                             report_facts=_attach_head_facts)),  # type: ignore[arg-type]
         Operation("expand-blocks", SUMMARIES["expand-blocks"], ExpandBlocksSpec, ExpandBlocksOptions,
                   ExpandBlocksResult, expand_blocks, step=StepRole("base", report_facts=expand_blocks_facts)),  # type: ignore[arg-type]
         Operation("surgery", SUMMARIES["surgery"], SurgerySpec, SurgeryOptions, SurgeryResult,

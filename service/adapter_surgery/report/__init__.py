@@ -71,6 +71,7 @@ from adapter_surgery.report.checks import (
     mean_initialized,
     new_token_ids,
     not_derived,
+    reinitialized_rows,
     strip_prefix,
 )
 from adapter_surgery.report.memory import available_memory, estimate
@@ -197,8 +198,11 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
     report = PreservationReport(status="ok", probes=summary, **mem)
     report.warnings += [f"patched: {m}" for m in p.load_problems] + [f"base: {m}" for m in b.load_problems]
     new_ids = new_token_ids(tok, tok_p, summary.old_vocab_size)
+    existing = sorted(i for i in set(tok.get_vocab().values()) if i >= summary.old_vocab_size) if tok else None
     compare_logits(report, b, p, summary.old_vocab_size, new_ids,
-                    mean_rows=lambda old, added: mean_initialized(ckpts["base"], ckpts["patched"], tok, old, added))
+                   mean_rows=lambda old, added: mean_initialized(ckpts["base"], ckpts["patched"], tok, old, added),
+                   reinit_rows=lambda old: reinitialized_rows(ckpts["base"], ckpts["patched"], tok, old),
+                   existing=existing)
     report.head = head_check(p, opts.head_init)
     compare_hidden(report, b, p, layer_map)
     report.passed = _verdict(report)

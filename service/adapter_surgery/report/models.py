@@ -41,8 +41,14 @@ class ProbeSummary(BaseModel):
 
 
 class AddedTokensCheck(BaseModel):
-    added_tokens: int = Field(description="n: ids of the patched tokenizer that the base's lacks (without "
-                                          "tokenizers: output rows beyond the base's).")
+    added_tokens: int = Field(description="n: rows the patch created or re-initialized that have a token: new ids, "
+                                          "first rows of ids the base's tokenizer had without a row, re-initialized "
+                                          "all-zero rows (without tokenizers: output rows beyond the base's).")
+    reinitialized_ids: list[int] = Field(default_factory=list, description="Old ids whose all-zero output row was "
+                                         "re-initialized (counted in n, left out of max |Δ logits|).")
+    existing_first_rows_ids: list[int] = Field(default_factory=list, description="Ids the base's tokenizer had "
+                                               "without a row (a tokenizer longer than the embedding) that got "
+                                               "their first rows (counted in n).")
     old_vocab_size: int = Field(description="V: the old vocabulary (ids below it, those with a tokenizer entry).")
     kl_max: float = Field(description="Largest KL(p_base || p_patched) over probe positions (nats), with every added "
                                       "token; for information (no bound holds for rows that are not the mean).")
