@@ -187,6 +187,7 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     if not plan.rows and plan.rows_after == arch.vocab_rows and not spec.reinit_existing and not spec.untie:
         warnings.append("nothing to add: every token already exists (or none was given); the output is the input, "
                         "its weights hard-linked")
+    warnings += _first_rows_warning(spec, plan)
     ctx.say(f"planned {len(plan.added)} new tokens, {arch.vocab_rows} -> {plan.rows_after} rows")
     derived = vocab_changes(spec, ckpt, arch, plan, tok, device, ctx)
     changes, changed, plan = derived.changes, derived.changed, derived.plan
@@ -217,6 +218,20 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
         files=[FileInfo.of(f) for f in files], warnings=warnings, bytes_read=ckpt.bytes_read,
         seconds=run.seconds(),
         report=report)
+
+
+def _first_rows_warning(spec: ExtendVocabSpec, plan: VocabPlan) -> list[str]:
+    """Existing tokens that had no row (a tokenizer longer than the embedding) get their first rows: say so."""
+    without = set(plan.rows_without_token)
+    existing = [i for i in plan.padding_rows if i not in without]
+    if not existing:
+        return []
+    init = "mean" if spec.init == "subword_mean" else spec.init
+    how = init if isinstance(init, str) else init.strategy
+    shown = f"{existing[:8]}{'...' if len(existing) > 8 else ''}"
+    return [f"{len(existing)} existing token(s) of the tokenizer had no embedding row (the tokenizer is longer than "
+            f"the embedding): ids {shown} got their first rows, initialized as {how}; the model could not produce "
+            "them before and can now"]
 
 
 # -- planning ------------------------------------------------------------------------------------------------
