@@ -58,8 +58,6 @@ ACCEPTED_422: dict[tuple[str, str], str] = {
 }
 
 #: Cells that fail today: (family, op) -> the defect. Strict xfails: a fixed cell must leave this list.
-_MOE_ALL_LINEAR = ("MoE all-linear: 422 'peft targeted ...experts / ...gate, which the request check did not "
-                   "expect' (the request check and peft disagree about routers and fused experts)")
 _MOE_LAYOUT = ("the per-expert layout transformers saves (experts.0.w1 / experts.0.gate_proj) is not converted "
                "to the fused experts the class builds: 422 'config.json and the weights disagree'")
 _NEOX_HEAD = "GPT-NeoX's output head embed_out.weight is not found: 422 'no lm_head.weight tensor'"
@@ -70,17 +68,11 @@ _TIED_BIAS = ("trainable_token_indices on a tied MLM head with a bias: peft 0.21
 _BART_BIAS = "final_logits_bias (vocabulary-indexed) is not extended: the output does not load (size mismatch)"
 _BART_SHARED = ("the shared embedding (model.shared.weight; encoder/decoder embed_tokens tied to it) is not "
                 "resolved: 422 'lacks model.encoder.embed_tokens.weight'")
-_MIXTRAL_DEFAULT = ("peft's default targets (q_proj, v_proj) are lost in the request check: 422 'No "
-                    "target_modules passed but also no target_parameters found'")
 DEFECTS: dict[tuple[str, str], str] = {
-    ("Qwen3-MoE", "attach-lora all-linear"): _MOE_ALL_LINEAR,
     ("Qwen3-MoE", "attach-head sequence"): _MOE_LAYOUT,
     ("Qwen3-MoE", "attach-head token"): _MOE_LAYOUT,
-    ("Mixtral", "attach-lora"): _MIXTRAL_DEFAULT,
-    ("Mixtral", "attach-lora all-linear"): _MOE_ALL_LINEAR,
     ("Mixtral", "attach-head sequence"): _MOE_LAYOUT,
     ("Mixtral", "attach-head token"): _MOE_LAYOUT,
-    ("Mixtral", "surgery"): _MIXTRAL_DEFAULT,
     **{("GPT-NeoX", op): _NEOX_HEAD for op in OPS},
     ("BERT", "surgery"): _TIED_BIAS,
     ("RoBERTa", "surgery"): _TIED_BIAS,
