@@ -109,6 +109,7 @@ from adapter_surgery.ops.attach_lora.targets import (
     check_init,
     check_memory,
     check_weights_fit_config,
+    injection_config,
     lora_config,
     meta_model,
     plan,
@@ -156,7 +157,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
     arch = run.architecture(ckpt)
     model = meta_model(ckpt)
     task_type = task_type_of(type(model).__name__)
-    config = lora_config(spec, init, task_type, arch)
+    config = injection_config(lora_config(spec, init, task_type, arch), model, spec, arch)
     notes = [*ckpt.warnings, *arch.notes, *check_weights_fit_config(ckpt, model, arch)]
     targets, plan_notes = plan(config, model, ckpt, arch, spec)
     check_memory(targets, init, spec, needs_weights, ctx.memory_limit_bytes)

@@ -106,10 +106,15 @@ class AttachLoraSpec(PathFields, AttachLoraOptions):
 
 
 class TargetModule(BaseModel):
-    name: str = Field(description="Full module name, e.g. model.layers.0.self_attn.q_proj.")
-    kind: Literal["linear", "conv1d"]
+    name: str = Field(description="Full module name, e.g. model.layers.0.self_attn.q_proj; for a parameter, its "
+                                   "full name (model.layers.0.mlp.experts.gate_up_proj).")
+    kind: Literal["linear", "conv1d", "parameter"] = Field(
+        description="parameter: a parameter adapted through peft's target_parameters (lora.ParamWrapper): "
+                    "transformers 5's fused MoE experts (3-D) and routers.")
     in_features: int
     out_features: int
+    experts: int = Field(1, description="Experts of a 3-D parameter: lora_A is (r * experts, in_features), lora_B "
+                                        "(out_features, r * experts).")
     weight_dtype: str = Field(description="Stored dtype of the base weight.")
     r: int
     lora_alpha: float
