@@ -37,6 +37,7 @@ from adapter_surgery.ops.attach_lora import Name, TokenIds
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
 from adapter_surgery.paths import resolve_under
 from adapter_surgery.report import PreservationReport, VerifyOptions, preservation_report
+from adapter_surgery.serving import Runtime
 
 if TYPE_CHECKING:
     from adapter_surgery.ops import Operation
@@ -77,6 +78,8 @@ class SurgeryOptions(StrictModel):
     steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS,  # noqa: F821 (Step: set by bind_steps)
                               description="Operations in order; attach-lora applies to the final base.")
     verify: bool = Field(False, description="Add the preservation report (base vs final patched base).")
+    serving: Runtime | None = Field(None, description="As in attach-lora, for the adapter step (unless it names "
+                                                      "its own): an adapter this runtime cannot load is refused.")
 
     @field_validator("steps")
     @classmethod
@@ -175,6 +178,8 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
         patched = current != spec.checkpoint
         if lora is not None:
             i, step = lora
+            if spec.serving is not None and getattr(step, "serving", spec.serving) is None:
+                step = step.model_copy(update={"serving": spec.serving})
             if "trainable_token_indices" in type(step).model_fields:
                 step = step.model_copy(update={"trainable_token_indices": _resolve_added(
                     step.trainable_token_indices, added)})  # type: ignore[attr-defined]
