@@ -24,6 +24,7 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from adapter_surgery import resources
 from adapter_surgery.arch import Architecture
+from adapter_surgery.chat_template import MAX_CHAT_TEMPLATE_CHARS, render_sample
 from adapter_surgery.config_check import text_config
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
@@ -115,6 +116,11 @@ class ExtendVocabOptions(StrictModel):
     seed: Seed = Field(0, description="Seeds the random strategies; the same seed gives byte-identical output.")
     device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
     verify: bool = Field(False, description="Add the preservation report (base vs output) to the result.")
+    chat_template: str | None = Field(
+        None, min_length=1, max_length=MAX_CHAT_TEMPLATE_CHARS,
+        description="A chat template (Jinja, as tokenizer.chat_template) saved with the tokenizer, e.g. one that uses "
+                    "the special tokens added; checked first by rendering a sample conversation with transformers' "
+                    "apply_chat_template (bounded in time, memory and output).")
 
 
 class ExtendVocabSpec(PathFields, ExtendVocabOptions):
@@ -148,6 +154,8 @@ class ExtendVocabResult(BaseModel):
                                            "unchanged tensors are not counted.")
     seconds: float
     report: PreservationReport | None = Field(None, description="With verify: true, the preservation report.")
+    chat_template_sample: str | None = Field(None, description="With chat_template: the sample conversation as "
+                                                               "the saved template renders it.")
 
 
 @dataclass
@@ -184,7 +192,9 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     ctx.check_cancelled()
     _check_memory(spec, ckpt, arch, tok, ctx.memory_limit_bytes)
     plan = plan_vocab(spec, ckpt, arch, tok, ctx)
-    if not plan.rows and plan.rows_after == arch.vocab_rows and not spec.reinit_existing and not spec.untie:
+    sample = _check_chat_template(spec, tok, plan, warnings)
+    if not plan.rows and plan.rows_after == arch.vocab_rows and not spec.reinit_existing and not spec.untie \
+            and spec.chat_template is None:
         warnings.append("nothing to add: every token already exists (or none was given); the output is the input, "
                         "its weights hard-linked")
     warnings += _first_rows_warning(spec, plan)
@@ -217,7 +227,7 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
         padding_rows=plan.padding_rows, rows_without_token=plan.rows_without_token, changed_tensors=changed,
         files=[FileInfo.of(f) for f in files], warnings=warnings, bytes_read=ckpt.bytes_read,
         seconds=run.seconds(),
-        report=report)
+        report=report, chat_template_sample=sample)
 
 
 def _first_rows_warning(spec: ExtendVocabSpec, plan: VocabPlan) -> list[str]:
@@ -582,6 +592,23 @@ def _patched(ckpt: Checkpoint, key: str, stats: RowStats, plan: VocabPlan, spec:
     return RowPatchedTensor(info, ckpt.path_of(key), overrides, appended)
 
 
+def _check_chat_template(spec: ExtendVocabSpec, tok, plan: VocabPlan, warnings: list[str]) -> str | None:
+    """The sample conversation rendered with ``spec.chat_template`` by the grown tokenizer (its special tokens
+    passed to the template); a warning when special tokens were added and the sample uses none of them."""
+    if spec.chat_template is None:
+        return None
+    if tok is None:
+        raise InvalidSpec("chat_template is saved with the tokenizer, and this checkpoint has none",
+                          field="chat_template", fix="Include the tokenizer files, or leave chat_template out.")
+    sample = render_sample(tok, spec.chat_template)
+    added = {a.token for a in plan.added}
+    special = [t.content for t in spec.tokens if isinstance(t, TokenSpec) and t.special and t.content in added]
+    if special and not any(t in sample for t in special):
+        warnings.append(f"chat_template: the sample conversation it renders uses none of the special tokens added "
+                        f"({', '.join(special[:5])})")
+    return sample
+
+
 def _refuse_unreadable_config(ckpt: Checkpoint) -> None:
     """A model directory whose config.json cannot be read as a JSON object: the output's ``vocab_size`` could not
     be made to equal its rows (the file would be copied as it is), so the request is refused before any work."""
@@ -614,6 +641,8 @@ def _write_side_files(ckpt: Checkpoint, out: Path, arch: Architecture, plan: Voc
         if config != ckpt.config:
             (out / "config.json").unlink(missing_ok=True)
             (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    if tok is not None and plan.added:
+    if tok is not None and (plan.added or spec.chat_template is not None):
+        if spec.chat_template is not None:
+            tok.chat_template = spec.chat_template  # transformers 5 saves it as chat_template.jinja
         tok.save_pretrained(str(out))
 

@@ -36,6 +36,7 @@ from adapter_surgery.ops.attach_lora import Name, TokenIds
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
 from adapter_surgery.ops.runner import begin
 from adapter_surgery.report import PreservationReport, VerifyOptions, compose_layer_maps, preservation_report
+from adapter_surgery.serving import Runtime
 
 if TYPE_CHECKING:
     from adapter_surgery.ops import Operation
@@ -76,6 +77,8 @@ class SurgeryOptions(StrictModel):
     steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS,  # noqa: F821 (Step: set by bind_steps)
                               description="Operations in order; attach-lora applies to the final base.")
     verify: bool = Field(False, description="Add the preservation report (base vs final patched base).")
+    serving: Runtime | None = Field(None, description="As in attach-lora, for the adapter step (unless it names "
+                                                      "its own): an adapter this runtime cannot load is refused.")
 
     @field_validator("steps")
     @classmethod
@@ -174,6 +177,8 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
         patched = current != spec.checkpoint
         if lora is not None:
             i, step = lora
+            if spec.serving is not None and getattr(step, "serving", spec.serving) is None:
+                step = step.model_copy(update={"serving": spec.serving})
             if "trainable_token_indices" in type(step).model_fields:
                 step = step.model_copy(update={"trainable_token_indices": _resolve_added(
                     step.trainable_token_indices, added)})  # type: ignore[attr-defined]
