@@ -67,7 +67,6 @@ _MOE_LAYOUT = ("the per-expert layout transformers saves (experts.0.w1 / experts
                "to the fused experts the class builds: 422 'config.json and the weights disagree'")
 _TIED_BIAS = ("trainable_token_indices on a tied MLM head with a bias: peft 0.21's TrainableTokensLayer drops "
               "the decoder bias, so the adapter at init changes every logit")
-_BART_BIAS = "final_logits_bias (vocabulary-indexed) is not extended: the output does not load (size mismatch)"
 DEFECTS: dict[tuple[str, str], str] = {
     ("Qwen3-MoE", "attach-head sequence"): _MOE_LAYOUT,
     ("Qwen3-MoE", "attach-head token"): _MOE_LAYOUT,
@@ -76,8 +75,6 @@ DEFECTS: dict[tuple[str, str], str] = {
     ("BERT", "surgery"): _TIED_BIAS,
     ("RoBERTa", "surgery"): _TIED_BIAS,
     ("DeBERTa-v2", "surgery"): _TIED_BIAS,
-    ("BART", "extend-vocab"): _BART_BIAS,
-    ("BART", "surgery"): _BART_BIAS,
 }
 
 
