@@ -67,14 +67,7 @@ ACCEPTED_422: dict[tuple[str, str], str] = {
 }
 
 #: Cells that fail today: (family, op) -> the defect. Strict xfails: a fixed cell must leave this list.
-_MOE_LAYOUT = ("the per-expert layout transformers saves (experts.0.w1 / experts.0.gate_proj) is not converted "
-               "to the fused experts the class builds: 422 'config.json and the weights disagree'")
-DEFECTS: dict[tuple[str, str], str] = {
-    ("Qwen3-MoE", "attach-head sequence"): _MOE_LAYOUT,
-    ("Qwen3-MoE", "attach-head token"): _MOE_LAYOUT,
-    ("Mixtral", "attach-head sequence"): _MOE_LAYOUT,
-    ("Mixtral", "attach-head token"): _MOE_LAYOUT,
-}
+DEFECTS: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)
