@@ -80,7 +80,8 @@ def _add_pad(spec: AttachHeadSpec, ckpt: Checkpoint, arch: Architecture, tok, de
                          tokens=[TokenSpec(content=spec.pad_token_content, special=True)] if tok is not None else [],
                          num_new_tokens=None if tok is not None else 1, init="mean", seed=spec.seed,
                          device=spec.device)
-    input_only = dataclasses.replace(arch, output_head=None, output_bias=None, redundant_keys=[])
+    input_only = dataclasses.replace(arch, output_head=None, output_bias=None, redundant_keys=[],
+                                     other_vocab_tensors=[])
     plan = plan_vocab(ev, ckpt, input_only, tok)
     derived = vocab_changes(ev, ckpt, input_only, plan, tok=tok, device=device)
     warnings += derived.warnings
