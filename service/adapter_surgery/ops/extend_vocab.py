@@ -33,6 +33,7 @@ from adapter_surgery.initializers import (
     RowContext,
     RowStats,
     hewitt_needs_covariance,
+    row_generator,
     row_stats,
     trained_blocks,
 )
@@ -454,7 +455,9 @@ def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, p
     stats = {}
     for n, k in enumerate(arch.vocab_tensors):
         _planning(ctx, f"row statistics of {k}", n, len(arch.vocab_tensors))
-        stats[k] = _stats(ckpt, k, plan, device, need_cov(k))
+        cov = need_cov(k)  # few hewitt rows: their draws are summed in the statistics pass (no second pass)
+        draws = (n_hewitt, row_generator(spec.seed, k, "hewitt", device)) if n_hewitt and not cov else None
+        stats[k] = _stats(ckpt, k, plan, device, cov, draws)
     zero = sorted(set().union(*(set(s.zero_rows) for s in stats.values())))
     names = [None] * len(zero) if tok is None else tok.convert_ids_to_tokens(zero)
     plan.untrained = [TokenId(token=name, id=i) for name, i in zip(names, zero, strict=True)]
@@ -507,9 +510,10 @@ def _trained_mask(ckpt: Checkpoint, key: str, plan: VocabPlan) -> Callable[[int,
     return trained
 
 
-def _stats(ckpt: Checkpoint, key: str, plan: VocabPlan, device: torch.device, covariance: bool) -> RowStats:
+def _stats(ckpt: Checkpoint, key: str, plan: VocabPlan, device: torch.device, covariance: bool,
+           draws: tuple[int, torch.Generator] | None = None) -> RowStats:
     try:
-        return row_stats(ckpt.iter_rows(key), _trained_mask(ckpt, key, plan), device, covariance)
+        return row_stats(ckpt.iter_rows(key), _trained_mask(ckpt, key, plan), device, covariance, draws)
     except ValueError:
         raise InvalidCheckpoint(f"tensor {key!r} has no trained rows (every row with a token is all zero)",
                                 field="checkpoint", fix="Use init 'normal' or 'zeros', which need no trained rows.") \
