@@ -52,6 +52,7 @@ from adapter_surgery.jobs.models import FINISHED, Job, JobProgress, JobRecord, J
 from adapter_surgery.jobs.runner import run_operation
 from adapter_surgery.jobs.store import JobStore, RedisJobStore, SqliteJobStore, Summary, store_errors
 from adapter_surgery.ops import OPERATIONS
+from adapter_surgery.ops.attach_lora.peft_bridge import WARM_MODULES as PEFT_MODULES
 from adapter_surgery.ops.common import ProgressEvent, RunContext
 from adapter_surgery.settings import Settings
 
@@ -99,9 +100,7 @@ WARM_MODULES = (
     "transformers.models.llama.modeling_llama",
     "transformers.models.qwen2.modeling_qwen2",
     "transformers.pytorch_utils",
-    "peft",
-    "peft.tuners.lora",
-    "peft.utils.transformers_weight_conversion",
+    *PEFT_MODULES,
 )
 
 

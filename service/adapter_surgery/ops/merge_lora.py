@@ -133,15 +133,15 @@ class Adapter:
 
     def r_alpha(self, module: str) -> tuple[int, float]:
         """peft's ``update_layer`` arguments for ``module``: r and lora_alpha, patterns applied."""
-        from peft.utils.other import get_pattern_key
+        from adapter_surgery.ops.attach_lora.peft_bridge import pattern_key
 
         r, alpha = self.config.get("r", 8), self.config.get("lora_alpha", 8)
         rank_pattern = self.config.get("rank_pattern") or {}
         alpha_pattern = self.config.get("alpha_pattern") or {}
         if rank_pattern:
-            r = rank_pattern.get(get_pattern_key(list(rank_pattern), module), r)
+            r = rank_pattern.get(pattern_key(rank_pattern, module), r)
         if alpha_pattern:
-            alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), alpha)
+            alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), alpha)
         if not (isinstance(r, int) and r >= 1 and isinstance(alpha, (int, float)) and math.isfinite(alpha)):
             raise InvalidSpec(f"adapter {self.path.name!r}: r={r!r}, lora_alpha={alpha!r} for {module} are not a "
                               "rank >= 1 and a finite number", field=self.field, fix="Check adapter_config.json.")

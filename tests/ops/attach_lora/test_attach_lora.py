@@ -30,7 +30,8 @@ from adapter_surgery.api.app import RESULT_HEADER, create_app
 from adapter_surgery.cli import main as cli_main
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
 from adapter_surgery.io.checkpoint import Checkpoint
-from adapter_surgery.ops.attach_lora import AttachLoraResult, AttachLoraSpec, _Residuals, attach_lora
+from adapter_surgery.ops.attach_lora import AttachLoraResult, AttachLoraSpec, attach_lora
+from adapter_surgery.ops.attach_lora.output import Residuals as _Residuals
 from adapter_surgery.ops.common import RunContext
 from adapter_surgery.ops.extend_vocab import ExtendVocabSpec, extend_vocab
 from adapter_surgery.settings import Settings

@@ -1,0 +1,210 @@
+"""Attach a LoRA adapter: ``adapter_config.json`` + ``adapter_model.safetensors`` exactly as ``peft`` saves them.
+
+The package, by concern (the plan flows one way, top to bottom): :mod:`.spec` (request, options, result),
+:mod:`.targets` (request checks, ``LoraConfig``, which modules and ranks), :mod:`.decompose` (each target's base
+weight handed to peft; PiSSA/OLoRA/DoRA), :mod:`.output` (the adapter files, the residual base, the result's
+targets), :mod:`.peft_bridge` (the only module that touches peft's internals), and here the operation.
+
+How it works
+------------
+The checkpoint's ``transformers`` model is built on the ``meta`` device (no storage, from ``config.json`` alone) and
+``peft``'s own :class:`peft.tuners.lora.LoraModel` injects the adapter into it, so that target matching
+(``target_modules``, ``"all-linear"``, ``exclude_modules``, ``layers_to_transform``), per-module ranks
+(``rank_pattern``/``alpha_pattern``), the LoRA layers and every ``init_lora_weights`` value run ``peft``'s code, in
+``peft``'s order, drawing from the global RNG as ``get_peft_model`` does after ``torch.manual_seed(seed)``. Only one
+hook differs (``_create_and_replace``): while ``peft`` builds the adapter of one target, that target's base weight
+is given to it, and taken back right after (:mod:`.decompose`):
+
+- data-free inits (``true``, ``"gaussian"``, ``"orthogonal"``) get a zero-storage stand-in of the right shape and
+  dtype (``torch.empty(()).expand(shape)``): ``peft`` reads only its device and dtype, the checkpoint's tensor data is
+  never read (``base_bytes_read`` is 0);
+- inits that need the base weight (``pissa``, ``pissa_niter_N``, ``olora``, and ``use_dora``) get the real tensor,
+  read from the checkpoint one target at a time onto ``device`` (``peft`` computes in float32); a changed base weight
+  (PiSSA, OLoRA) is written at once at its offset in the residual base's shard (created beforehand with every other
+  tensor copied and room for the targets) and the tensor freed, so at most one target is in memory and each residual
+  byte is written once.
+
+The adapter tensors are then taken from ``peft``'s ``get_peft_model_state_dict`` (keys
+``base_model.model.<module>.lora_A.weight``, no adapter-name segment; DoRA's ``lora_magnitude_vector``) and written
+with ``safetensors`` and ``{"format": "pt"}`` metadata, as ``PeftModel.save_pretrained`` does. Tensors ``peft``
+copies from the base (``trainable_token_indices`` rows, ``modules_to_save`` modules, biases with ``bias="all"``)
+are read from the checkpoint, and only those.
+
+Initializations (``peft.tuners.lora.layer.LoraLayer``)
+-----------------------------------------------------
+- ``true``: A ~ Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)), B = 0 (Hu et al. 2021, "LoRA:
+  Low-Rank Adaptation of Large Language Models"; ``reset_lora_parameters``).
+- ``"gaussian"``: A ~ N(0, 1/r^2), B = 0 (``reset_lora_parameters``).
+- ``"orthogonal"``: A and B from the odd and even rows of a random orthogonal r x r matrix, / 10, so that B A = 0
+  while neither is 0; r must be even (``orthogonal_init``). peft casts both to the base dtype, so B A is 0 only up
+  to that rounding.
+- ``"pissa"`` / ``"pissa_niter_N"``: the top-r singular triplets of W, A = sqrt(S/s) V^T, B = U sqrt(S/s), base
+  W - s B A (Meng et al. 2024, "PiSSA: Principal Singular Values and Singular Vectors Adaptation"; exact SVD, or
+  ``torch.svd_lowrank`` with N power iterations; ``pissa_init``).
+- ``"olora"``: W = Q R, B = Q[:, :r], A = R[:r], base W - s B A (Büyükakyüz 2024, "OLoRA: Orthonormal Low-Rank
+  Adaptation"; ``olora_init``). ``peft``'s ``olora_init`` factors the stored matrix as is, which for GPT-2's Conv1D
+  (stored (in, out)) gives A and B the wrong shapes; here Conv1D targets are factored as (out, in), as PiSSA does.
+- ``use_dora``: a magnitude vector m = ||W + s B A||_row (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank
+  Adaptation"; ``DoraLinearLayer.update_layer``). DoRA computes its scale m / ||W + s B A|| at run time from
+  the base as loaded, so m must be the norm of that base to start as an identity. The service computes m as peft
+  does on the base loaded in float32: peft gets the targeted weights in float32 (exact column norms of the stored
+  values; A and B then stay unrounded too), and for PiSSA/OLoRA m is recomputed from the residual as written to
+  ``base/``. m is stored in ``dtype`` (float32 by default). So a DoRA adapter at init is an exact identity on the
+  base loaded in float32 (training pipelines, fp32 master weights), with the same tensors as ``peft``'s own
+  ``get_peft_model`` there, and within half-precision rounding on a base loaded in bf16/fp16. (Building it on the
+  bf16 model as loaded rounded m to bf16: up to 0.09 logits off on SmolLM2-135M loaded in float32.) Other inits
+  see the weights in the dtype ``from_pretrained`` gives them, as ``get_peft_model`` on the stored dtype.
+- ``use_rslora``: s = alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023, "A Rank Stabilization Scaling
+  Factor for Fine-Tuning with LoRA").
+
+PiSSA and OLoRA change the base: the residual W - s B A of each target is written (in the stored dtype) into
+``<output>/base/`` by the streaming writer, every other shard linked; ``base_model_name_or_path`` points at it and
+the saved ``init_lora_weights`` is ``true``, so that loading does not decompose again (``peft``'s own advice for
+saving PiSSA/OLoRA adapters). That residual base is valid only with this adapter.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+
+import torch
+
+from adapter_surgery.arch import resolve_architecture
+from adapter_surgery.devices import pick_device
+from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
+from adapter_surgery.io import Checkpoint, atomic_output, describe_files
+from adapter_surgery.io.atomic import check_output_path
+from adapter_surgery.ops.attach_head import without_dirs
+from adapter_surgery.ops.attach_lora import peft_bridge as bridge
+from adapter_surgery.ops.attach_lora.decompose import Materializer, intra_op_threads, seeded_rng
+from adapter_surgery.ops.attach_lora.output import (
+    Residuals,
+    adapter_state_dict,
+    describe_targets,
+    peft_warnings,
+    residual_base,
+    save_adapter,
+)
+from adapter_surgery.ops.attach_lora.spec import (
+    ADAPTER_CONFIG,
+    ADAPTER_DTYPES,
+    ADAPTER_WEIGHTS,
+    DATA_FREE_INITS,
+    MAX_LAYERS,
+    MAX_NAMES,
+    MAX_PISSA_NITER,
+    MAX_RANK,
+    MAX_TOKEN_IDS,
+    REFUSED_INITS,
+    RESIDUAL_DIR,
+    AttachLoraOptions,
+    AttachLoraResult,
+    AttachLoraSpec,
+    Name,
+    Names,
+    ResidualBase,
+    TargetModule,
+    TokenIds,
+)
+from adapter_surgery.ops.attach_lora.targets import (
+    check_init,
+    check_memory,
+    check_weights_fit_config,
+    lora_config,
+    meta_model,
+    plan,
+    task_type_of,
+)
+from adapter_surgery.ops.common import FileInfo, RunContext
+from adapter_surgery.paths import resolve_under
+
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "DATA_FREE_INITS", "MAX_LAYERS", "MAX_NAMES", "MAX_PISSA_NITER",
+           "MAX_RANK", "MAX_TOKEN_IDS", "REFUSED_INITS", "RESIDUAL_DIR", "AttachLoraOptions", "AttachLoraResult",
+           "AttachLoraSpec", "Name", "Names", "ResidualBase", "TargetModule", "TokenIds", "attach_lora"]
+
+#: peft's global-RNG draws and the set-up of ``warnings`` are process-wide: one attach-lora at a time.
+_LOCK = threading.Lock()
+
+
+def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
+    """Run ``spec``: write a ``peft`` LoRA adapter for the checkpoint (and a residual base for PiSSA/OLoRA).
+
+    Shapes: per target, ``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r), DoRA ``lora_magnitude_vector`` (out,),
+    for Linear and Conv1D alike (Conv1D stores its weight (in, out); ``fan_in_fan_out`` is set). Dtypes: adapter
+    tensors in ``spec.dtype`` (default float32, as ``peft`` upcasts them), copies of base modules in the base dtype,
+    a residual base in the stored dtypes. Arithmetic on base weights is float32 on ``spec.device``.
+
+    Raises:
+        NotFound, PathOutsideDataDir, OutputExists: path problems.
+        InvalidCheckpoint: no usable config.json, a target's weight is missing or has another shape, or the
+            weights hold layers config.json does not declare (the adapter would leave them out).
+        InvalidSpec: targets that match nothing, a ``target_modules`` list entry that matches no module (field
+            ``target_modules.<i>``), targets that are not Linear/Conv1D, r < 1 or r > min(in, out), lora_alpha or
+            an alpha_pattern value not > 0 and finite, an unsupported init, fp8/quantized targets, out-of-range
+            token ids, a LoraConfig peft refuses. Nothing is written.
+    """
+    started = time.perf_counter()
+    checkpoint = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
+    output = resolve_under(ctx.data_dir, spec.output, "output")
+    check_output_path(output, checkpoint, spec.overwrite)
+    init = check_init(spec)
+    decompose = init not in DATA_FREE_INITS
+    needs_weights = decompose or spec.use_dora
+    device = pick_device(spec.device)  # validated always; data-free inits compute on the CPU (nothing to move)
+    if not needs_weights:
+        device = torch.device("cpu")
+    ckpt = Checkpoint.open(checkpoint)
+    if ckpt.is_file or ckpt.config is None:
+        raise InvalidCheckpoint(f"attach-lora needs the model directory with its config.json ({ckpt.config_problem})",
+                                field="checkpoint", fix="Send the save_pretrained directory, config.json included.")
+    arch = resolve_architecture(ckpt, ctx.architectures)
+    model = meta_model(ckpt)
+    task_type = task_type_of(type(model).__name__)
+    config = lora_config(spec, init, task_type, arch)
+    notes = [*ckpt.warnings, *arch.notes, *check_weights_fit_config(ckpt, model, arch)]
+    targets, plan_notes = plan(config, model, ckpt, arch, spec)
+    check_memory(targets, init, spec, needs_weights, ctx.memory_limit_bytes)
+    base_path = f"{spec.output.rstrip('/')}/{RESIDUAL_DIR}" if decompose else spec.checkpoint
+    ctx.say(f"{len(targets)} target modules, init {init}")
+
+    threads = torch.get_num_threads() if needs_weights else 1
+    with (_LOCK, seeded_rng(spec.seed, device), intra_op_threads(threads),
+          warnings.catch_warnings(record=True) as caught):
+        warnings.simplefilter("always")
+        with atomic_output(output, spec.overwrite, owner=ctx.owner) as tmp:
+            tmp.mkdir(parents=True)
+            spill = Residuals(ckpt, targets, tmp / RESIDUAL_DIR, ctx) if decompose else None
+            materializer = Materializer(ckpt, targets, device, init, spill)
+            tuner = _inject(model, config, materializer)
+            ctx.say("adapter initialized")
+            state = adapter_state_dict(tuner, ckpt, arch, ADAPTER_DTYPES[spec.dtype])
+            save_adapter(tmp, state, tuner.peft_config[bridge.ADAPTER_NAME], base_path, task_type, type(model),
+                         decompose)
+            residual = None
+            if spill is not None:
+                residual = residual_base(ckpt, spill, base_path)
+            files = [f for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) for f in describe_files(tmp / name)]
+            modules = describe_targets(tuner, targets)
+    residual_note = [residual.note] if residual is not None else []
+    warnings_out = [*notes, *plan_notes, *peft_warnings(caught), *residual_note]
+    return AttachLoraResult(
+        output=spec.output, task_type=task_type, base_model_name_or_path=base_path,
+        adapter_files=[FileInfo.of(f) for f in files], target_modules=modules,
+        trainable_parameters=sum(t.numel() for t in state.values()), base_bytes_read=ckpt.bytes_read,
+        residual_base=residual, warnings=list(dict.fromkeys(without_dirs(w, ctx.data_dir) for w in warnings_out)),
+        seconds=round(time.perf_counter() - started, 4))
+
+
+def _inject(model, config, materializer: Materializer):
+    """peft's injection with :class:`Materializer` around each target (:func:`peft_bridge.inject`); peft's
+    refusals become a 422; the residual base's files are closed whatever happens."""
+    try:
+        return bridge.inject(model, config, materializer.create)
+    except (ValueError, TypeError) as exc:
+        raise InvalidSpec(f"peft could not attach this adapter: {exc}", field="target_modules",
+                          fix="Check target_modules, modules_to_save and trainable_token_indices.") from None
+    finally:
+        if materializer.spill is not None:
+            materializer.spill.close()
