@@ -2,7 +2,7 @@
 
 ``PYTHONPATH=service python bench/warm_median.py 0.13b extend-vocab:mean --reps 7 [--device cpu] [--profile]``
 
-Imports the service once, keeps one ``DigestCache`` and ``ArchitectureCache`` (as the app does), runs the variant's
+Imports the service once, keeps one digest, architecture and tokenizer cache (as the service does), runs the variant's
 spec (``bench/workloads.py``) on the cached checkpoint of that size (``bench/checkpoints.py`` builds it) once
 untimed, then ``--reps`` times, removing the output between runs, and prints one JSON line: wall and CPU (user +
 system, every thread) seconds per run and their medians, and the load average. ``--profile`` prints a cProfile of
@@ -44,15 +44,16 @@ def main() -> None:
     from adapter_surgery.io.writer import DigestCache
     from adapter_surgery.ops import OPERATIONS
     from adapter_surgery.ops.common import RunContext
+    from adapter_surgery.tokenizer_cache import TokenizerCache
 
     op = OPERATIONS[variant.op]
     out = f"out-warm-median-{os.getpid()}"
     spec = op.spec.model_validate(variant.spec(out, args.device))
-    digests, architectures = DigestCache(), ArchitectureCache()
+    digests, architectures, tokenizers = DigestCache(), ArchitectureCache(), TokenizerCache()
 
     def once() -> tuple[float, float]:
         shutil.rmtree(data / out, ignore_errors=True)
-        ctx = RunContext(data, digests=digests, architectures=architectures)
+        ctx = RunContext(data, digests=digests, architectures=architectures, tokenizers=tokenizers)
         c0, t0 = os.times(), time.perf_counter()
         op.run(spec, ctx)
         wall, c1 = time.perf_counter() - t0, os.times()
@@ -64,7 +65,7 @@ def main() -> None:
             shutil.rmtree(data / out, ignore_errors=True)
             prof = cProfile.Profile()
             prof.enable()
-            op.run(spec, RunContext(data, digests=digests, architectures=architectures))
+            op.run(spec, RunContext(data, digests=digests, architectures=architectures, tokenizers=tokenizers))
             prof.disable()
             stats = pstats.Stats(prof)
             stats.sort_stats("cumulative").print_stats(40)

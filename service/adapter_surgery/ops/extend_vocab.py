@@ -57,6 +57,7 @@ from adapter_surgery.ops.common import (
 )
 from adapter_surgery.paths import resolve_under
 from adapter_surgery.report import PreservationReport, preservation_report
+from adapter_surgery.tokenizer_cache import TokenizerCache
 
 #: New rows per request at most (pad_to_multiple_of or num_new_tokens beyond this is a mistake, not a model).
 MAX_NEW_ROWS = 1 << 20
@@ -184,7 +185,7 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     arch = resolve_architecture(ckpt, ctx.architectures)
     warnings = list(ckpt.warnings) + arch.notes
     ctx.say("loading the tokenizer")
-    tok = _load_tokenizer(ckpt, spec)
+    tok = _load_tokenizer(ckpt, spec, ctx.tokenizers)
     ctx.check_cancelled()
     _check_memory(spec, ckpt, arch, tok, ctx.memory_limit_bytes)
     plan = plan_vocab(spec, ckpt, arch, tok, ctx)
@@ -238,7 +239,8 @@ class VocabPlan:
     has_entry: torch.Tensor  # bool (V,): rows with a tokenizer entry in the base
 
 
-def _load_tokenizer(ckpt: Checkpoint, spec: ExtendVocabSpec):  # -> PreTrainedTokenizerBase | None
+def _load_tokenizer(ckpt: Checkpoint, spec: ExtendVocabSpec,
+                    cache: TokenizerCache | None = None):  # -> PreTrainedTokenizerBase | None
     if not ckpt.has_tokenizer:
         if spec.tokens:
             raise InvalidSpec("the checkpoint has no tokenizer files, so tokens cannot be added by text",
@@ -249,11 +251,16 @@ def _load_tokenizer(ckpt: Checkpoint, spec: ExtendVocabSpec):  # -> PreTrainedTo
                           field="num_new_tokens", fix="List the new tokens in tokens.")
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    directory = str(ckpt.directory)
+    # AutoTokenizer reads config.json too; without a usable one, load tokenizer.json directly
+    fast_only = ckpt.config is None and (ckpt.directory / "tokenizer.json").is_file()
+    cls = PreTrainedTokenizerFast if fast_only else AutoTokenizer
+
+    def load():  # -> PreTrainedTokenizerBase
+        return cls.from_pretrained(directory, local_files_only=True)
+
     try:
-        if ckpt.config is None and (ckpt.directory / "tokenizer.json").is_file():
-            # AutoTokenizer reads config.json too; without a usable one, load tokenizer.json directly
-            return PreTrainedTokenizerFast.from_pretrained(str(ckpt.directory), local_files_only=True)
-        return AutoTokenizer.from_pretrained(str(ckpt.directory), local_files_only=True)
+        return load() if cache is None else cache.get(ckpt.directory, cls.__name__, load)
     except Exception as exc:  # transformers raises many kinds for broken tokenizer files
         raise InvalidCheckpoint(f"the tokenizer files could not be loaded ({type(exc).__name__}: {exc})",
                                 field="checkpoint", fix="Re-save the tokenizer with save_pretrained.") from None
