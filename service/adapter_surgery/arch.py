@@ -28,6 +28,7 @@ from torch import nn
 from adapter_surgery.config_check import check_config, text_config
 from adapter_surgery.errors import InvalidCheckpoint
 from adapter_surgery.io.checkpoint import Checkpoint
+from adapter_surgery.model.keys import KeyMap, key_map, layout_key
 
 EMBED_PATTERN = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|shared|"
                            r"token_embedding|embeddings)\.weight$")
@@ -64,6 +65,14 @@ class Architecture:
         config_vocab_size: ``vocab_size`` of the text config (``None`` without config).
         text_config_key: ``None`` if ``vocab_size`` sits at the top of ``config.json``, else the sub-config key.
         linear_modules: every Linear/Conv1D module by its full name (``source == "config"`` only).
+        keys: how the checkpoint's keys name the model's tensors (:mod:`adapter_surgery.model.keys`; a checkpoint
+            in another layout than the class, e.g. LLaVA's ``language_model.model.*``, has ``keys.renamed``).
+        head_layout_key: the key the output head has, or would have once untied, in the checkpoint's layout
+            (``language_model.lm_head.weight`` for a LLaVA checkpoint as ``save_pretrained`` writes it).
+        text_module: the language model's module path inside a multimodal model (``model.language_model``; the
+            module holding the input embedding, when config.json has a text sub-config), else ``None``.
+        other_vocab_tensors: checkpoint keys of vocabulary-sized tensors stored along another dimension than 0
+            (BART's ``final_logits_bias``, shape ``(1, vocab)``), which extend-vocab does not grow.
     """
 
     source: Literal["config", "headers"]
@@ -80,6 +89,25 @@ class Architecture:
     linear_modules: dict[str, LinearModule] = field(default_factory=dict)
     redundant_keys: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    keys: KeyMap = field(default_factory=KeyMap)
+    head_layout_key: str | None = None
+    text_module: str | None = None
+    other_vocab_tensors: list[str] = field(default_factory=list)
+
+    def check_growable(self) -> None:
+        """Refuse (422) growing a vocabulary that a tensor outside :attr:`vocab_tensors` is indexed by.
+
+        Raises:
+            InvalidCheckpoint: :attr:`other_vocab_tensors` is not empty.
+        """
+        if self.other_vocab_tensors:
+            key = self.other_vocab_tensors[0]
+            raise InvalidCheckpoint(
+                f"{key} is indexed by vocabulary id along its last dimension (a {self.model_class} buffer of "
+                f"{self.vocab_rows} entries stored 2-D); new rows are only written along dimension 0, so the output "
+                "would not load", field="checkpoint",
+                fix="Add tokens to this model with transformers' resize_token_embeddings (it pads this tensor), or "
+                    "use attach-lora/attach-head, which do not change the vocabulary.")
 
     @property
     def vocab_tensors(self) -> list[str]:
@@ -201,16 +229,6 @@ def build_meta_model(ckpt: Checkpoint) -> tuple[nn.Module | None, str | None]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def _checkpoint_key(ckpt: Checkpoint, param: str, prefix: str) -> str | None:
-    """The checkpoint key of model parameter ``param`` (with or without the base model prefix)."""
-    candidates = [param]
-    if prefix and param.startswith(prefix + "."):
-        candidates.append(param[len(prefix) + 1:])
-    elif prefix:
-        candidates.append(f"{prefix}.{param}")
-    return next((c for c in candidates if c in ckpt), None)
-
-
 def _param_names(model: nn.Module, tensor: torch.Tensor | None) -> list[str]:
     if tensor is None:
         return []
@@ -218,7 +236,7 @@ def _param_names(model: nn.Module, tensor: torch.Tensor | None) -> list[str]:
 
 
 def _from_model(ckpt: Checkpoint, model: nn.Module) -> Architecture:
-    prefix = getattr(model, "base_model_prefix", "") or ""
+    keys = key_map(ckpt.weight_map, model)
     cfg = model.config
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     text_key = next((k for k in ("text_config", "llm_config", "language_config")
@@ -226,9 +244,10 @@ def _from_model(ckpt: Checkpoint, model: nn.Module) -> Architecture:
                      and "vocab_size" in ckpt.config[k]), None)  # type: ignore[index]
     embed_mod = model.get_input_embeddings()
     embed_names = _param_names(model, embed_mod.weight)
-    embed_key = next((k for n in embed_names if (k := _checkpoint_key(ckpt, n, prefix))), None)
+    embed_key = next((k for n in embed_names if (k := keys.checkpoint_key(n, ckpt))), None)
     if embed_key is None:
-        raise InvalidCheckpoint(f"the checkpoint has no input embedding tensor (expected one of {embed_names})",
+        raise InvalidCheckpoint(f"the checkpoint has no input embedding tensor (expected one of {embed_names}, "
+                                f"or a key transformers maps to one: {_layout_hint(ckpt, keys)})",
                                 field="checkpoint", fix="Check that config.json belongs to these weights.")
     head_mod = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_w = getattr(head_mod, "weight", None)
@@ -236,19 +255,26 @@ def _from_model(ckpt: Checkpoint, model: nn.Module) -> Architecture:
     head_names = [n for n in _param_names(model, head_w) if n not in embed_names]
     if head_mod is not None and not head_names:
         head_names = [f"{n}.weight" for n, m in model.named_modules(remove_duplicate=False) if m is head_mod]
-    head_key = next((k for n in head_names if (k := _checkpoint_key(ckpt, n, prefix))), None)
+    head_key = next((k for n in head_names if (k := keys.checkpoint_key(n, ckpt))), None)
     _check_embedding_shape(ckpt, embed_key, embed_mod.weight, text_cfg)
     rows = ckpt.info(embed_key).shape[0]
     bias_key = None
     head_b = getattr(head_mod, "bias", None)
     if head_b is not None and head_b.shape == (rows,):
-        bias_key = next((k for n in _param_names(model, head_b) if (k := _checkpoint_key(ckpt, n, prefix))), None)
+        bias_key = next((k for n in _param_names(model, head_b) if (k := keys.checkpoint_key(n, ckpt))), None)
     arch = Architecture(
         source="config", model_class=type(model).__name__, input_embedding=embed_key,
         output_head=None if tied else head_key, head_param=head_names[0] if head_names else None, tied=tied,
         output_bias=bias_key, vocab_rows=rows, config_vocab_size=getattr(text_cfg, "vocab_size", None),
         text_config_key=text_key, hidden_size=ckpt.info(embed_key).shape[1],
-        linear_modules=_linear_modules(model))
+        linear_modules=_linear_modules(model), keys=keys,
+        head_layout_key=head_key or (layout_key(model, keys, head_names[0]) if head_names else None),
+        text_module=_text_module(embed_names[0]) if text_key else None,
+        other_vocab_tensors=_other_vocab_tensors(model, keys, ckpt, rows))
+    if keys.renamed:
+        arch.notes.append(f"{len(keys.renamed)} checkpoint key(s) are in another layout than {type(model).__name__}'s "
+                          f"(e.g. {next(iter(keys.renamed))!r} is {next(iter(keys.renamed.values()))!r}); mapped with "
+                          f"transformers' own key conversion rules, and outputs keep the checkpoint's names")
     if tied and head_key is not None:
         arch.redundant_keys.append(head_key)
     if head_w is not None and not tied and head_key is None:
@@ -257,6 +283,29 @@ def _from_model(ckpt: Checkpoint, model: nn.Module) -> Architecture:
             f"no {head_names[0] if head_names else 'output head'} tensor",
             field="checkpoint", fix="Set tie_word_embeddings to true in config.json, or add the head's weights.")
     return arch
+
+
+def _other_vocab_tensors(model: nn.Module, keys: KeyMap, ckpt: Checkpoint, rows: int) -> list[str]:
+    """Checkpoint keys of model buffers holding one value per vocabulary row in another shape than ``(rows, ...)``:
+    ``(1, rows)`` (BART's ``final_logits_bias``)."""
+    found = []
+    for name, buf in model.named_buffers():
+        key = keys.checkpoint_key(name, ckpt)
+        if key is not None and buf.dim() >= 2 and buf.numel() == rows and buf.shape[0] != rows:
+            found.append(key)
+    return found
+
+
+def _text_module(embed_name: str) -> str | None:
+    """``model.language_model.embed_tokens.weight`` -> ``model.language_model`` (None at the top level)."""
+    parts = embed_name.split(".")
+    return ".".join(parts[:-2]) or None
+
+
+def _layout_hint(ckpt: Checkpoint, keys: KeyMap) -> str:
+    """A few checkpoint keys that name no model tensor (what the checkpoint holds instead)."""
+    sample = sorted(keys.unmatched)[:3] or list(ckpt.weight_map)[:3]
+    return ", ".join(repr(k) for k in sample) or "none"
 
 
 def _check_embedding_shape(ckpt: Checkpoint, key: str, weight: torch.Tensor, text_cfg: object) -> None:

@@ -5,9 +5,11 @@ Learned from ``transformers`` on the ``meta`` device (no storage), as :mod:`adap
 - **the layer list**: the ``nn.ModuleList`` whose length is the text config's layer count (``num_hidden_layers``,
   ``n_layer``) and whose entries are all one class (preferring the model's ``_no_split_modules`` class; lists under
   vision/audio towers are skipped): ``model.layers`` (Llama, Qwen, Gemma), ``transformer.h`` (GPT-2, Falcon),
-  ``gpt_neox.layers`` (GPT-NeoX). Its checkpoint key prefix is found in the safetensors headers (with or without
-  the base model prefix; else the numbered key list whose tensor names best match the layer's parameters), so a
-  checkpoint saved from the bare backbone (``layers.0...``) is mapped too.
+  ``gpt_neox.layers`` (GPT-NeoX). Its checkpoint key prefix is found in the safetensors headers by
+  ``transformers``' own key conversion (:mod:`adapter_surgery.model.keys`: the base model prefix added or
+  removed, legacy multimodal layouts such as LLaVA's ``language_model.model.layers``; else the numbered key list
+  whose tensor names best match the layer's parameters), so a checkpoint saved from the bare backbone
+  (``layers.0...``) is mapped too.
 - **each layer's parameters** (names within the layer, and shapes), which may differ between layers (MoE every
   k-th layer, dense first layers).
 - **the residual writers**: the projections whose output is added to the residual stream. Found structurally:
@@ -39,6 +41,7 @@ from torch import nn
 from adapter_surgery.config_check import LAYER_KEYS, NOT_TEXT, text_config
 from adapter_surgery.errors import InvalidCheckpoint
 from adapter_surgery.io.checkpoint import Checkpoint
+from adapter_surgery.model.keys import key_map
 
 #: Usual names of residual-writing projections (the last projection of an attention or MLP sub-block).
 RESIDUAL_NAMES = frozenset({"o_proj", "out_proj", "down_proj", "c_proj", "dense", "dense_4h_to_h", "fc2", "wo",
@@ -213,15 +216,11 @@ def _is_per_layer(key: str, value: Any, count: int) -> bool:
 
 def _key_prefix(ckpt: Checkpoint, model: nn.Module, module_path: str, params: dict[str, tuple[int, ...]],
                 count: int) -> str:
-    base = getattr(model, "base_model_prefix", "") or ""
-    candidates = [module_path]
-    if base and module_path.startswith(base + "."):
-        candidates.append(module_path[len(base) + 1:])
-    elif base:
-        candidates.append(f"{base}.{module_path}")
-    for c in candidates:
-        if any(f"{c}.0.{p}" in ckpt for p in params):
-            return c
+    keys = key_map(ckpt.weight_map, model)
+    for p in params:
+        found = keys.checkpoint_key(f"{module_path}.0.{p}", ckpt)
+        if found is not None and found.endswith(f".0.{p}"):
+            return found[: -len(f".0.{p}")]
     # another layout than the class's: the numbered list of `count` layers whose names best match the layer's
     lists: dict[str, tuple[set[int], set[str]]] = {}
     for key in ckpt.weight_map:

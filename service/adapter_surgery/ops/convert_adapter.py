@@ -26,10 +26,10 @@ import torch
 from pydantic import BaseModel, Field
 
 from adapter_surgery.errors import InvalidSpec
-from adapter_surgery.io import atomic_output, describe_files
-from adapter_surgery.io.atomic import check_output_path
+from adapter_surgery.io import describe_files
 from adapter_surgery.ops.common import FileInfo, RunContext, StrictModel
 from adapter_surgery.ops.merge_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, open_adapter
+from adapter_surgery.ops.runner import begin_output
 from adapter_surgery.paths import resolve_under
 
 
@@ -76,9 +76,7 @@ def convert_adapter(spec: ConvertAdapterSpec, ctx: RunContext) -> ConvertAdapter
     started = time.perf_counter()
     trained = open_adapter(ctx.data_dir, spec.adapter, "adapter")
     initial = open_adapter(ctx.data_dir, spec.initial_adapter, "initial_adapter")
-    output = resolve_under(ctx.data_dir, spec.output, "output")
-    for a in (trained, initial):
-        check_output_path(output, a.path, spec.overwrite)
+    run = begin_output(ctx, spec.output, spec.overwrite, [trained.path, initial.path], started)
     base = None
     if spec.base is not None:
         base_path = resolve_under(ctx.data_dir, spec.base, "base")
@@ -109,7 +107,7 @@ def convert_adapter(spec: ConvertAdapterSpec, ctx: RunContext) -> ConvertAdapter
             out[key] = value
             kept.append(key)
     new = _converted_config(config, base)
-    with atomic_output(output, spec.overwrite, owner=ctx.owner) as tmp:
+    with run.writing() as tmp:
         tmp.mkdir(parents=True)
         save_file(out, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(new, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -118,7 +116,7 @@ def convert_adapter(spec: ConvertAdapterSpec, ctx: RunContext) -> ConvertAdapter
         output=spec.output, r=new["r"], lora_alpha=new["lora_alpha"], converted_modules=len(pairs),
         kept_tensors=sorted(kept), base_model_name_or_path=base, files=[FileInfo.of(f) for f in files],
         bytes_read=trained.weights.bytes_read + initial.weights.bytes_read, bytes_written=sum(f.bytes for f in files),
-        warnings=warnings, seconds=round(time.perf_counter() - started, 4))
+        warnings=warnings, seconds=run.seconds())
 
 
 def _lora_pairs(adapter: Adapter) -> list[str]:

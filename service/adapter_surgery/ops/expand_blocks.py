@@ -39,10 +39,9 @@ import json
 import math
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -52,14 +51,13 @@ from adapter_surgery.arch import build_meta_model, quiet_transformers
 from adapter_surgery.config_check import MAX_LAYERS
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
-from adapter_surgery.io import Changes, Checkpoint, CopiedTensor, atomic_output, describe_files
-from adapter_surgery.io.atomic import check_output_path
+from adapter_surgery.io import Changes, Checkpoint, CopiedTensor, describe_files
 from adapter_surgery.io.header import DTYPES
 from adapter_surgery.io.writer import tensor_bytes, write_checkpoint
 from adapter_surgery.model.layers import Layers, find_layer_list, layer_facts, meta_model_for, renumbered_config
 from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, RunContext, Seed, StrictModel
-from adapter_surgery.paths import resolve_under
-from adapter_surgery.report import PreservationReport, preservation_report
+from adapter_surgery.ops.runner import begin
+from adapter_surgery.report import PreservationReport, StepFacts, preservation_report
 
 #: New blocks per request at most (and never more than the base has layers).
 MAX_NEW_BLOCKS = 1024
@@ -289,12 +287,10 @@ def expand_blocks(spec: ExpandBlocksSpec, ctx: RunContext) -> ExpandBlocksResult
             other layers than the blocks copied; a residual writer that is not float.
         NotEnoughMemory: scaled_normal's largest tensor does not fit (503); DiskFull (507) when the output cannot.
     """
-    started = time.perf_counter()
-    checkpoint = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
-    output = resolve_under(ctx.data_dir, spec.output, "output")
-    check_output_path(output, checkpoint, spec.overwrite)
+    run = begin(spec, ctx)
+    checkpoint, output = run.checkpoint, run.output
     device = pick_device(spec.device)
-    ckpt = Checkpoint.open(checkpoint)
+    ckpt = run.open()
     if ckpt.is_file or output.suffix == ".safetensors":
         raise InvalidCheckpoint("expand-blocks needs a model directory (config.json names the layer count it "
                                 "changes)", field="checkpoint" if ckpt.is_file else "output",
@@ -322,7 +318,7 @@ def expand_blocks(spec: ExpandBlocksSpec, ctx: RunContext) -> ExpandBlocksResult
     for key, why in layers.depth_dependent.items():
         warnings.append(f"config {key} is set: {why}, so the output is not an exact identity of the base")
     _check_resources(spec, ckpt, plan, output)
-    with atomic_output(output, spec.overwrite) as tmp:
+    with run.writing() as tmp:
         digests = write_checkpoint(ckpt, tmp, plan.changes, ctx.say, cache=ctx.digests)
         for path in ckpt.other_files():
             if path.name != "config.json":
@@ -332,19 +328,25 @@ def expand_blocks(spec: ExpandBlocksSpec, ctx: RunContext) -> ExpandBlocksResult
     report = None
     if spec.verify:
         report = preservation_report(checkpoint, output, device=spec.device, progress=ctx.say,
-                                     layer_map=hidden_state_map(plan.sequence))
-        if spec.init == "scaled_normal" and report.status == "ok":
-            report.logits_preserved = None  # the new blocks change the output by design
-            report.warnings.append("scaled_normal blocks change the output by design: max |Δ logits| is reported "
-                                   "without a pass/fail")
-            known = [c for c in (report.hidden_states_passed,) if c is not None]
-            report.passed = all(known) if known else None
+                                     layer_map=hidden_state_map(plan.sequence),
+                                     changes_output=_CHANGES_OUTPUT.get(spec.init))
     return ExpandBlocksResult(
         output=spec.output, new_layers=plan.new_layers, copied_from=plan.copied_from,
         num_layers_before=layers.count, num_layers_after=len(plan.sequence), layer_prefix=layers.key_prefix,
         residual_writers=list(layers.residual_writers), init=spec.init, init_std=plan.std,
         changed_tensors=plan.changed, renamed_tensors=plan.renamed, files=[FileInfo.of(f) for f in files],
-        warnings=warnings, seconds=round(time.perf_counter() - started, 4), report=report)
+        warnings=warnings, seconds=run.seconds(), report=report)
+
+
+_CHANGES_OUTPUT = {"scaled_normal": "scaled_normal blocks change the output by design"}
+
+
+def step_facts(options: ExpandBlocksOptions, result: dict[str, Any]) -> StepFacts:
+    """What a surgery step tells the report: its output's hidden states against its input's, scaled_normal's
+    change of the output."""
+    new = set(result["new_layers"])
+    sequence = [(0, j in new) for j in range(result["num_layers_after"])]
+    return StepFacts(layer_map=tuple(hidden_state_map(sequence)), changes_output=_CHANGES_OUTPUT.get(options.init))
 
 
 def hidden_state_map(sequence: list[tuple[int, bool]]) -> list[int | None]:

@@ -14,7 +14,6 @@ import json
 import math
 import re
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,8 @@ import torch
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from adapter_surgery import resources
-from adapter_surgery.arch import Architecture, resolve_architecture
+from adapter_surgery.arch import Architecture
+from adapter_surgery.chat_template import MAX_CHAT_TEMPLATE_CHARS, render_sample
 from adapter_surgery.config_check import text_config
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
@@ -37,8 +37,7 @@ from adapter_surgery.initializers import (
     row_stats,
     trained_blocks,
 )
-from adapter_surgery.io import Checkpoint, atomic_output, describe_files
-from adapter_surgery.io.atomic import check_output_path
+from adapter_surgery.io import Checkpoint, describe_files
 from adapter_surgery.io.writer import (
     Changes,
     RowPatchedTensor,
@@ -55,7 +54,7 @@ from adapter_surgery.ops.common import (
     Seed,
     StrictModel,
 )
-from adapter_surgery.paths import resolve_under
+from adapter_surgery.ops.runner import begin
 from adapter_surgery.report import PreservationReport, preservation_report
 from adapter_surgery.tokenizer_cache import TokenizerCache
 
@@ -119,6 +118,11 @@ class ExtendVocabOptions(StrictModel):
     seed: Seed = Field(0, description="Seeds the random strategies; the same seed gives byte-identical output.")
     device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
     verify: bool = Field(False, description="Add the preservation report (base vs output) to the result.")
+    chat_template: str | None = Field(
+        None, min_length=1, max_length=MAX_CHAT_TEMPLATE_CHARS,
+        description="A chat template (Jinja, as tokenizer.chat_template) saved with the tokenizer, e.g. one that uses "
+                    "the special tokens added; checked first by rendering a sample conversation with transformers' "
+                    "apply_chat_template (bounded in time, memory and output).")
 
 
 class ExtendVocabSpec(PathFields, ExtendVocabOptions):
@@ -152,6 +156,8 @@ class ExtendVocabResult(BaseModel):
                                            "unchanged tensors are not counted.")
     seconds: float
     report: PreservationReport | None = Field(None, description="With verify: true, the preservation report.")
+    chat_template_sample: str | None = Field(None, description="With chat_template: the sample conversation as "
+                                                               "the saved template renders it.")
 
 
 @dataclass
@@ -175,30 +181,34 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
         InvalidCheckpoint: the checkpoint is malformed.
         InvalidSpec: the request does not fit the checkpoint (no tokenizer for ``tokens``, unknown copy source...).
     """
-    started = time.perf_counter()
-    checkpoint = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
-    output = resolve_under(ctx.data_dir, spec.output, "output")
-    check_output_path(output, checkpoint, spec.overwrite)
+    run = begin(spec, ctx)
+    checkpoint, output = run.checkpoint, run.output
     device = pick_device(spec.device)
-    ckpt = Checkpoint.open(checkpoint)
+    ckpt = run.open()
     _refuse_unreadable_config(ckpt)
-    arch = resolve_architecture(ckpt, ctx.architectures)
+    arch = run.architecture(ckpt)
+    arch.check_growable()
     warnings = list(ckpt.warnings) + arch.notes
     ctx.say("loading the tokenizer")
     tok = _load_tokenizer(ckpt, spec, ctx.tokenizers)
     ctx.check_cancelled()
     _check_memory(spec, ckpt, arch, tok, ctx.memory_limit_bytes)
     plan = plan_vocab(spec, ckpt, arch, tok, ctx)
-    if not plan.rows and plan.rows_after == arch.vocab_rows and not spec.reinit_existing and not spec.untie:
+    sample = _check_chat_template(spec, tok, plan, warnings)
+    if not plan.rows and plan.rows_after == arch.vocab_rows and not spec.reinit_existing and not spec.untie \
+            and spec.chat_template is None:
         warnings.append("nothing to add: every token already exists (or none was given); the output is the input, "
                         "its weights hard-linked")
+    warnings += _first_rows_warning(spec, plan)
     ctx.say(f"planned {len(plan.added)} new tokens, {arch.vocab_rows} -> {plan.rows_after} rows")
-    changes, changed = vocab_changes(spec, ckpt, arch, plan, tok, device, warnings, ctx)
+    derived = vocab_changes(spec, ckpt, arch, plan, tok, device, ctx)
+    changes, changed, plan = derived.changes, derived.changed, derived.plan
+    warnings += derived.warnings
     single_file = output.suffix == ".safetensors"
     if single_file and not ckpt.is_file:
         raise InvalidSpec("a .safetensors output needs a bare .safetensors checkpoint", field="output",
                           fix="Give a directory as output for a model directory.")
-    with atomic_output(output, spec.overwrite, owner=ctx.owner) as tmp:
+    with run.writing() as tmp:
         if single_file:
             ctx.say("write single file")
             write_single_file(ckpt, tmp, changes, ctx)
@@ -218,8 +228,22 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
         added=plan.added, existing=plan.existing, untrained_existing=plan.untrained, reinitialized=plan.reinit,
         padding_rows=plan.padding_rows, rows_without_token=plan.rows_without_token, changed_tensors=changed,
         files=[FileInfo.of(f) for f in files], warnings=warnings, bytes_read=ckpt.bytes_read,
-        seconds=round(time.perf_counter() - started, 4),
-        report=report)
+        seconds=run.seconds(),
+        report=report, chat_template_sample=sample)
+
+
+def _first_rows_warning(spec: ExtendVocabSpec, plan: VocabPlan) -> list[str]:
+    """Existing tokens that had no row (a tokenizer longer than the embedding) get their first rows: say so."""
+    without = set(plan.rows_without_token)
+    existing = [i for i in plan.padding_rows if i not in without]
+    if not existing:
+        return []
+    init = "mean" if spec.init == "subword_mean" else spec.init
+    how = init if isinstance(init, str) else init.strategy
+    shown = f"{existing[:8]}{'...' if len(existing) > 8 else ''}"
+    return [f"{len(existing)} existing token(s) of the tokenizer had no embedding row (the tokenizer is longer than "
+            f"the embedding): ids {shown} got their first rows, initialized as {how}; the model could not produce "
+            "them before and can now"]
 
 
 # -- planning ------------------------------------------------------------------------------------------------
@@ -436,17 +460,28 @@ def _add_to_tokenizer(tok, tokens: list[tuple[str, bool]]) -> None:
 
 
 # -- values ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VocabChanges:
+    """What :func:`vocab_changes` derives from a plan: the tensor changes, the changed tensors as the result lists
+    them, the plan completed with what the row statistics found (untrained rows; re-initialized ones), warnings."""
+
+    changes: Changes
+    changed: list[ChangedTensor]
+    plan: VocabPlan
+    warnings: list[str]
+
+
 def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, plan: VocabPlan, tok,
-                  device: torch.device, warnings: list[str],
-                  ctx: RunContext | None = None) -> tuple[Changes, list[ChangedTensor]]:
+                  device: torch.device, ctx: RunContext | None = None) -> VocabChanges:
     """The tensor changes of ``plan``: every vocabulary tensor of ``arch`` row-patched with its strategy values.
 
-    Also reports (into ``plan``) existing tokens with all-zero rows and re-initializes them with
-    ``reinit_existing``, drops redundant tied heads and unties on request; appends to ``warnings``.
+    Also finds existing tokens with all-zero rows (re-initialized with ``reinit_existing``: the returned plan has
+    them; ``plan`` itself is left as it is), drops redundant tied heads and unties on request.
 
     Raises:
         InvalidCheckpoint: a vocabulary tensor without any trained row.
     """
+    warnings: list[str] = []
     changes = Changes()
     for key in arch.redundant_keys:
         changes.remove.add(key)
@@ -467,16 +502,16 @@ def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, p
         stats[k] = _stats(ckpt, k, plan, device, cov, draws)
     zero = sorted(set().union(*(set(s.zero_rows) for s in stats.values())))
     names = [None] * len(zero) if tok is None else tok.convert_ids_to_tokens(zero)
-    plan.untrained = [TokenId(token=name, id=i) for name, i in zip(names, zero, strict=True)]
+    untrained = [TokenId(token=name, id=i) for name, i in zip(names, zero, strict=True)]
+    plan = dataclasses.replace(plan, untrained=untrained)
     if zero:
         warnings.append(f"{len(zero)} existing token(s) have all-zero rows (reserved or untrained), e.g. id {zero[0]}"
                         + ("; re-initialized" if spec.reinit_existing else "; send reinit_existing: true to "
                            "initialize them"))
     if spec.reinit_existing:
         strategy = spec.init if spec.init != "subword_mean" else "mean"
-        for i in zero:
-            plan.rows.append(_row_for(i, strategy, None, None, None, "init", arch.vocab_rows))
-        plan.reinit = list(plan.untrained)
+        reinit = [_row_for(i, strategy, None, None, None, "init", arch.vocab_rows) for i in zero]
+        plan = dataclasses.replace(plan, rows=[*plan.rows, *reinit], reinit=list(untrained))
     changed: list[ChangedTensor] = []
     if plan.rows or plan.rows_after != arch.vocab_rows:
         for n, key in enumerate(arch.vocab_tensors):
@@ -486,7 +521,7 @@ def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, p
             changed.append(ChangedTensor(name=key, shape_before=list(ckpt.info(key).shape), shape=list(src.shape)))
     if spec.untie:
         _untie(changes, changed, ckpt, arch, warnings)
-    return changes, changed
+    return VocabChanges(changes, changed, plan, warnings)
 
 
 def _untie(changes: Changes, changed: list[ChangedTensor], ckpt: Checkpoint, arch: Architecture,
@@ -498,8 +533,9 @@ def _untie(changes: Changes, changed: list[ChangedTensor], ckpt: Checkpoint, arc
         raise InvalidSpec("untie: this model has no output head to untie", field="untie", fix="Send untie: false.")
     embed = changes.replace.get(arch.input_embedding) or RowPatchedTensor(ckpt.info(arch.input_embedding),
                                                                         ckpt.path_of(arch.input_embedding))
-    changes.add[arch.head_param] = (embed, arch.input_embedding)
-    changed.append(ChangedTensor(name=arch.head_param, shape_before=None, shape=list(embed.shape)))
+    head = arch.head_layout_key or arch.head_param  # in the input's layout (LLaVA: language_model.lm_head.weight)
+    changes.add[head] = (embed, arch.input_embedding)
+    changed.append(ChangedTensor(name=head, shape_before=None, shape=list(embed.shape)))
 
 
 def _trained_mask(ckpt: Checkpoint, key: str, plan: VocabPlan) -> Callable[[int, int], torch.Tensor]:
@@ -567,6 +603,23 @@ def _patched(ckpt: Checkpoint, key: str, stats: RowStats, plan: VocabPlan, spec:
     return RowPatchedTensor(info, ckpt.path_of(key), overrides, appended)
 
 
+def _check_chat_template(spec: ExtendVocabSpec, tok, plan: VocabPlan, warnings: list[str]) -> str | None:
+    """The sample conversation rendered with ``spec.chat_template`` by the grown tokenizer (its special tokens
+    passed to the template); a warning when special tokens were added and the sample uses none of them."""
+    if spec.chat_template is None:
+        return None
+    if tok is None:
+        raise InvalidSpec("chat_template is saved with the tokenizer, and this checkpoint has none",
+                          field="chat_template", fix="Include the tokenizer files, or leave chat_template out.")
+    sample = render_sample(tok, spec.chat_template)
+    added = {a.token for a in plan.added}
+    special = [t.content for t in spec.tokens if isinstance(t, TokenSpec) and t.special and t.content in added]
+    if special and not any(t in sample for t in special):
+        warnings.append(f"chat_template: the sample conversation it renders uses none of the special tokens added "
+                        f"({', '.join(special[:5])})")
+    return sample
+
+
 def _refuse_unreadable_config(ckpt: Checkpoint) -> None:
     """A model directory whose config.json cannot be read as a JSON object: the output's ``vocab_size`` could not
     be made to equal its rows (the file would be copied as it is), so the request is refused before any work."""
@@ -599,6 +652,8 @@ def _write_side_files(ckpt: Checkpoint, out: Path, arch: Architecture, plan: Voc
         if config != ckpt.config:
             (out / "config.json").unlink(missing_ok=True)
             (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    if tok is not None and plan.added:
+    if tok is not None and (plan.added or spec.chat_template is not None):
+        if spec.chat_template is not None:
+            tok.chat_template = spec.chat_template  # transformers 5 saves it as chat_template.jinja
         tok.save_pretrained(str(out))
 

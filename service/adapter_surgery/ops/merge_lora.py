@@ -32,6 +32,17 @@ dtype before adding it, merge-lora rounds once; within one unit). Several adapte
 cast; peft merges them in turn, rounding to the stored dtype after each, so the two differ by at most one unit of
 the stored dtype's rounding.
 
+Which modules are merged (``peft/tuners/tuners_utils.py``, ``check_target_module_exists``)
+------------------------------------------------------------------------------------------
+adapter_config.json is read by peft's own ``LoraConfig.from_pretrained`` (its validation: e.g. ``layers_pattern``
+without ``layers_to_transform`` is refused as peft refuses it), and a LoRA module of the weights file is merged
+only when peft would create it on load: ``target_modules`` (names, or a regex string matched whole),
+``layers_to_transform``/``layers_pattern``, ``exclude_modules`` and ``modules_to_save`` applied by peft's
+``check_target_module_exists``. The keys of a module peft would not create are ignored, as peft's load ignores them
+(unexpected keys), and named in a warning. ``lora_magnitude_vector`` keys are read only with ``use_dora``;
+``use_dora`` with a module that has none is refused. ``fan_in_fan_out`` follows the module type, as in peft
+(Conv1D: true, Linear: false, whatever the config says).
+
 PiSSA and OLoRA adapters belong to the residual base attach-lora wrote beside them (``<adapter>/base``, named by
 their ``base_model_name_or_path``): merging one onto another checkpoint is refused.
 """
@@ -41,7 +52,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -53,10 +63,12 @@ from adapter_surgery import patterns, resources
 from adapter_surgery.arch import build_meta_model, resolve_architecture
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec, NotFound, SurgeryError
-from adapter_surgery.io import Checkpoint, atomic_output, describe_files
+from adapter_surgery.io import Checkpoint, describe_files
 from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.writer import Changes, ComputedTensor, RowPatchedTensor, write_checkpoint
+from adapter_surgery.model.keys import KeyMap
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
+from adapter_surgery.ops.runner import begin
 from adapter_surgery.paths import resolve_under
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -127,6 +139,15 @@ class Adapter:
     field: str
     config: dict[str, object]
     weights: Checkpoint
+    lora_config: object = None  # peft's LoraConfig parsed from adapter_config.json
+    ignored: list[str] = field(default_factory=list)  # keys peft's load would ignore (modules it does not target)
+
+    def targets(self, module: str) -> bool:
+        """Whether peft creates a LoRA layer at ``module`` on load (target_modules, layers_to_transform,
+        layers_pattern, exclude_modules, modules_to_save)."""
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        return bool(check_target_module_exists(self.lora_config, module))
 
     def module_of(self, key: str) -> str:
         return key.removeprefix(PREFIX)
@@ -188,12 +209,35 @@ def open_adapter(data_dir: Path, value: str, field: str, index: int = 0) -> Adap
         except ValueError as exc:
             raise InvalidSpec(f"adapter {value!r}: {ADAPTER_CONFIG}'s {key}: {exc}", field=field,
                               fix=patterns.FIX) from None
+    lora_config = _peft_config(path, value, field)
     try:
         weights = Checkpoint.open(path / ADAPTER_WEIGHTS)
     except SurgeryError as exc:
         exc.field = field
         raise
-    return Adapter(index, path, field, config, weights)
+    return Adapter(index, path, field, config, weights, lora_config)
+
+
+def _peft_config(path: Path, value: str, field: str) -> object:
+    """adapter_config.json parsed as ``PeftModel.from_pretrained`` parses it (``LoraConfig.from_pretrained``, a local
+    file: no hub), so a config peft refuses is refused here too (422 with peft's reason)."""
+    import warnings
+
+    from peft import LoraConfig
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = LoraConfig.from_pretrained(str(path))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InvalidSpec(f"adapter {value!r}: peft refuses its {ADAPTER_CONFIG} ({exc})", field=field,
+                          fix="Give the adapter_config.json peft wrote, or correct the field named.") from None
+    target = getattr(config, "target_modules", None)
+    if target is None or (not isinstance(target, str) and not target):
+        raise InvalidSpec(f"adapter {value!r}: {ADAPTER_CONFIG} has no target_modules", field=field,
+                          fix="Give the adapter_config.json PeftModel.save_pretrained wrote (it lists the resolved "
+                              "target_modules).")
+    return config
 
 
 # -- planning -------------------------------------------------------------------------------------------------
@@ -219,6 +263,7 @@ class _Base:
     input_embedding: str
     head_param: str | None
     tied: bool
+    keys: KeyMap = field(default_factory=KeyMap)  # another layout (LLaVA's language_model.model.*)
 
     def key(self, param: str) -> str | None:
         """The checkpoint key of model parameter ``param`` (base-model prefix added or removed, tied head)."""
@@ -227,7 +272,7 @@ class _Base:
             candidates.append(param[len(self.prefix) + 1:])
         elif self.prefix:
             candidates.append(f"{self.prefix}.{param}")
-        found = next((c for c in candidates if c in self.ckpt), None)
+        found = next((c for c in candidates if c in self.ckpt), None) or self.keys.checkpoint_key(param, self.ckpt)
         if found is None and self.tied and param == self.head_param:
             return self.input_embedding
         return found
@@ -247,7 +292,7 @@ def _open_base(ckpt: Checkpoint) -> _Base:
     conv1d = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
     embeddings = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
     return _Base(ckpt, getattr(model, "base_model_prefix", "") or "", conv1d, embeddings, arch.input_embedding,
-                 arch.head_param, arch.tied)
+                 arch.head_param, arch.tied, arch.keys)
 
 
 def _mismatch(adapter: Adapter, what: str, fix: str = "Merge the adapter into the checkpoint it was trained on "
@@ -320,7 +365,17 @@ def _plan_adapter(adapter: Adapter, base: _Base) -> dict[str, _Change]:
                 # key (sorted) wins, as in peft's merge_and_unload + save_pretrained (tested)
                 continue
             _add(changes, target, _Change(adapter, "replaced", param, {"value": key}))
+    if groups and not any(adapter.targets(m) for m in groups):  # peft's load raises NoMatchingPeftModuleError
+        fields = [f for f in ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules")
+                  if getattr(adapter.lora_config, f, None)]
+        raise InvalidSpec(f"adapter {adapter.path.name!r}: its {ADAPTER_CONFIG} ({', '.join(fields)}) selects none of "
+                          f"the {len(groups)} LoRA modules its weights hold, e.g. {next(iter(groups))}; peft refuses "
+                          "to load it", field=adapter.field,
+                          fix="Correct target_modules / layers_to_transform / layers_pattern / exclude_modules.")
     for module, keys in groups.items():
+        if not adapter.targets(module):  # peft creates no LoRA layer here: its load ignores these keys
+            adapter.ignored.extend(sorted(keys.values()))
+            continue
         _plan_lora(adapter, base, module, keys, changes)
     return changes
 
@@ -359,7 +414,15 @@ def _plan_lora(adapter: Adapter, base: _Base, module: str, keys: dict[str, str],
         # peft saves the targeted embedding itself too (save_embedding_layers): loading puts that copy into the
         # base layer, then the delta is added to it
         roles["base"] = changes.pop(target).keys["value"]
-    if "m" in keys:
+    use_dora = bool(getattr(adapter.lora_config, "use_dora", False))
+    if "m" in keys and not use_dora:  # peft builds a plain LoRA layer: the magnitude is an unexpected key
+        adapter.ignored.append(keys["m"])
+    elif use_dora and "m" not in keys:
+        raise InvalidSpec(f"adapter {adapter.path.name!r} has use_dora=true but no lora_magnitude_vector for "
+                          f"{module}", field=adapter.field,
+                          fix="Give the adapter as peft saved it (DoRA saves a magnitude per targeted module), or "
+                              "set use_dora to false in adapter_config.json if it is plain LoRA.")
+    if "m" in keys and use_dora:
         if embedding:
             raise _mismatch(adapter, f"{module}: DoRA on an embedding is not supported",
                             "Merge it with peft's merge_and_unload instead.")
@@ -508,15 +571,13 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
             ``adapters.<i>.path``, naming the first mismatch), a LoRA variant not supported, a weight on a replaced
             tensor, adapters that change one tensor in ways that do not add up, NaN/Inf with ``safe_merge``.
     """
-    started = time.perf_counter()
-    checkpoint = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
-    output = resolve_under(ctx.data_dir, spec.output, "output")
-    check_output_path(output, checkpoint, spec.overwrite)
+    run = begin(spec, ctx)
+    checkpoint, output = run.checkpoint, run.output
     device = pick_device(spec.device)
     weights = [a.weight for a in spec.adapters]
     if not all(math.isfinite(w) for w in weights):  # the request model refuses these; specs built without it
         raise InvalidSpec("adapter weights must be finite", field="adapters", fix="Send finite weights.")
-    ckpt = Checkpoint.open(checkpoint)
+    ckpt = run.open()
     base = _open_base(ckpt)  # config.json checked against the weights first
     adapters = [open_adapter(ctx.data_dir, a.path, f"adapters.{i}.path", i) for i, a in enumerate(spec.adapters)]
     for a in adapters:
@@ -525,11 +586,11 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
         _check_residual_base(a, checkpoint, ctx.data_dir)
     plan = _combine([_plan_adapter(a, base) for a in adapters], weights)
     _check_memory(plan, base)
-    warnings = list(ckpt.warnings)
+    warnings = list(ckpt.warnings) + [_ignored_warning(a) for a in adapters if a.ignored]
     ctx.say(f"{len(plan)} tensors to merge from {len(adapters)} adapter(s)")
     merger = _Merger(base, device, spec.safe_merge, weights)
     changes = Changes(replace={t: merger.source(t, cs) for t, cs in plan.items()})
-    with atomic_output(output, spec.overwrite, owner=ctx.owner) as tmp:
+    with run.writing() as tmp:
         digests = write_checkpoint(ckpt, tmp, changes, ctx, cache=ctx.digests)
         for path in ckpt.other_files():
             shutil.copyfile(path, tmp / path.name)
@@ -542,7 +603,15 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
         output=spec.output, merged_tensors=merged, linked_shards=linked, files=[FileInfo.of(f) for f in files],
         base_bytes_read=ckpt.bytes_read, adapter_bytes_read=merger.adapter_bytes,
         bytes_read=ckpt.bytes_read + merger.adapter_bytes, bytes_written=written, device=str(device),
-        warnings=warnings, seconds=round(time.perf_counter() - started, 4))
+        warnings=warnings, seconds=run.seconds())
+
+
+def _ignored_warning(adapter: Adapter) -> str:
+    shown = ", ".join(k.removeprefix(PREFIX) for k in adapter.ignored[:4])
+    more = f" and {len(adapter.ignored) - 4} more" if len(adapter.ignored) > 4 else ""
+    return (f"adapter {adapter.index} ({adapter.path.name}): {len(adapter.ignored)} tensor(s) not merged, as peft's "
+            f"load ignores them (its adapter_config.json's target_modules/layers_to_transform/layers_pattern/"
+            f"exclude_modules/use_dora do not select them): {shown}{more}")
 
 
 def _check_memory(plan: dict[str, list[_Change]], base: _Base) -> None:

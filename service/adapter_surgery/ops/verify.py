@@ -16,10 +16,10 @@ from pydantic import BaseModel, Field, model_validator
 from adapter_surgery import resources
 from adapter_surgery.config_check import check_config
 from adapter_surgery.devices import pick_device
-from adapter_surgery.errors import InvalidSpec, NotEnoughMemory, SurgeryError
+from adapter_surgery.errors import InvalidSpec, NotEnoughMemory
 from adapter_surgery.io import Checkpoint
 from adapter_surgery.ops.common import RunContext
-from adapter_surgery.paths import resolve_under
+from adapter_surgery.ops.runner import open_input
 from adapter_surgery.report import PreservationReport, VerifyOptions, load_tokenizer, not_derived, preservation_report
 from adapter_surgery.report.memory import estimate, float32_bytes
 from adapter_surgery.spec import StrictModel
@@ -65,14 +65,8 @@ def verify(spec: VerifySpec, ctx: RunContext) -> VerifyResult:
             (another architecture, size or vocabulary: :func:`not_derived`).
     Everything else (no config, a model that cannot be loaded, not enough memory) gives a skipped report.
     """
-    base = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
-    patched = resolve_under(ctx.data_dir, spec.patched, "patched")
-    base_ckpt = Checkpoint.open(base)
-    try:
-        patched_ckpt = Checkpoint.open(patched)
-    except SurgeryError as exc:
-        exc.field = "patched"
-        raise
+    base, base_ckpt = open_input(ctx, spec.checkpoint, "checkpoint")
+    patched, patched_ckpt = open_input(ctx, spec.patched, "patched")
     pick_device(spec.device)
     check_config(base_ckpt)
     if base_ckpt.config is not None and patched_ckpt.config is not None:

@@ -28,14 +28,10 @@ with the tokenizer files (``pad_token`` policy below). Initializer formulas and 
 
 from __future__ import annotations
 
-import time
-
 from adapter_surgery import resources
-from adapter_surgery.arch import resolve_architecture
 from adapter_surgery.devices import pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
-from adapter_surgery.io import Checkpoint, atomic_output, describe_files
-from adapter_surgery.io.atomic import check_output_path
+from adapter_surgery.io import describe_files
 from adapter_surgery.io.writer import Changes, write_checkpoint
 from adapter_surgery.ops.attach_head.initialize import create_tensors
 from adapter_surgery.ops.attach_head.keys import STALE_BUFFERS, config_mismatch, map_keys, unexpected_tensors
@@ -59,14 +55,15 @@ from adapter_surgery.ops.attach_head.spec import (
 from adapter_surgery.ops.attach_head.target import (
     TASK_MAPPINGS,
     auto_config,
-    configure,
+    configured,
     embedding_dtype,
     load_tokenizer,
     meta_model,
     target_class,
 )
 from adapter_surgery.ops.common import FileInfo, RunContext
-from adapter_surgery.paths import resolve_under, without_dirs
+from adapter_surgery.ops.runner import begin
+from adapter_surgery.paths import without_dirs
 from adapter_surgery.report import preservation_report
 
 __all__ = ["MAX_LABELS", "STALE_BUFFERS", "TASK_MAPPINGS", "AttachHeadOptions", "AttachHeadResult", "AttachHeadSpec",
@@ -90,21 +87,19 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
             ``problem_type`` the task cannot use, no transformers class for the task, no pad/eos token to use, a
             ``.safetensors`` output.
     """
-    started = time.perf_counter()
-    checkpoint = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
-    output = resolve_under(ctx.data_dir, spec.output, "output")
-    check_output_path(output, checkpoint, spec.overwrite)
+    run = begin(spec, ctx)
+    checkpoint, output = run.checkpoint, run.output
     id2label = check_labels(spec)
     problem_type = check_problem_type(spec, len(id2label))
     if output.suffix == ".safetensors":
         raise InvalidSpec("attach-head writes a model directory (config.json, tokenizer), not a bare file",
                           field="output", fix="Give a directory path as output.")
     device = pick_device(spec.device)
-    ckpt = Checkpoint.open(checkpoint)
+    ckpt = run.open()
     if ckpt.is_file or ckpt.config is None:
         raise InvalidCheckpoint(f"attach-head needs the checkpoint's config.json ({ckpt.config_problem})",
                                 field="checkpoint", fix="Send the model directory saved with save_pretrained.")
-    arch = resolve_architecture(ckpt, ctx.architectures)
+    arch = run.architecture(ckpt)
     if arch.source != "config":
         raise InvalidCheckpoint(f"config.json cannot be used to build the model: {'; '.join(arch.notes)}",
                                 field="checkpoint", fix="Send a config.json that transformers can load.")
@@ -120,12 +115,12 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
     changes = Changes()
     pad = plan_pad(spec, ckpt, arch, config, tok, device, changes, warnings)
     ctx.say(f"target {target_cls.__name__}, pad id {pad.info.id if pad.info else None}")
-    configure(config, id2label, problem_type, pad, arch)
+    config = configured(config, id2label, problem_type, pad, arch)
     target = meta_model(target_cls, config)
     keys = map_keys(ckpt, arch, target, changes)
     created = create_tensors(keys.missing, target, spec, config, device, embedding_dtype(ckpt, arch))
     changed = apply_changes(changes, ckpt, keys, created, pad.changed)
-    with atomic_output(output, spec.overwrite, owner=ctx.owner) as tmp:
+    with run.writing() as tmp:
         digests = write_checkpoint(ckpt, tmp, changes, ctx, cache=ctx.digests)
         write_side_files(ckpt, tmp, arch, target_cls.__name__, id2label, problem_type, pad, tok)
         files = describe_files(tmp, known=digests)
@@ -138,5 +133,5 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
         num_labels=len(id2label), id2label=id2label, problem_type=problem_type, pad_token=pad.info,
         created=[c.result for c in created], dropped=keys.dropped, renamed=keys.renamed, changed_tensors=changed,
         vocab_size_before=arch.vocab_rows, vocab_size_after=pad.rows_after, files=[FileInfo.of(f) for f in files],
-        warnings=[without_dirs(w, ctx.data_dir) for w in warnings], seconds=round(time.perf_counter() - started, 4),
+        warnings=[without_dirs(w, ctx.data_dir) for w in warnings], seconds=run.seconds(),
         report=report)

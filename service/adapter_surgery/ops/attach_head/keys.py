@@ -13,6 +13,7 @@ from adapter_surgery.arch import Architecture
 from adapter_surgery.errors import InvalidCheckpoint
 from adapter_surgery.io import Checkpoint
 from adapter_surgery.io.writer import Changes
+from adapter_surgery.model.keys import key_map
 from adapter_surgery.ops.attach_head.spec import DroppedTensor, RenamedTensor
 
 
@@ -57,6 +58,11 @@ def map_keys(ckpt: Checkpoint, arch: Architecture, target: nn.Module, changes: C
             if cand and cand in expected and cand not in claimed and not is_head(cand):
                 claim(key, cand)
                 break
+    layout = key_map(ckpt.weight_map, target)  # another layout (legacy multimodal prefixes): transformers' rules
+    for key in ckpt.weight_map:
+        cand = layout.model_name(key)
+        if key not in mapping and cand in expected and cand not in claimed and not is_head(cand):
+            claim(key, cand)
     lm_roots = {k.split(".")[0] for k in (arch.output_head, arch.output_bias, arch.head_param, *arch.redundant_keys)
                 if k}
     lm_roots.discard(prefix)
@@ -75,7 +81,8 @@ def map_keys(ckpt: Checkpoint, arch: Architecture, target: nn.Module, changes: C
     extra, _ = unexpected_tensors([d.name for d in dropped if d.reason == "unused"], target, expected)
     if extra:
         raise config_mismatch(extra, target, ckpt)
-    missing = [n for n in expected if n not in claimed]
+    shared = _tied_names(target)  # T5's encoder/decoder embed_tokens are its shared embedding: stored once
+    missing = [n for n in expected if n not in claimed and not shared.get(n, set()) & claimed]
     backbone_missing = [n for n in missing if not is_head(n) and ".pooler." not in f".{n}"]
     if backbone_missing:
         raise InvalidCheckpoint(
@@ -91,6 +98,14 @@ def map_keys(ckpt: Checkpoint, arch: Architecture, target: nn.Module, changes: C
                                     fix="Check that config.json belongs to these weights.")
     renamed = [RenamedTensor(source=k, target=n) for k, n in mapping.items() if k != n]
     return Keys(mapping=mapping, missing=missing, dropped=dropped, renamed=renamed)
+
+
+def _tied_names(model: nn.Module) -> dict[str, set[str]]:
+    """Each parameter name -> the other names of the same tensor (tied weights ``transformers`` saves once)."""
+    by_tensor: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), set()).add(name)
+    return {n: names - {n} for names in by_tensor.values() for n in names if len(names) > 1}
 
 
 #: Buffers that older ``transformers`` versions saved with the weights and every loader ignores.

@@ -82,8 +82,10 @@ def _add_pad(spec: AttachHeadSpec, ckpt: Checkpoint, arch: Architecture, tok, de
                          device=spec.device)
     input_only = dataclasses.replace(arch, output_head=None, output_bias=None, redundant_keys=[])
     plan = plan_vocab(ev, ckpt, input_only, tok)
-    ev_changes, changed = vocab_changes(ev, ckpt, input_only, plan, tok=tok, device=device, warnings=warnings)
-    changes.replace.update(ev_changes.replace)
+    derived = vocab_changes(ev, ckpt, input_only, plan, tok=tok, device=device)
+    warnings += derived.warnings
+    changes.replace.update(derived.changes.replace)
+    changed = derived.changed
     if plan.added:
         info = PadToken(token=plan.added[0].token, id=plan.added[0].id, source="added")
     else:

@@ -3,6 +3,7 @@ of the config's ``model_type``), built on the ``meta`` device; the config, token
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -75,8 +76,10 @@ def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def configure(config, id2label: dict[int, str], problem_type: str | None, pad: Pad, arch: Architecture) -> None:
-    """Set on the transformers config what the target class is built from (labels, pad id, vocab size)."""
+def configured(config, id2label: dict[int, str], problem_type: str | None, pad: Pad, arch: Architecture):
+    """A copy of the transformers config with what the target class is built from (labels, pad id, vocab size);
+    ``config`` itself is left as it is."""
+    config = copy.deepcopy(config)
     config.id2label = dict(id2label)
     config.label2id = {v: k for k, v in id2label.items()}
     config.problem_type = problem_type
@@ -86,3 +89,4 @@ def configure(config, id2label: dict[int, str], problem_type: str | None, pad: P
         text.pad_token_id = pad.info.id
     if pad.rows_after != arch.vocab_rows:
         text.vocab_size = pad.rows_after
+    return config

@@ -66,18 +66,16 @@ saving PiSSA/OLoRA adapters). That residual base is valid only with this adapter
 from __future__ import annotations
 
 import threading
-import time
 import warnings
 
 import torch
 
-from adapter_surgery.arch import resolve_architecture
 from adapter_surgery.devices import pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
-from adapter_surgery.io import Checkpoint, atomic_output, describe_files
-from adapter_surgery.io.atomic import check_output_path
+from adapter_surgery.io import describe_files
 from adapter_surgery.ops.attach_head import without_dirs
 from adapter_surgery.ops.attach_lora import peft_bridge as bridge
+from adapter_surgery.ops.attach_lora import servable
 from adapter_surgery.ops.attach_lora.decompose import Materializer, intra_op_threads, seeded_rng
 from adapter_surgery.ops.attach_lora.output import (
     Residuals,
@@ -112,13 +110,14 @@ from adapter_surgery.ops.attach_lora.targets import (
     check_init,
     check_memory,
     check_weights_fit_config,
+    injection_config,
     lora_config,
     meta_model,
     plan,
     task_type_of,
 )
 from adapter_surgery.ops.common import FileInfo, RunContext
-from adapter_surgery.paths import resolve_under
+from adapter_surgery.ops.runner import begin
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "DATA_FREE_INITS", "MAX_LAYERS", "MAX_NAMES", "MAX_PISSA_NITER",
            "MAX_RANK", "MAX_TOKEN_IDS", "REFUSED_INITS", "RESIDUAL_DIR", "AttachLoraOptions", "AttachLoraResult",
@@ -143,29 +142,28 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
         InvalidSpec: targets that match nothing, a ``target_modules`` list entry that matches no module (field
             ``target_modules.<i>``), targets that are not Linear/Conv1D, r < 1 or r > min(in, out), lora_alpha or
             an alpha_pattern value not > 0 and finite, an unsupported init, fp8/quantized targets, out-of-range
-            token ids, a LoraConfig peft refuses. Nothing is written.
+            token ids, a LoraConfig peft refuses, an adapter the ``serving`` runtime cannot load
+            (:mod:`adapter_surgery.serving`). Nothing is written.
     """
-    started = time.perf_counter()
-    checkpoint = resolve_under(ctx.data_dir, spec.checkpoint, "checkpoint")
-    output = resolve_under(ctx.data_dir, spec.output, "output")
-    check_output_path(output, checkpoint, spec.overwrite)
+    run = begin(spec, ctx)
     init = check_init(spec)
     decompose = init not in DATA_FREE_INITS
     needs_weights = decompose or spec.use_dora
     device = pick_device(spec.device)  # validated always; data-free inits compute on the CPU (nothing to move)
     if not needs_weights:
         device = torch.device("cpu")
-    ckpt = Checkpoint.open(checkpoint)
+    ckpt = run.open()
     if ckpt.is_file or ckpt.config is None:
         raise InvalidCheckpoint(f"attach-lora needs the model directory with its config.json ({ckpt.config_problem})",
                                 field="checkpoint", fix="Send the save_pretrained directory, config.json included.")
-    arch = resolve_architecture(ckpt, ctx.architectures)
+    arch = run.architecture(ckpt)
     model = meta_model(ckpt)
     task_type = task_type_of(type(model).__name__)
-    config = lora_config(spec, init, task_type, arch)
+    config = injection_config(lora_config(spec, init, task_type, arch), model, spec, arch)
     notes = [*ckpt.warnings, *arch.notes, *check_weights_fit_config(ckpt, model, arch)]
     targets, plan_notes = plan(config, model, ckpt, arch, spec)
     check_memory(targets, init, spec, needs_weights, ctx.memory_limit_bytes)
+    serving_notes, unable = servable.check_config(spec, config, targets)
     base_path = f"{spec.output.rstrip('/')}/{RESIDUAL_DIR}" if decompose else spec.checkpoint
     ctx.say(f"{len(targets)} target modules, init {init}")
 
@@ -173,13 +171,14 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
     with (_LOCK, seeded_rng(spec.seed, device), intra_op_threads(threads),
           warnings.catch_warnings(record=True) as caught):
         warnings.simplefilter("always")
-        with atomic_output(output, spec.overwrite, owner=ctx.owner) as tmp:
+        with run.writing() as tmp:
             tmp.mkdir(parents=True)
             spill = Residuals(ckpt, targets, tmp / RESIDUAL_DIR, ctx) if decompose else None
             materializer = Materializer(ckpt, targets, device, init, spill)
             tuner = _inject(model, config, materializer)
             ctx.say("adapter initialized")
             state = adapter_state_dict(tuner, ckpt, arch, ADAPTER_DTYPES[spec.dtype])
+            serving_notes += servable.check_keys(spec, state, unable)
             save_adapter(tmp, state, tuner.peft_config[bridge.ADAPTER_NAME], base_path, task_type, type(model),
                          decompose)
             residual = None
@@ -188,13 +187,13 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
             files = [f for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) for f in describe_files(tmp / name)]
             modules = describe_targets(tuner, targets)
     residual_note = [residual.note] if residual is not None else []
-    warnings_out = [*notes, *plan_notes, *peft_warnings(caught), *residual_note]
+    warnings_out = [*notes, *plan_notes, *peft_warnings(caught), *residual_note, *serving_notes]
     return AttachLoraResult(
         output=spec.output, task_type=task_type, base_model_name_or_path=base_path,
         adapter_files=[FileInfo.of(f) for f in files], target_modules=modules,
         trainable_parameters=sum(t.numel() for t in state.values()), base_bytes_read=ckpt.bytes_read,
         residual_base=residual, warnings=list(dict.fromkeys(without_dirs(w, ctx.data_dir) for w in warnings_out)),
-        seconds=round(time.perf_counter() - started, 4))
+        seconds=run.seconds())
 
 
 def _inject(model, config, materializer: Materializer):
