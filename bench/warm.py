@@ -1,10 +1,11 @@
 """The warm side of the bench: one long-lived process that runs operations as the service does.
 
-``python bench/warm.py DATA_DIR``: imports the service once, keeps one ``DigestCache`` (as one app instance does),
-then answers one JSON line per request line on stdin, ``{"op": name, "spec": {...}}``: ``seconds`` of the call,
-``maxrss`` (bytes: peak RSS during the call, VmHWM reset before it through ``/proc/self/clear_refs``), the
-process's I/O counters over the call (``/proc/self/io``: all threads, finished ones included), CPU seconds, and
-``error`` when the operation raised. The harness sends a first, untimed request to warm it.
+``python bench/warm.py DATA_DIR``: imports the service once, keeps one digest, architecture and tokenizer cache
+(as one service instance does), then answers one JSON line per request line on stdin, ``{"op": name, "spec":
+{...}}``: ``seconds`` of the call, ``maxrss`` (bytes: peak RSS during the call, VmHWM reset before it through
+``/proc/self/clear_refs``), the process's I/O counters over the call (``/proc/self/io``: all threads, finished
+ones included), CPU seconds, and ``error`` when the operation raised. The harness sends a first, untimed request
+to warm it.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def main() -> None:
     from adapter_surgery.io.writer import DigestCache
     from adapter_surgery.ops import OPERATIONS
     from adapter_surgery.ops.common import RunContext
+    from adapter_surgery.tokenizer_cache import TokenizerCache
 
-    digests, architectures = DigestCache(), ArchitectureCache()  # as the service keeps them
+    digests, architectures, tokenizers = DigestCache(), ArchitectureCache(), TokenizerCache()  # as the service
     answers.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         req = json.loads(line)
@@ -53,7 +55,7 @@ def main() -> None:
         io0, cpu0 = proc_io(), os.times()
         t0 = time.perf_counter()
         try:
-            ctx = RunContext(data_dir, digests=digests, architectures=architectures)
+            ctx = RunContext(data_dir, digests=digests, architectures=architectures, tokenizers=tokenizers)
             op.run(op.spec.model_validate(req["spec"]), ctx)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"[:2000]

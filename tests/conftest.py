@@ -61,3 +61,13 @@ def build(data_dir: Path):
         return make(name, data_dir).name
 
     return _build
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped where CUDA is unavailable (CI): ``bench/gpu.sh`` runs them on a GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu; bench/gpu.sh runs these)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

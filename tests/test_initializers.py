@@ -98,6 +98,36 @@ def test_hewitt_sample_covariance_matches_1e_5_sigma(through_covariance: bool) -
     assert torch.equal(ROW_INITS["hewitt"](ctx, n), new.float())  # seeded: the same draws again
 
 
+def test_hewitt_draws_summed_in_the_statistics_pass_equal_the_second_pass() -> None:
+    """row_stats(draws=...) draws the same z as hewitt's pass over the trained rows, block by block (here with a
+    mean far from 0 and zero rows skipped), so one pass gives the second pass's rows up to float rounding."""
+    x = _correlated_rows(3000, 16, seed=2)
+    x[[5, 700, 2999]] = 0  # all-zero rows: not trained, no draw
+    chunks = [(lo, x[lo:lo + 700]) for lo in range(0, 3000, 700)]
+    entry = lambda first, n: torch.ones(n, dtype=torch.bool)  # noqa: E731
+    cpu, n = torch.device("cpu"), 4
+    gen = initializers.row_generator(5, "w", "hewitt", cpu)
+    one = row_stats(chunks, entry, cpu, covariance=False, draws=(n, gen))
+    two = row_stats(chunks, entry, cpu, covariance=False)
+    assert one.hewitt_draws is not None and two.hewitt_draws is None and one.zero_rows == [5, 700, 2999]
+    assert torch.equal(one.mean, two.mean) and one.count == two.count == 2997
+
+    def trained_rows():
+        for _, rows in chunks:
+            keep = rows.abs().amax(dim=1).ne(0)
+            yield rows[keep]
+
+    def ctx(stats: RowStats) -> RowContext:
+        return RowContext(name="w", stats=stats, row_shape=(16,), read_rows=lambda ids: x[ids],
+                          initializer_range=0.02, seed=5, device=cpu, trained_rows=trained_rows)
+
+    fused, passes = ROW_INITS["hewitt"](ctx(one), n), ROW_INITS["hewitt"](ctx(two), n)
+    spread = float((passes - two.mean).abs().max())
+    assert float((fused - passes).abs().max()) < 1e-5 * spread  # the same sample: rounding apart
+    # draws for another row count are not used: the second pass, exactly
+    assert torch.equal(ROW_INITS["hewitt"](ctx(one), n + 1), ROW_INITS["hewitt"](ctx(two), n + 1))
+
+
 def test_hewitt_without_covariance_or_rows_is_refused() -> None:
     stats = RowStats(mean=torch.zeros(4), covariance=None, count=10)
     ctx = RowContext(name="w", stats=stats, row_shape=(4,), read_rows=lambda ids: torch.zeros(len(ids), 4),

@@ -89,12 +89,23 @@ class RowStats:
             unless requested.
         count: how many rows were trained (had a tokenizer entry and a non-zero norm).
         zero_rows: ids of rows with a tokenizer entry whose values are all zero.
+        hewitt_draws: with ``row_stats(draws=(n, generator))``, ``sum_i z_i (x_i - mean)`` over the trained rows
+            (float64, ``(n, row numel)``), the ``z`` drawn block by block exactly as ``hewitt``'s second pass over
+            the rows draws them: ``hewitt`` then needs no second pass. ``None`` otherwise.
     """
 
     mean: torch.Tensor
     covariance: torch.Tensor | None
     count: int
     zero_rows: list[int] = field(default_factory=list)
+    hewitt_draws: torch.Tensor | None = None
+
+
+def row_generator(seed: int, name: str, salt: str, device: torch.device) -> torch.Generator:
+    """The generator of tensor ``name``'s draws for ``salt`` (a strategy), seeded from (request seed, name, salt)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + zlib.crc32(f"{name}:{salt}".encode())) % (2**63))
+    return gen
 
 
 @dataclass
@@ -126,9 +137,7 @@ class RowContext:
     trained_rows: Callable[[], Iterator[torch.Tensor]] | None = None
 
     def generator(self, salt: str) -> torch.Generator:
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed((self.seed * 1_000_003 + zlib.crc32(f"{self.name}:{salt}".encode())) % (2**63))
-        return gen
+        return row_generator(self.seed, self.name, salt, self.device)
 
 
 RowInit = Callable[[RowContext, int], torch.Tensor]
@@ -159,6 +168,10 @@ def hewitt_needs_covariance(new_rows: int, row_shape: tuple[int, ...]) -> bool:
 def _rows_hewitt(ctx: RowContext, n: int) -> torch.Tensor:
     cov = ctx.stats.covariance
     mean = ctx.stats.mean.to(ctx.device, torch.float32).reshape(-1)
+    draws = ctx.stats.hewitt_draws
+    if cov is None and draws is not None and draws.shape[0] == n and n > 0:  # drawn in the statistics pass
+        scale = math.sqrt(HEWITT_COVARIANCE_SCALE / ctx.stats.count)
+        return (mean.double() + draws.to(ctx.device) * scale).float().reshape(n, *ctx.row_shape)
     if cov is None and ctx.trained_rows is not None and n > 0:
         return _hewitt_from_rows(ctx, mean, n)
     if cov is None:
@@ -216,7 +229,9 @@ def trained_blocks(chunks: Iterable[tuple[int, torch.Tensor]], trained: Callable
                    device: torch.device) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Split ``(first_row, rows)`` chunks into blocks of at most :data:`STATS_BLOCK_BYTES` in float32 and yield
     ``(first_row, x, has_entry, keep)``: ``x`` the block in float32 on ``device`` (its stored shape), ``has_entry``
-    from ``trained``, ``keep`` = has an entry and is not all zero (the rows the statistics use)."""
+    from ``trained``, ``keep`` = has an entry and is not all zero (the rows the statistics use; a row is all zero
+    when its largest absolute value is 0, one reduction over the block instead of a boolean copy of it; NaN rows
+    count as not zero, as with ``ne(0).any()``)."""
     for first, rows in chunks:
         n = rows.shape[0]
         if n == 0:
@@ -227,12 +242,13 @@ def trained_blocks(chunks: Iterable[tuple[int, torch.Tensor]], trained: Callable
             hi = min(n, lo + step)
             x = rows[lo:hi].to(device).float()
             has_entry = mask[lo:hi].to(device)
-            keep = has_entry & x.reshape(hi - lo, -1).ne(0).any(dim=1)
+            keep = has_entry & x.reshape(hi - lo, -1).abs().amax(dim=1).ne(0)
             yield first + lo, x, has_entry, keep
 
 
 def row_stats(chunks: Iterable[tuple[int, torch.Tensor]], trained: Callable[[int, int], torch.Tensor],
-              device: torch.device, covariance: bool) -> RowStats:
+              device: torch.device, covariance: bool,
+              draws: tuple[int, torch.Generator] | None = None) -> RowStats:
     """Mean (and covariance) of the trained rows of a tensor read in row chunks, in float32.
 
     ``chunks`` yields ``(first_row, rows)``; ``trained(first, count)`` gives the boolean mask of rows that have
@@ -241,25 +257,38 @@ def row_stats(chunks: Iterable[tuple[int, torch.Tensor]], trained: Callable[[int
     float64 copy of the tensor. A tensor that fits in one block gets exactly ``rows[mask].float().mean(0)``;
     over several blocks the float32 block sums are accumulated in float64. The covariance sums float32 GEMMs of
     the blocks centred on the first block's mean (no cancellation when the mean is large) in float64.
+
+    ``draws=(n, generator)`` also accumulates ``hewitt``'s sum without its second pass over the rows: per block of
+    trained rows ``z ~ N(0, I)`` of shape ``(n, rows)`` from ``generator`` (the same draws, in the same order, as
+    :func:`_hewitt_from_rows`), ``sum z (x - s)`` with ``s`` the first block's mean, and ``sum z``; at the end
+    ``sum_i z_i (x_i - mean) = sum z (x - s) - (sum z) (mean - s)`` (exact in real arithmetic; float32 GEMMs per
+    block, float64 across blocks, as there).
     """
     total: torch.Tensor | None = None
     gram: torch.Tensor | None = None
     shift: torch.Tensor | None = None
     count, zero_rows = 0, []
     single: torch.Tensor | None = None
+    zx: torch.Tensor | None = None  # sum z (x - shift), for draws
+    zsum: torch.Tensor | None = None  # sum z
     for blocks, (first, x, has_entry, keep) in enumerate(trained_blocks(chunks, trained, device), start=1):
         zero_rows += (torch.nonzero(has_entry & ~keep).flatten() + first).tolist()
         sel = x if bool(keep.all()) else x[keep]
         single = sel if blocks == 1 else None
         s = sel.sum(dim=0).double()  # float32 within a block, float64 across blocks
         total = s if total is None else total + s
-        if covariance and sel.shape[0]:
+        if (covariance or draws is not None) and sel.shape[0]:
             f = sel.reshape(sel.shape[0], -1)
             if shift is None:
                 shift = f.mean(dim=0)
             c = f - shift
-            g = (c.T @ c).double()
-            gram = g if gram is None else gram + g
+            if covariance:
+                g = (c.T @ c).double()
+                gram = g if gram is None else gram + g
+            if draws is not None:
+                z = torch.randn(draws[0], sel.shape[0], device=device, dtype=torch.float32, generator=draws[1])
+                zc, zs = (z @ c).double(), z.double().sum(dim=1)
+                zx, zsum = (zc, zs) if zx is None or zsum is None else (zx + zc, zsum + zs)
         count += sel.shape[0]
     if total is None or count == 0:
         raise ValueError("no trained rows")
@@ -268,7 +297,10 @@ def row_stats(chunks: Iterable[tuple[int, torch.Tensor]], trained: Callable[[int
     if covariance and gram is not None and shift is not None:
         mu = (total / count).reshape(-1, 1) - shift.double().reshape(-1, 1)
         cov = gram / count - mu @ mu.T
-    return RowStats(mean=mean, covariance=cov, count=count, zero_rows=zero_rows)
+    hewitt = None
+    if zx is not None and zsum is not None and shift is not None:
+        hewitt = zx - zsum.reshape(-1, 1) * (mean.double().reshape(1, -1) - shift.double().reshape(1, -1))
+    return RowStats(mean=mean, covariance=cov, count=count, zero_rows=zero_rows, hewitt_draws=hewitt)
 
 
 # -- weight matrices ------------------------------------------------------------------------------------------

@@ -176,8 +176,9 @@ def test_digests_of_linked_shards_come_from_the_cache_never_from_reading(
     import adapter_surgery.io.writer as writer
 
     read: list[str] = []
-    real = writer._sha256
+    real, follow = writer._sha256, writer.HashFollower.run
     monkeypatch.setattr(writer, "_sha256", lambda p: read.append(p.name) or real(p))
+    monkeypatch.setattr(writer.HashFollower, "run", lambda self: read.append(self.path.name) or follow(self))
     ckpt = Checkpoint.open(_two_shards(tmp_path / "in"))
     cache = writer.DigestCache()
     emb = ckpt.info("emb")
@@ -197,3 +198,42 @@ def test_digests_of_linked_shards_come_from_the_cache_never_from_reading(
     files = {f.path: f for f in describe_files(tmp_path / "b", known=second)}
     assert read[2:] == ["config.json"] and files["s1.safetensors"] == second["s1.safetensors"]
     assert files["config.json"].sha256 == hashlib.sha256(b"{}").hexdigest() and not files["config.json"].linked
+
+
+def test_a_shard_is_hashed_while_it_is_written(tmp_path: Path) -> None:
+    """The follower's digest is the written file's, tensor after tensor; a failed write stops it instead of
+    leaving it waiting."""
+    import threading
+
+    from adapter_surgery.io.writer import HashFollower, write_shard
+
+    g = torch.Generator().manual_seed(1)
+    entries = [(f"t{i}", NewTensor(torch.randn(1000 + i, 37, generator=g))) for i in range(5)]
+    follower = HashFollower(tmp_path / "a.safetensors")
+    digests: list[str] = []
+    worker = threading.Thread(target=lambda: digests.append(follower.run()))
+    worker.start()
+    write_shard(tmp_path / "a.safetensors", entries, {"format": "pt"}, follower=follower, sync=False)
+    worker.join(timeout=30)
+    assert digests == [hashlib.sha256((tmp_path / "a.safetensors").read_bytes()).hexdigest()]
+    assert torch.equal(load_file(str(tmp_path / "a.safetensors"))["t3"], entries[3][1].tensor)
+
+    class Broken(NewTensor):
+        def write(self, fd: int) -> None:
+            raise OSError("disk full")
+
+    failed = HashFollower(tmp_path / "b.safetensors")
+    errors: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            failed.run()
+        except OSError as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=follow)
+    worker.start()
+    with pytest.raises(OSError, match="disk full"):
+        write_shard(tmp_path / "b.safetensors", [entries[0], ("bad", Broken(torch.zeros(2)))], None, follower=failed)
+    worker.join(timeout=30)
+    assert not worker.is_alive() and "abandoned" in str(errors[0])

@@ -15,7 +15,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -278,15 +278,101 @@ class Changes:
         return {ckpt.weight_map[n] for n in names if n in ckpt.weight_map}
 
 
+class HashFollower:
+    """sha256 of a file while another thread writes it front to back: :meth:`run` (on a worker thread) reads each
+    range the writer reports complete (:meth:`advance`, the file offset after a whole write) from the page cache and
+    hashes it, so that the digest is ready about when the last byte is written instead of one more pass later
+    (on two cores the kernel's copy and the hash run side by side). Only bytes below a reported offset are read:
+    they are final, the writer never goes back (a shard with :class:`ReservedTensor` ranges filled later is hashed
+    after it is complete instead)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._cond = threading.Condition()
+        self._mark = 0
+        self._end: int | None = None
+        self._abandoned = False
+
+    def advance(self, offset: int) -> None:
+        """Bytes ``[0, offset)`` are written and will not change."""
+        with self._cond:
+            self._mark = max(self._mark, offset)
+            self._cond.notify()
+
+    def finish(self, size: int) -> None:
+        """The file is complete at ``size`` bytes."""
+        with self._cond:
+            self._mark, self._end = size, size
+            self._cond.notify()
+
+    def abandon(self) -> None:
+        """The write failed: :meth:`run` stops (raises) instead of waiting for bytes that will not come."""
+        with self._cond:
+            self._abandoned = True
+            self._cond.notify()
+
+    def _wait(self, done: int) -> tuple[int, int | None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._mark > done or self._end is not None or self._abandoned)
+            if self._abandoned:
+                raise OSError(f"{self.path.name}: the write was abandoned")
+            return self._mark, self._end
+
+    def run(self) -> str:
+        """The hex sha256 of the whole file, once :meth:`finish` is called and every byte is hashed."""
+        digest, done = hashlib.sha256(), 0
+        buf = bytearray(1 << 22)
+        view = memoryview(buf)
+        fh = None
+        try:
+            while True:
+                mark, end = self._wait(done)
+                if fh is None:
+                    fh = self.path.open("rb", buffering=0)
+                while done < mark:
+                    n = os.preadv(fh.fileno(), [view[: min(mark - done, len(buf))]], done)
+                    if n <= 0:
+                        raise OSError(f"{self.path.name} ended at {done} bytes while hashing")
+                    digest.update(view[:n])  # releases the GIL on large buffers
+                    done += n
+                if end is not None and done >= end:
+                    return digest.hexdigest()
+        finally:
+            if fh is not None:
+                fh.close()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # flushes the file's dirty pages whichever descriptor wrote them
+    finally:
+        os.close(fd)
+
+
 def write_shard(path: Path, entries: Iterable[tuple[str, TensorSource]], metadata: dict[str, str] | None,
-                progress: Progress | WriteObserver | None = None, stage: str = "") -> int:
+                progress: Progress | WriteObserver | None = None, stage: str = "", *,
+                follower: HashFollower | None = None, sync: bool = True) -> int:
     """Write a safetensors file at ``path`` from ``(name, source)`` pairs, in that order; return the data bytes.
 
     The header JSON is padded with spaces to a multiple of 8 bytes, as the reference writer does. ``progress``
-    hears the bytes of each tensor once written, and may stop the write before any tensor.
+    hears the bytes of each tensor once written, and may stop the write before any tensor. ``follower`` (a
+    :class:`HashFollower` hashing the file on another thread) hears how far the file is complete after the header
+    and after each tensor (the sources write sequentially), and that it is finished (or abandoned, on an error).
+    ``sync`` false leaves the ``fsync`` to the caller (:func:`write_checkpoint` syncs each shard on a worker thread
+    while the next is written, and waits for every sync before it returns).
     """
-    watch = observer(progress)
-    entries = list(entries)
+    try:
+        offset = _write_shard(path, list(entries), metadata, observer(progress), stage, follower, sync)
+    except BaseException:
+        if follower is not None:
+            follower.abandon()
+        raise
+    return offset
+
+
+def _write_shard(path: Path, entries: list[tuple[str, TensorSource]], metadata: dict[str, str] | None,
+                 watch: WriteObserver, stage: str, follower: HashFollower | None, sync: bool) -> int:
     header: dict[str, object] = {}
     if metadata is not None:
         header["__metadata__"] = metadata
@@ -301,14 +387,22 @@ def write_shard(path: Path, entries: Iterable[tuple[str, TensorSource]], metadat
     with path.open("wb", buffering=0) as fh:
         fd = fh.fileno()
         _write_all(fd, len(raw).to_bytes(8, "little") + raw)
+        end = 8 + len(raw)
+        if follower is not None:
+            follower.advance(end)
         for name, src in entries:
             watch.check_cancelled()
-            before = os.lseek(fd, 0, os.SEEK_CUR)
             src.write(fd)
-            if os.lseek(fd, 0, os.SEEK_CUR) - before != src.nbytes:
+            end, before = os.lseek(fd, 0, os.SEEK_CUR), end
+            if end - before != src.nbytes:
                 raise RuntimeError(f"writer produced the wrong byte count for tensor {name!r}")
+            if follower is not None:
+                follower.advance(end)
             watch.add_done(stage, src.nbytes)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
+    if follower is not None:
+        follower.finish(end)
     return offset
 
 
@@ -354,13 +448,15 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
     metadata kept. ``shard_name`` renames a bare file's single shard (e.g. to ``model.safetensors``).
 
     Returns every output shard (and the index) as a :class:`WrittenFile` (pass them to :func:`describe_files` as
-    ``known``). A rewritten shard is hashed from the page cache on a worker thread while the next one is written, and
-    its digest stored in ``cache`` under the written file (so that a request on this output, which links it, reads
-    nothing); without ``hash_rewritten`` (the caller fills :class:`ReservedTensor` ranges later and hashes then) its
-    digest is None. A linked shard is never read: its digest is ``cache``'s if known, else None. ``progress`` (a message
-    callback, or a :class:`WriteObserver` such as the run context) hears the bytes planned for the rewritten shards,
-    then each tensor's bytes once written, and may stop the write before each shard and tensor (the caller's
-    ``atomic_output`` then removes what was written).
+    ``known``). A rewritten shard is hashed from the page cache on a worker thread while it is written
+    (:class:`HashFollower`), and its digest stored in ``cache`` under the written file (so that a request on this
+    output, which links it, reads nothing); without ``hash_rewritten`` (the caller fills :class:`ReservedTensor`
+    ranges later and hashes then) its digest is None. Each rewritten shard is ``fsync``-ed on a worker thread while
+    the next one is written; every sync has returned when this returns, so the caller's rename publishes only
+    durable shards, as with a sync at the end of each write. A linked shard is never read: its digest is
+    ``cache``'s if known, else None. ``progress`` (a message callback, or a :class:`WriteObserver` such as the run
+    context) hears the bytes planned for the rewritten shards, then each tensor's bytes once written, and may stop
+    the write before each shard and tensor (the caller's ``atomic_output`` then removes what was written).
     """
     watch = observer(progress)
     out.mkdir(parents=True, exist_ok=True)
@@ -382,9 +478,11 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
     watch.plan(f"rewriting {len(entries_of)} of {len(ckpt.shards)} shards",
                sum(src.nbytes for entries in entries_of.values() for _, src in entries))
     rewritten = 0
-    hash_written = cache.sha256 if cache is not None else _sha256  # a cache keeps the output's digest too
-    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        pending = {}
+    # a worker per rewritten shard hashes it while it is written (HashFollower) and another fsyncs it while the next
+    # is written; both are waited for before this returns (the caller renames the output into place after that)
+    with ThreadPoolExecutor(max_workers=2 * max(1, len(entries_of))) as pool:
+        pending: dict[Path, Future[str]] = {}
+        syncs: list[Future[None]] = []
         for shard, header in ckpt.shards.items():
             target = out / (shard_name or shard)
             names = [n for n in header.order if ckpt.weight_map.get(n) == shard]
@@ -401,15 +499,21 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
                 stage = f"rewriting shard {rewritten}/{len(entries_of)}"
                 watch.say(stage)
                 entries = entries_of[shard]
-                total += write_shard(target, entries, header.metadata, watch, stage)
-                if hash_rewritten:  # from the page cache, while the next is written
-                    pending[target] = pool.submit(hash_written, target)
-                else:
+                follower = HashFollower(target) if hash_rewritten else None
+                if follower is not None:
+                    pending[target] = pool.submit(follower.run)
+                total += write_shard(target, entries, header.metadata, watch, stage, follower=follower, sync=False)
+                syncs.append(pool.submit(_fsync_path, target))
+                if follower is None:
                     written[target.name] = WrittenFile(target.name, target.stat().st_size, None)
                 kept = [n for n, _ in entries]
             weight_map.update(dict.fromkeys(kept, target.name))
+        for done in syncs:
+            done.result()
         for target, digest in pending.items():
             written[target.name] = WrittenFile(target.name, target.stat().st_size, digest.result())
+            if cache is not None:  # a request on this output links this shard and reads nothing
+                cache.store(target, digest.result())
     if ckpt.has_index:
         metadata = dict(ckpt.index_metadata or {})
         metadata["total_size"] = total
@@ -451,6 +555,14 @@ class DigestCache:
         key = self._key(path)
         with self._lock:
             return self._entries.get(key)
+
+    def store(self, path: Path, digest: str) -> None:
+        """Remember ``digest`` for ``path`` as it is now (a file hashed while it was written)."""
+        key = self._key(path)
+        with self._lock:
+            if key not in self._entries and len(self._entries) >= self.capacity:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = digest
 
     def sha256(self, path: Path) -> str:
         """The digest of ``path``: the cached one, else read, stored and returned."""

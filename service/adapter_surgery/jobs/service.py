@@ -55,6 +55,7 @@ from adapter_surgery.ops import OPERATIONS
 from adapter_surgery.ops.attach_lora.peft_bridge import WARM_MODULES as PEFT_MODULES
 from adapter_surgery.ops.common import ProgressEvent, RunContext
 from adapter_surgery.settings import Settings
+from adapter_surgery.tokenizer_cache import TokenizerCache
 
 log = logging.getLogger("adapter_surgery.jobs")
 
@@ -125,6 +126,7 @@ class JobService:
         self.settings = settings
         self.digests = digests or DigestCache()
         self.architectures = ArchitectureCache()  # resolved architectures, for every job this service runs
+        self.tokenizers = TokenizerCache()  # loaded tokenizers (extend-vocab), likewise
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.embedded = settings.queue_url is None
         self._init_lock = threading.Lock()
@@ -446,7 +448,8 @@ class JobService:
             op = OPERATIONS[rec.job.operation]
             ctx = RunContext(self.settings.data_dir / rec.data_dir_rel, progress=lambda ev: self._progress(run, ev),
                              digests=self.digests, should_cancel=lambda: self._should_cancel(run), owner=job_id,
-                             memory_limit_bytes=self.settings.memory_limit_bytes, architectures=self.architectures)
+                             memory_limit_bytes=self.settings.memory_limit_bytes, architectures=self.architectures,
+                             tokenizers=self.tokenizers)
             spec = op.spec.model_validate(rec.spec)
             run_result = run_operation(op, spec, ctx)
             state, result = JobState.succeeded, run_result.model_dump(mode="json")

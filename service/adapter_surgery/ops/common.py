@@ -16,6 +16,7 @@ from adapter_surgery.spec import PathFields, Seed, StrictModel  # noqa: F401 (re
 
 if TYPE_CHECKING:
     from adapter_surgery.arch import ArchitectureCache
+    from adapter_surgery.tokenizer_cache import TokenizerCache
 
 
 class FileInfo(BaseModel):
@@ -78,6 +79,7 @@ class RunContext:
         progress: receives a :class:`ProgressEvent` at each stage and after each tensor written.
         digests: (in the service) a cache of unchanged files' sha256.
         architectures: (in the service) a cache of resolved architectures (``arch.ArchitectureCache``).
+        tokenizers: (in the service) a cache of loaded tokenizers (``tokenizer_cache.TokenizerCache``).
         should_cancel: polled at tensor and shard boundaries (:meth:`check_cancelled`).
         owner: the job id, written into the owner record of every temporary path (see ``io.atomic``).
         memory_limit_bytes: the service's ``memory_limit_bytes`` setting (None: the environment's, else what the
@@ -91,6 +93,7 @@ class RunContext:
     owner: str | None = None
     memory_limit_bytes: int | None = None
     architectures: ArchitectureCache | None = None
+    tokenizers: TokenizerCache | None = None
     _tally: _Tally = field(default_factory=_Tally, repr=False, compare=False)
 
     def _emit(self, stage: str) -> None:

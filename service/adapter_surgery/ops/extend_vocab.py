@@ -34,6 +34,7 @@ from adapter_surgery.initializers import (
     RowContext,
     RowStats,
     hewitt_needs_covariance,
+    row_generator,
     row_stats,
     trained_blocks,
 )
@@ -57,6 +58,7 @@ from adapter_surgery.ops.common import (
 )
 from adapter_surgery.ops.runner import begin
 from adapter_surgery.report import PreservationReport, preservation_report
+from adapter_surgery.tokenizer_cache import TokenizerCache
 
 #: New rows per request at most (pad_to_multiple_of or num_new_tokens beyond this is a mistake, not a model).
 MAX_NEW_ROWS = 1 << 20
@@ -190,7 +192,7 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     arch.check_growable()
     warnings = list(ckpt.warnings) + arch.notes
     ctx.say("loading the tokenizer")
-    tok = _load_tokenizer(ckpt, spec)
+    tok = _load_tokenizer(ckpt, spec, ctx.tokenizers)
     ctx.check_cancelled()
     _check_memory(spec, ckpt, arch, tok, ctx.memory_limit_bytes)
     plan = plan_vocab(spec, ckpt, arch, tok, ctx)
@@ -263,7 +265,8 @@ class VocabPlan:
     has_entry: torch.Tensor  # bool (V,): rows with a tokenizer entry in the base
 
 
-def _load_tokenizer(ckpt: Checkpoint, spec: ExtendVocabSpec):  # -> PreTrainedTokenizerBase | None
+def _load_tokenizer(ckpt: Checkpoint, spec: ExtendVocabSpec,
+                    cache: TokenizerCache | None = None):  # -> PreTrainedTokenizerBase | None
     if not ckpt.has_tokenizer:
         if spec.tokens:
             raise InvalidSpec("the checkpoint has no tokenizer files, so tokens cannot be added by text",
@@ -274,11 +277,16 @@ def _load_tokenizer(ckpt: Checkpoint, spec: ExtendVocabSpec):  # -> PreTrainedTo
                           field="num_new_tokens", fix="List the new tokens in tokens.")
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    directory = str(ckpt.directory)
+    # AutoTokenizer reads config.json too; without a usable one, load tokenizer.json directly
+    fast_only = ckpt.config is None and (ckpt.directory / "tokenizer.json").is_file()
+    cls = PreTrainedTokenizerFast if fast_only else AutoTokenizer
+
+    def load():  # -> PreTrainedTokenizerBase
+        return cls.from_pretrained(directory, local_files_only=True)
+
     try:
-        if ckpt.config is None and (ckpt.directory / "tokenizer.json").is_file():
-            # AutoTokenizer reads config.json too; without a usable one, load tokenizer.json directly
-            return PreTrainedTokenizerFast.from_pretrained(str(ckpt.directory), local_files_only=True)
-        return AutoTokenizer.from_pretrained(str(ckpt.directory), local_files_only=True)
+        return load() if cache is None else cache.get(ckpt.directory, cls.__name__, load)
     except Exception as exc:  # transformers raises many kinds for broken tokenizer files
         raise InvalidCheckpoint(f"the tokenizer files could not be loaded ({type(exc).__name__}: {exc})",
                                 field="checkpoint", fix="Re-save the tokenizer with save_pretrained.") from None
@@ -491,7 +499,9 @@ def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, p
     stats = {}
     for n, k in enumerate(arch.vocab_tensors):
         _planning(ctx, f"row statistics of {k}", n, len(arch.vocab_tensors))
-        stats[k] = _stats(ckpt, k, plan, device, need_cov(k))
+        cov = need_cov(k)  # few hewitt rows: their draws are summed in the statistics pass (no second pass)
+        draws = (n_hewitt, row_generator(spec.seed, k, "hewitt", device)) if n_hewitt and not cov else None
+        stats[k] = _stats(ckpt, k, plan, device, cov, draws)
     zero = sorted(set().union(*(set(s.zero_rows) for s in stats.values())))
     names = [None] * len(zero) if tok is None else tok.convert_ids_to_tokens(zero)
     untrained = [TokenId(token=name, id=i) for name, i in zip(names, zero, strict=True)]
@@ -562,9 +572,10 @@ def _trained_mask(ckpt: Checkpoint, key: str, plan: VocabPlan) -> Callable[[int,
     return trained
 
 
-def _stats(ckpt: Checkpoint, key: str, plan: VocabPlan, device: torch.device, covariance: bool) -> RowStats:
+def _stats(ckpt: Checkpoint, key: str, plan: VocabPlan, device: torch.device, covariance: bool,
+           draws: tuple[int, torch.Generator] | None = None) -> RowStats:
     try:
-        return row_stats(ckpt.iter_rows(key), _trained_mask(ckpt, key, plan), device, covariance)
+        return row_stats(ckpt.iter_rows(key), _trained_mask(ckpt, key, plan), device, covariance, draws)
     except ValueError:
         raise InvalidCheckpoint(f"tensor {key!r} has no trained rows (every row with a token is all zero)",
                                 field="checkpoint", fix="Use init 'normal' or 'zeros', which need no trained rows.") \
