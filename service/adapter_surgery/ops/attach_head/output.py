@@ -64,10 +64,9 @@ def write_side_files(ckpt: Checkpoint, out: Path, arch: Architecture, model_clas
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if tok is None or pad.info is None or pad.info.token is None:
         return
-    if pad.tokenizer_grew:
-        tok.pad_token = pad.info.token
-        tok.save_pretrained(str(out))
-    if tok.pad_token != pad.info.token or pad.tokenizer_grew:
+    if pad.tokenizer is not None:
+        pad.tokenizer.save_pretrained(str(out))
+    if tok.pad_token != pad.info.token or pad.tokenizer is not None:
         _set_pad_in_tokenizer_files(out, pad.info.token)
 
 

@@ -21,7 +21,7 @@ from adapter_surgery.ops.common import ChangedTensor
 class Pad:
     info: PadToken | None
     rows_after: int
-    tokenizer_grew: bool = False  # the tokenizer object has a new token: save it
+    tokenizer: Any = None  # with a pad token added: a new tokenizer that holds it and pads with it (saved)
     changed: list[ChangedTensor] = field(default_factory=list)
 
 
@@ -81,14 +81,19 @@ def _add_pad(spec: AttachHeadSpec, ckpt: Checkpoint, arch: Architecture, tok, de
                          num_new_tokens=None if tok is not None else 1, init="mean", seed=spec.seed,
                          device=spec.device)
     input_only = dataclasses.replace(arch, output_head=None, output_bias=None, redundant_keys=[])
-    plan = plan_vocab(ev, ckpt, input_only, tok)
-    derived = vocab_changes(ev, ckpt, input_only, plan, tok=tok, device=device)
+    planned = plan_vocab(ev, ckpt, input_only)  # loads the tokenizer again: ``tok`` stays as it is
+    plan = planned.plan
+    derived = vocab_changes(ev, ckpt, input_only, plan, tok=planned.tokenizer, device=device)
     warnings += derived.warnings
     changes.replace.update(derived.changes.replace)
     changed = derived.changed
+    grown = None
     if plan.added:
         info = PadToken(token=plan.added[0].token, id=plan.added[0].id, source="added")
+        grown = planned.tokenizer
+        if grown is not None:  # plan_vocab's own new tokenizer, which no one else holds: it pads with the new token
+            grown.pad_token = info.token
     else:
         info = PadToken(token=plan.existing[0].token, id=plan.existing[0].id, source="existing")
         warnings.append(f"pad token {info.token!r} already exists (id {info.id}); it is used as it is")
-    return Pad(info, plan.rows_after, tokenizer_grew=bool(plan.added) and tok is not None, changed=changed)
+    return Pad(info, plan.rows_after, tokenizer=grown, changed=changed)
