@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -303,7 +304,8 @@ def _plan_adapter(adapter: Adapter, base: _Base) -> dict[str, _Change]:
                                              f"{ids[:8]}..., but {target} is {list(info.shape)}")
                 if len(set(ids)) != len(ids):
                     raise _mismatch(adapter, f"trainable_token_indices of {module} repeat an id", "Check the ids.")
-                _add(changes, target, _Change(adapter, "token_rows", module, {"rows": key}, ids))
+                changes[target] = _new_change(changes, target, _Change(adapter, "token_rows", module, {"rows": key},
+                                                                       ids))
                 continue
             if ".lora_" in name or "lora_" in name.rsplit(".", 1)[-1]:
                 raise _mismatch(adapter, f"tensor {key!r} is not one merge-lora folds (LoRA A/B, DoRA magnitude, "
@@ -321,13 +323,19 @@ def _plan_adapter(adapter: Adapter, base: _Base) -> dict[str, _Change]:
             if target in changes and changes[target].kind == "replaced":  # a tied pair saved twice: the first
                 # key (sorted) wins, as in peft's merge_and_unload + save_pretrained (tested)
                 continue
-            _add(changes, target, _Change(adapter, "replaced", param, {"value": key}))
+            changes[target] = _new_change(changes, target, _Change(adapter, "replaced", param, {"value": key}))
     for module, keys in groups.items():
-        _plan_lora(adapter, base, module, keys, changes)
+        target, change = _plan_lora(adapter, base, module, keys, changes)
+        if "base" in change.keys:  # the adapter's own copy of the base weight, which the delta is added to
+            del changes[target]
+        changes[target] = _new_change(changes, target, change)
     return changes
 
 
-def _plan_lora(adapter: Adapter, base: _Base, module: str, keys: dict[str, str], changes: dict[str, _Change]) -> None:
+def _plan_lora(adapter: Adapter, base: _Base, module: str, keys: dict[str, str],
+               changes: Mapping[str, _Change]) -> tuple[str, _Change]:
+    """The LoRA (embedding LoRA, DoRA) change of ``module``: its target and the change; ``changes`` (the adapter's
+    other changes, read only) gives the base weight a targeted embedding saved beside its delta."""
     ckpt, w = base.ckpt, adapter.weights
     embedding = "eA" in keys or "eB" in keys
     a_key, b_key = (keys.get("eA"), keys.get("eB")) if embedding else (keys.get("A"), keys.get("B"))
@@ -360,7 +368,7 @@ def _plan_lora(adapter: Adapter, base: _Base, module: str, keys: dict[str, str],
     if saved is not None and saved.kind == "replaced" and ".base_layer." in saved.keys["value"]:
         # peft saves the targeted embedding itself too (save_embedding_layers): loading puts that copy into the
         # base layer, then the delta is added to it
-        roles["base"] = changes.pop(target).keys["value"]
+        roles["base"] = saved.keys["value"]
     if "m" in keys:
         if embedding:
             raise _mismatch(adapter, f"{module}: DoRA on an embedding is not supported",
@@ -370,15 +378,16 @@ def _plan_lora(adapter: Adapter, base: _Base, module: str, keys: dict[str, str],
             raise _mismatch(adapter, f"{module}: lora_magnitude_vector has shape {list(w.info(keys['m']).shape)}, "
                                      f"expected [{out}]")
         kind, roles["m"] = "dora", keys["m"]
-    _add(changes, target, _Change(adapter, kind, module, roles))
+    return target, _Change(adapter, kind, module, roles)
 
 
-def _add(changes: dict[str, _Change], target: str, change: _Change) -> None:
+def _new_change(changes: Mapping[str, _Change], target: str, change: _Change) -> _Change:
+    """``change``, refused when ``changes`` (the adapter's others) already change ``target``."""
     if target in changes:
         raise _mismatch(change.adapter, f"{target} is changed twice by this adapter ({changes[target].kind} of "
                                         f"{changes[target].module} and {change.kind} of {change.module})",
                         "Give an adapter peft can load.")
-    changes[target] = change
+    return change
 
 
 def _combine(per_adapter: list[dict[str, _Change]], weights: list[float]) -> dict[str, list[_Change]]:
