@@ -12,7 +12,12 @@
 - ``surgery``: the sequence of those: add tokens, load for sequence classification, resize (mean), save, LoRA on
   the result, save the adapter into ``OUT/adapter``;
 - ``verify``: load each checkpoint in float32 in turn and run the same 4 x 16 random old-vocabulary probes with
-  hidden states, then compare logits over the old vocabulary and hidden states.
+  hidden states, then compare logits over the old vocabulary and hidden states;
+- ``merge-lora``: ``from_pretrained`` (bf16) + ``PeftModel.from_pretrained`` (the adapter ``BASE/../ADAPTER``,
+  attach-lora's r=16 all-linear) + ``merge_and_unload`` + ``save_pretrained`` (model and tokenizer);
+- ``expand-blocks``: ``from_pretrained`` (bf16), ``NUM_BLOCKS`` new decoder blocks inserted LLaMA Pro style (a
+  deep copy of the block before, ``o_proj``/``down_proj`` zeroed, one after every L/k blocks), ``layer_idx`` and
+  ``num_hidden_layers`` updated, ``save_pretrained`` (model and tokenizer).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from pathlib import Path
 NEW_TOKENS = [f"<bench_tok_{k}>" for k in range(8)]
 NUM_LABELS = 3
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
+#: The adapter merge-lora folds in: beside ``base`` in a size's data directory (bench/run.py prepares it).
+ADAPTER = "bench-adapter"
+#: expand-blocks: new blocks, interleaved (LLaMA Pro added 8 to 32).
+NUM_BLOCKS = 4
 
 
 def extend_vocab(base: Path, out: Path) -> None:
@@ -103,6 +112,46 @@ def verify(base: Path, patched: Path) -> None:
     print(f"max |d logits| {worst:.3g}; hidden RMS ratio {min(ratios):.4f}..{max(ratios):.4f}")
 
 
+def merge_lora(base: Path, out: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(model, base.parent / ADAPTER).merge_and_unload()
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+
+
+def expand_blocks(base: Path, out: Path) -> None:
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    layers = model.model.layers
+    count = len(layers)
+    after = {(j + 1) * count // NUM_BLOCKS - 1 for j in range(NUM_BLOCKS)}  # LLaMA Pro's interleave
+    blocks = []
+    for i, layer in enumerate(layers):
+        blocks.append(layer)
+        if i in after:
+            new = copy.deepcopy(layer)
+            with torch.no_grad():
+                new.self_attn.o_proj.weight.zero_()
+                new.mlp.down_proj.weight.zero_()
+            blocks.append(new)
+    for i, layer in enumerate(blocks):
+        layer.self_attn.layer_idx = i
+    model.model.layers = torch.nn.ModuleList(blocks)
+    model.config.num_hidden_layers = len(blocks)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[0]] * len(blocks)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+
+
 def main() -> None:
     name, base, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     op, _, init = name.partition(":")
@@ -116,6 +165,10 @@ def main() -> None:
         surgery(base, out)
     elif op == "verify":
         verify(base, out)
+    elif op == "merge-lora":
+        merge_lora(base, out)
+    elif op == "expand-blocks":
+        expand_blocks(base, out)
     else:
         raise SystemExit(f"unknown anchor {name!r}")
 

@@ -37,6 +37,8 @@ from workloads import PATCHED, VARIANTS, Variant, select
 ROOT = checkpoints.ROOT
 BENCH = ROOT / "bench"
 GIB = 1 << 30
+#: A prepared input is complete when it holds one of these (a checkpoint, an adapter).
+PREPARED_MARKERS = ("config.json", "adapter_config.json")
 
 
 def _capped() -> Path:
@@ -223,15 +225,15 @@ def run_pair(v: Variant, size: str, args: argparse.Namespace, mem_total: int) ->
     spec_file = data / "specs" / f"{v.op}-{v.name}.json"
     spec_file.parent.mkdir(parents=True, exist_ok=True)
     spec_file.write_text(json.dumps(v.spec("out-ours", args.device), indent=2))
-    if v.op == "verify" and not (data / PATCHED / "config.json").exists():
-        _rm(data / PATCHED)
-        prep = data / "specs" / "prepare-patched.json"
-        prep.write_text(json.dumps({"checkpoint": "base", "output": PATCHED, "tokens": [f"<bench_tok_{k}>" for k in
-                                    range(8)], "init": "mean", "device": args.device}))
-        r = measure([*_cli(), "extend-vocab", "--spec", str(prep), "--data-dir", str(data)], args.cap_ours,
-                    logs.with_name("prepare-patched"))
+    if v.prepare is not None and not any((data / v.prepare[2] / f).exists() for f in PREPARED_MARKERS):
+        op, spec, name = v.prepare
+        _rm(data / name)
+        prep = data / "specs" / f"prepare-{name}.json"
+        prep.write_text(json.dumps(spec(args.device)))
+        r = measure([*_cli(), op, "--spec", str(prep), "--data-dir", str(data)], args.cap_ours,
+                    logs.with_name(f"prepare-{name}"))
         if r.get("error"):
-            entry["skipped"] = f"could not prepare the patched checkpoint: {r['error']}"
+            entry["skipped"] = f"could not prepare {name} ({op}): {r['error']}"
             return entry
     warm_page_cache(base)
     out, out_warm, out_anchor = data / "out-ours", data / "out-warm", data / "out-anchor"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from anchors import LORA, NEW_TOKENS, NUM_LABELS
+from anchors import ADAPTER, LORA, NEW_TOKENS, NUM_BLOCKS, NUM_LABELS
 
 #: The checkpoint (relative to a size's data directory) that verify compares with ``base``.
 PATCHED = "patched-ev"
@@ -22,6 +22,8 @@ class Variant:
     ours_memory: float = 0.0  # ours, when it holds the model (verify loads it in float32)
     reads_weights: bool = False  # reads tensor data beyond the embedding/head rows (meaningless on sparse shards)
     note: str = ""
+    #: An input made once per size before the pair runs: (operation, its spec (device) -> dict, its output dir).
+    prepare: tuple[str, Callable[[str], dict], str] | None = None
 
     @property
     def key(self) -> str:
@@ -34,6 +36,14 @@ def _ev(init: str) -> Callable[[str, str], dict]:
 
 def _lora(**extra: object) -> Callable[[str, str], dict]:
     return lambda out, dev: {"checkpoint": "base", "output": out, **LORA, **extra, "device": dev}
+
+
+def _prepare_patched(dev: str) -> dict:
+    return {"checkpoint": "base", "output": PATCHED, "tokens": NEW_TOKENS, "init": "mean", "device": dev}
+
+
+def _prepare_adapter(dev: str) -> dict:
+    return {"checkpoint": "base", "output": ADAPTER, **LORA, "device": dev}
 
 
 def _surgery(out: str, dev: str) -> dict:
@@ -59,7 +69,18 @@ VARIANTS: list[Variant] = [
             note="extend-vocab (mean) + attach-head (3 labels) + attach-lora (r=16)"),
     Variant("verify", "extend-vocab", lambda out, dev: {"checkpoint": "base", "patched": PATCHED, "device": dev},
             "verify", 2.3, ours_memory=2.3, reads_weights=True,
-            note="base vs its extend-vocab (mean) output; both load each model in float32 in turn"),
+            note="base vs its extend-vocab (mean) output; both load each model in float32 in turn",
+            prepare=("extend-vocab", _prepare_patched, PATCHED)),
+    Variant("merge-lora", "lora-r16", lambda out, dev: {"checkpoint": "base", "output": out,
+                                                        "adapters": [{"path": ADAPTER}], "device": dev},
+            "merge-lora", 1.6, reads_weights=True, prepare=("attach-lora", _prepare_adapter, ADAPTER),
+            note="attach-lora's r=16 all-linear adapter folded in (B = 0 at init: the cost does not depend on the "
+                 "values); the anchor: peft PeftModel.from_pretrained + merge_and_unload + save_pretrained"),
+    Variant("expand-blocks", f"zero-{NUM_BLOCKS}", lambda out, dev: {"checkpoint": "base", "output": out,
+                                                                     "num_blocks": NUM_BLOCKS, "device": dev},
+            "expand-blocks", 1.6, reads_weights=True,
+            note=f"{NUM_BLOCKS} zero-init blocks interleaved (LLaMA Pro); the anchor: transformers load + block "
+                 "insertion (deep copies, o_proj/down_proj zeroed) + save_pretrained"),
 ]
 
 

@@ -67,6 +67,8 @@ def _aim(upload: bytes):
                     body["patched"] = CHECKPOINT
             elif "file" in body:
                 body["file"] = upload
+                if case.headers:  # the upload form answers with the file itself: synchronously only
+                    case.headers.pop("Prefer", None)
         if case.operation.path == "/verify" and isinstance(body.get("patched"), str):
             if case.headers:  # the few verify runs answer synchronously, so that some reach 200
                 case.headers.pop("Prefer", None)

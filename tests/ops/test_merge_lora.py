@@ -326,3 +326,108 @@ def test_embedding_lora_made_by_peft_bitwise_equal(data_dir: Path, build) -> Non
     assert_same_tensors({emb: ours.pop(emb)}, {emb: theirs.pop(emb)}, bitwise=False, intermediate={emb: magnitude})
     assert_same_tensors(ours, theirs, bitwise=True)
     assert float((logits(load(data_dir / "merged")) - logits(ref)).abs().max()) < 0.05
+
+
+# -- adapter_config.json fields: honoured as peft honours them, or refused ---------------------------------------
+def peft_adapter(data_dir: Path, base: str, name: str, edit: dict | None = None, **kw) -> Path:
+    """An adapter made by peft's get_peft_model (random A and B: a non-zero delta), saved by peft; ``edit`` then
+    overwrites fields of its adapter_config.json (a config written by another tool, or edited by hand)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(str(data_dir / base), dtype="auto")
+    torch.manual_seed(0)
+    kw.setdefault("target_modules", ["q_proj", "v_proj"])
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw))
+    peft_model.save_pretrained(str(data_dir / name))
+    if edit:
+        path = data_dir / name / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    return data_dir / name
+
+
+def changed_tensors(data_dir: Path, base: str, output: str = "merged") -> set[str]:
+    src, out = tensors(data_dir / base), tensors(data_dir / output)
+    return {k for k in src if not torch.equal(src[k], out[k])}
+
+
+ALL_LAYERS = {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 1) for p in "qv"}
+
+
+@pytest.mark.parametrize(("kw", "edit", "changed"), [
+    # peft saves only the layers it transformed
+    ({"layers_to_transform": [0]}, None, {"model.layers.0.self_attn.q_proj.weight",
+                                          "model.layers.0.self_attn.v_proj.weight"}),
+    # the reviewer's case: keys for every layer, a config that selects layer 0: peft's load ignores layer 1
+    ({}, {"layers_to_transform": [0]}, {"model.layers.0.self_attn.q_proj.weight",
+                                        "model.layers.0.self_attn.v_proj.weight"}),
+    ({}, {"layers_to_transform": 1, "layers_pattern": "layers"}, {"model.layers.1.self_attn.q_proj.weight",
+                                                                  "model.layers.1.self_attn.v_proj.weight"}),
+    ({}, {"target_modules": r"model\.layers\.1\.self_attn\.q_proj"}, {"model.layers.1.self_attn.q_proj.weight"}),
+    ({}, {"exclude_modules": r".*\.0\.self_attn\.v_proj"}, ALL_LAYERS - {"model.layers.0.self_attn.v_proj.weight"}),
+    ({}, {"exclude_modules": ["model.layers.1.self_attn.q_proj"]}, ALL_LAYERS - {
+        "model.layers.1.self_attn.q_proj.weight"}),
+    ({"rank_pattern": {r"layers\.1\.self_attn\.q_proj": 2}, "alpha_pattern": {r".*\.0\.self_attn\.v_proj": 32},
+      "use_rslora": True}, None, ALL_LAYERS),
+    ({}, {"fan_in_fan_out": True}, ALL_LAYERS),  # peft sets it false on a Linear (warns), as merge-lora does
+    ({"use_dora": True}, {"use_dora": False}, ALL_LAYERS),  # peft builds plain LoRA: the magnitudes are unused
+], ids=["layers_to_transform", "layers_to_transform-edited", "layers_pattern-int",
+        "target_modules-regex", "exclude_modules-regex", "exclude_modules-list", "patterns-regex-rslora",
+        "fan_in_fan_out-on-linear", "magnitudes-without-use_dora"])
+def test_config_fields_bitwise_equal_to_peft(data_dir: Path, build, kw: dict, edit: dict | None,
+                                             changed: set[str]) -> None:
+    base = build("FX-B")
+    peft_adapter(data_dir, base, "lora", edit, **kw)
+    r = merge(data_dir, base, ["lora"])
+    check_against_peft(data_dir, base, [("lora", 1.0)], bitwise=True)
+    assert changed_tensors(data_dir, base) == changed == {t.name for t in r.merged_tensors}
+    ignored = [w for w in r.warnings if "not merged" in w]
+    saved = len(load_file(str(data_dir / "lora/adapter_model.safetensors")))
+    per_module = 3 if kw.get("use_dora") else 2
+    if edit and "use_dora" not in edit and "fan_in_fan_out" not in edit:  # keys peft ignores: named
+        assert ignored and f"{saved - per_module * len(changed)} tensor(s) not merged" in ignored[0]
+    elif edit and "use_dora" in edit:
+        assert ignored and f"{len(changed)} tensor(s) not merged" in ignored[0]
+    else:
+        assert not ignored
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_saved_with_the_adapter_bitwise_equal_to_peft(data_dir: Path, build, bias: str) -> None:
+    base = build("FX-A")  # GPT-2: Conv1D layers with biases
+    adapter = peft_adapter(data_dir, base, "lora", target_modules=["c_attn"], bias=bias)
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    biases = [k for k in state if k.endswith(".bias")]
+    assert biases and all(".c_attn." in k for k in biases) == (bias == "lora_only")
+    g = torch.Generator().manual_seed(3)
+    for k in biases:  # trained biases
+        state[k] = state[k] + torch.randn(state[k].shape, generator=g)
+    save_file(state, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    r = merge(data_dir, base, ["lora"])
+    check_against_peft(data_dir, base, [("lora", 1.0)], bitwise=True)
+    assert {k.removeprefix("base_model.model.").replace(".base_layer.", ".") for k in biases} <= \
+        changed_tensors(data_dir, base)
+    assert {t.name for t in r.merged_tensors} == changed_tensors(data_dir, base)
+
+
+@pytest.mark.parametrize(("kw", "edit", "named"), [
+    ({}, {"lora_bias": True}, "lora_bias"),
+    ({}, {"megatron_config": {"tensor_model_parallel_size": 2}}, "megatron_config"),
+    ({}, {"target_parameters": ["mlp.down_proj.weight"]}, "target_parameters"),
+    ({}, {"layers_pattern": "layers", "layers_to_transform": None}, "layers_to_transform"),
+    ({}, {"target_modules": ".*q_proj", "layers_to_transform": [0]}, "layers_to_transform"),
+    ({"use_dora": False}, {"use_dora": True}, "use_dora"),
+    ({}, {"target_modules": None}, "target_modules"),
+    ({}, {"exclude_modules": "(a+)+b"}, "exclude_modules"),
+    ({}, {"layers_to_transform": [1], "layers_pattern": ["blocks"]}, "layers_pattern"),  # no "blocks": peft raises
+], ids=["lora_bias", "megatron", "target_parameters", "layers_pattern-alone", "regex+layers_to_transform",
+        "use_dora-without-magnitudes", "no-target_modules", "catastrophic-regex",
+        "nothing-selected"])
+def test_config_fields_not_honoured_are_refused_naming_them(data_dir: Path, build, kw: dict, edit: dict,
+                                                            named: str) -> None:
+    base = build("FX-B")
+    peft_adapter(data_dir, base, "lora", edit, **kw)
+    client = TestClient(create_app(Settings(data_dir=data_dir)))
+    r = client.post("/merge-lora", json={"checkpoint": base, "output": "m", "adapters": [{"path": "lora"}]})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "adapters.0.path" and named in r.json()["detail"]
+    assert not (data_dir / "m").exists()

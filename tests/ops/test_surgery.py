@@ -173,3 +173,57 @@ def test_files_report_digests_of_what_was_written_and_links_unread(data_dir: Pat
         else:
             assert f.sha256 == actual[f.path], f.path
     assert [f.path for f in r.files if f.linked] == (["model-00001-of-00002.safetensors"] if len(steps) == 1 else [])
+
+
+def test_report_with_expand_blocks_steps_maps_old_layers_to_new(data_dir: Path, build) -> None:
+    """Two expand-blocks steps (and extend-vocab between): the plan's report compares every hidden state of the final
+    model with the base's at the same depth, as one expand-blocks request with the same blocks reports it."""
+    from adapter_surgery.ops.expand_blocks import ExpandBlocksSpec, expand_blocks
+
+    src = build("FX-B")  # 2 layers
+    r = run(data_dir, src, [{"op": "expand-blocks", "positions": [0]},  # 3 layers: new 1
+                            {"op": "extend-vocab", "tokens": ["<x>"]},
+                            {"op": "expand-blocks", "positions": [2]}], verify=True)  # 4 layers: new 1, 3
+    assert [s.result["new_layers"] for s in r.steps if s.op == "expand-blocks"] == [[1], [3]]
+    report = r.report
+    assert report is not None and report.status == "ok", report
+    assert report.max_abs_logit_delta == 0.0 and report.logits_preserved and report.passed
+    # hidden state i of the output (0: embeddings) against the base's after as many base blocks; the state after
+    # output layer 2 (= after every base block, before the trailing new block) has none, the last is the final norm's
+    assert [(h.layer, h.base_layer) for h in report.hidden_states] == [(0, 0), (1, 1), (2, 1), (4, 2)]
+    assert all(h.max_abs_delta == 0.0 and h.ratio == 1.0 for h in report.hidden_states)
+    single = expand_blocks(ExpandBlocksSpec(checkpoint=src, output="single", num_blocks=2, verify=True),
+                           RunContext(data_dir))
+    assert single.new_layers == [1, 3] and single.report is not None
+    assert [h.model_dump() for h in report.hidden_states] == [h.model_dump() for h in single.report.hidden_states]
+
+
+def test_report_with_a_scaled_normal_step(data_dir: Path, build) -> None:
+    src = build("FX-A")  # GPT-2, 2 layers
+    r = run(data_dir, src, [{"op": "expand-blocks", "num_blocks": 2, "init": "scaled_normal", "seed": 3}],
+            verify=True)
+    assert r.report is not None and r.report.status == "ok"
+    assert r.report.max_abs_logit_delta > 0 and r.report.logits_preserved is None
+    assert any("scaled_normal blocks change the output by design" in w for w in r.report.warnings)
+    assert [(h.layer, h.base_layer) for h in r.report.hidden_states] == [(0, 0), (1, 1), (2, 1), (4, 2)]
+    # the new blocks write into the stream: states after them differ from the base's at that depth
+    assert r.report.hidden_states[2].max_abs_delta > 0 and r.report.passed == r.report.hidden_states_passed
+
+
+def test_report_checks_the_head_of_an_attach_head_step_as_attach_head_does(data_dir: Path, build) -> None:
+    """The plan's report knows the head step's init (it showed init/expected_std/passed null): the same head
+    section as a standalone attach-head with verify, on the same base."""
+    from adapter_surgery.initializers import expected_std
+    from adapter_surgery.ops.attach_head import AttachHeadSpec, attach_head
+
+    src = build("FX-B")
+    head = {"num_labels": 4, "init": "xavier_uniform", "pad_token": "add", "seed": 5}
+    r = run(data_dir, src, [{"op": "attach-head", **head}], verify=True)
+    assert r.report is not None and r.report.status == "ok" and r.report.head is not None
+    weight = next(t for t in r.report.head.tensors if t.name.endswith("score.weight"))
+    assert weight.shape == [4, 32] and weight.init == "xavier_uniform"
+    assert weight.expected_std == pytest.approx(expected_std("xavier_uniform", 32, 4)) and weight.passed is True
+    assert r.report.head.passed is True and r.report.passed is True
+    alone = attach_head(AttachHeadSpec(checkpoint=src, output="alone", verify=True, **head), RunContext(data_dir))
+    assert alone.report is not None and alone.report.head is not None
+    assert r.report.head.model_dump() == alone.report.head.model_dump()

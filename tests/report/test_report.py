@@ -225,3 +225,65 @@ def test_skip_reasons_name_no_server_paths(data: Path, monkeypatch) -> None:
     rep = preservation_report(data / "llama-untied-tiny", data / "llama-untied-tiny")
     assert rep.status == "skipped" and "llama-untied-tiny" in (rep.reason or "")
     assert str(data) not in (rep.reason or "") and "/tmp" not in (rep.reason or "")
+
+
+# -- every row created or re-initialized counts -------------------------------------------------------------------
+def _gpt2_short_embedding(dest: Path) -> None:
+    """GPT-2 with 400 embedding rows and a 403-token tokenizer (ids 400..402 have no row)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.fixtures import GPT2_EOS, _randomize, _save_model, _save_tokenizer, gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    tok.add_tokens([f"<t{i}>" for i in range(303)])
+    assert tok.get_vocab_size(with_added_tokens=True) == 403
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                           bos_token_id=99, eos_token_id=99, tie_word_embeddings=True))
+        _randomize(model)
+    _save_model(model, dest, dtype=torch.float32)
+    _save_tokenizer(tok, dest, model_max_length=64, bos_token=GPT2_EOS, eos_token=GPT2_EOS, unk_token=GPT2_EOS)
+
+
+def test_tokens_without_rows_that_get_rows_are_counted_and_warned(data: Path) -> None:
+    _gpt2_short_embedding(data / "gpt2-400")
+    r = extend_vocab(ExtendVocabSpec(checkpoint="gpt2-400", output="gpt2-405", tokens=["<a>", "<b>"], verify=True),
+                     RunContext(data))
+    assert [t.id for t in r.added] == [403, 404] and r.vocab_size_after == 405
+    assert any(w.startswith("3 existing token(s) of the tokenizer had no embedding row") and "[400, 401, 402]" in w
+               for w in r.warnings)
+    rep = r.report
+    assert rep is not None and rep.status == "ok" and rep.max_abs_logit_delta == 0.0
+    check = rep.added_tokens
+    assert check is not None and check.added_tokens == 5 and check.old_vocab_size == 400
+    assert check.mean_initialized_ids == [400, 401, 402, 403, 404] and check.existing_first_rows_ids == [400, 401, 402]
+    assert check.mean_over_rows == 400 and check.bound == pytest.approx(math.log1p(5 / 400), rel=1e-12)
+    # the KL over the 405-row softmax, computed here with transformers
+    base = AutoModelForCausalLM.from_pretrained(str(data / "gpt2-400"), dtype=torch.float32).eval()
+    new = AutoModelForCausalLM.from_pretrained(str(data / "gpt2-405"), dtype=torch.float32).eval()
+    kls = []
+    with torch.no_grad():
+        for ids in probe_inputs(data / "gpt2-400"):
+            lb, lp = base(input_ids=ids[None]).logits[0].double(), new(input_ids=ids[None]).logits[0].double()
+            kls.append((lb.softmax(-1) * (lb.log_softmax(-1) - lp.log_softmax(-1)[:, :400])).sum(-1))
+    kl = torch.cat(kls)
+    assert check.kl_max == pytest.approx(float(kl.max()), abs=1e-9) == check.bound_kl_max
+    assert check.kl_max > math.log1p(2 / 400)  # counting 2 rows would have checked it against too small a bound
+    assert check.kl_max <= check.bound and check.passed is True and rep.passed is True
+
+
+def test_reinitialized_rows_are_counted(data: Path) -> None:
+    """FX-E: rows 120..127 are all zero; reinit_existing gives them the mean: counted with the 3 new rows (n = 11),
+    left out of max |Δ logits| (the other old logits do not move), bound over the 120 trained rows."""
+    if not (data / "reserved-zero").exists():
+        make("FX-E", data)
+    r = extend(data, "reserved-zero", "reserved-reinit", reinit_existing=True)
+    assert [u.id for u in r.reinitialized] == list(range(120, 128))
+    rep = r.report
+    assert rep is not None and rep.status == "ok" and rep.max_abs_logit_delta == 0.0 and rep.logits_preserved
+    check = rep.added_tokens
+    assert check is not None and check.added_tokens == 11 and check.reinitialized_ids == list(range(120, 128))
+    assert check.mean_initialized_ids == list(range(120, 131)) and check.mean_over_rows == 120
+    assert check.bound == pytest.approx(math.log1p(11 / 120)) and check.passed is True
+    assert any("8 existing token(s) with all-zero output rows" in w for w in rep.warnings)

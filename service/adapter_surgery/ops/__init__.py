@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -26,10 +26,12 @@ from adapter_surgery.ops.convert_adapter import (
     convert_adapter,
 )
 from adapter_surgery.ops.expand_blocks import ExpandBlocksOptions, ExpandBlocksResult, ExpandBlocksSpec, expand_blocks
+from adapter_surgery.ops.expand_blocks import step_facts as expand_blocks_facts
 from adapter_surgery.ops.extend_vocab import ExtendVocabOptions, ExtendVocabResult, ExtendVocabSpec, extend_vocab
 from adapter_surgery.ops.merge_lora import MergeLoraOptions, MergeLoraResult, MergeLoraSpec, merge_lora
 from adapter_surgery.ops.surgery import SurgeryOptions, SurgeryResult, SurgerySpec, bind_steps, surgery
 from adapter_surgery.ops.verify import VerifyOptions, VerifyResult, VerifySpec, verify
+from adapter_surgery.report import StepFacts
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,19 @@ class StepRole:
     ``kind``: ``base`` steps patch the base, in order, each on the previous one's output; the ``adapter`` step (at
     most one) is built on the final base. ``once``: at most one such step per plan, and why. ``adds_tokens``: its
     result lists the ``added`` ids that an adapter step's ``"trainable_token_indices": "added"`` takes.
+    ``report_facts``: ``(step options, step result as JSON) -> StepFacts``, what the plan's preservation report must
+    know of the step (a head's init, inserted layers, an output changed by design), as its own ``verify`` knows.
     """
 
     kind: Literal["base", "adapter"]
     once: str | None = None
     adds_tokens: bool = False
+    report_facts: Callable[[Any, dict[str, Any]], StepFacts] | None = None
+
+
+def _attach_head_facts(options: AttachHeadOptions, result: dict[str, Any]) -> StepFacts:
+    """attach-head's ``verify`` checks the new head against its ``init``: so does a plan's report."""
+    return StepFacts(head_init=options.init)
 
 
 @dataclass(frozen=True)
@@ -73,9 +83,10 @@ OPERATIONS: dict[str, Operation] = {
         Operation("attach-lora", SUMMARIES["attach-lora"], AttachLoraSpec, AttachLoraOptions, AttachLoraResult,
                   attach_lora, step=StepRole("adapter")),  # type: ignore[arg-type]
         Operation("attach-head", SUMMARIES["attach-head"], AttachHeadSpec, AttachHeadOptions, AttachHeadResult,
-                  attach_head, step=StepRole("base", once="a later head would replace the earlier one")),  # type: ignore[arg-type]
+                  attach_head, step=StepRole("base", once="a later head would replace the earlier one",
+                                             report_facts=_attach_head_facts)),  # type: ignore[arg-type]
         Operation("expand-blocks", SUMMARIES["expand-blocks"], ExpandBlocksSpec, ExpandBlocksOptions,
-                  ExpandBlocksResult, expand_blocks, step=StepRole("base")),  # type: ignore[arg-type]
+                  ExpandBlocksResult, expand_blocks, step=StepRole("base", report_facts=expand_blocks_facts)),  # type: ignore[arg-type]
         Operation("surgery", SUMMARIES["surgery"], SurgerySpec, SurgeryOptions, SurgeryResult,
                   surgery),  # type: ignore[arg-type]
         Operation("merge-lora", SUMMARIES["merge-lora"], MergeLoraSpec, MergeLoraOptions, MergeLoraResult,

@@ -24,6 +24,7 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from adapter_surgery import resources
 from adapter_surgery.arch import Architecture
+from adapter_surgery.chat_template import MAX_CHAT_TEMPLATE_CHARS, render_sample
 from adapter_surgery.config_check import text_config
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
@@ -115,6 +116,11 @@ class ExtendVocabOptions(StrictModel):
     seed: Seed = Field(0, description="Seeds the random strategies; the same seed gives byte-identical output.")
     device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
     verify: bool = Field(False, description="Add the preservation report (base vs output) to the result.")
+    chat_template: str | None = Field(
+        None, min_length=1, max_length=MAX_CHAT_TEMPLATE_CHARS,
+        description="A chat template (Jinja, as tokenizer.chat_template) saved with the tokenizer, e.g. one that uses "
+                    "the special tokens added; checked first by rendering a sample conversation with transformers' "
+                    "apply_chat_template (bounded in time, memory and output).")
 
 
 class ExtendVocabSpec(PathFields, ExtendVocabOptions):
@@ -148,6 +154,8 @@ class ExtendVocabResult(BaseModel):
                                            "unchanged tensors are not counted.")
     seconds: float
     report: PreservationReport | None = Field(None, description="With verify: true, the preservation report.")
+    chat_template_sample: str | None = Field(None, description="With chat_template: the sample conversation as "
+                                                               "the saved template renders it.")
 
 
 @dataclass
@@ -181,9 +189,13 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     warnings = list(ckpt.warnings) + arch.notes
     planned = plan_vocab(spec, ckpt, arch, ctx, check_memory=True)
     plan, tok = planned.plan, planned.tokenizer
-    if not plan.rows and plan.rows_after == arch.vocab_rows and not spec.reinit_existing and not spec.untie:
+    sample, template_warnings = _check_chat_template(spec, tok, plan)
+    warnings += template_warnings
+    if not plan.rows and plan.rows_after == arch.vocab_rows and not spec.reinit_existing and not spec.untie \
+            and spec.chat_template is None:
         warnings.append("nothing to add: every token already exists (or none was given); the output is the input, "
                         "its weights hard-linked")
+    warnings += _first_rows_warning(spec, plan)
     ctx.say(f"planned {len(plan.added)} new tokens, {arch.vocab_rows} -> {plan.rows_after} rows")
     derived = vocab_changes(spec, ckpt, arch, plan, tok, device, ctx)
     changes, changed, plan = derived.changes, derived.changed, derived.plan
@@ -213,7 +225,21 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
         padding_rows=plan.padding_rows, rows_without_token=plan.rows_without_token, changed_tensors=changed,
         files=[FileInfo.of(f) for f in files], warnings=warnings, bytes_read=ckpt.bytes_read,
         seconds=run.seconds(),
-        report=report)
+        report=report, chat_template_sample=sample)
+
+
+def _first_rows_warning(spec: ExtendVocabSpec, plan: VocabPlan) -> list[str]:
+    """Existing tokens that had no row (a tokenizer longer than the embedding) get their first rows: say so."""
+    without = set(plan.rows_without_token)
+    existing = [i for i in plan.padding_rows if i not in without]
+    if not existing:
+        return []
+    init = "mean" if spec.init == "subword_mean" else spec.init
+    how = init if isinstance(init, str) else init.strategy
+    shown = f"{existing[:8]}{'...' if len(existing) > 8 else ''}"
+    return [f"{len(existing)} existing token(s) of the tokenizer had no embedding row (the tokenizer is longer than "
+            f"the embedding): ids {shown} got their first rows, initialized as {how}; the model could not produce "
+            "them before and can now"]
 
 
 # -- planning ------------------------------------------------------------------------------------------------
@@ -281,12 +307,13 @@ def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, ctx:
                check_memory: bool = False) -> PlannedVocab:
     """Load the checkpoint's tokenizer and plan the rows: ids of the new tokens, padding, the final row count.
 
-    The tokenizer is loaded here, and here only it grows: the one returned is no object a caller held before (a
-    deep copy of a tokenizer with 2^20 added tokens would take longer than loading it). The request's tokens are
-    read against it before it grows (existing tokens, copy sources, the subword pieces of ``subword_mean``); the
-    new tokens' ids are read from it after. With ``check_memory``, the request is refused (503) before the
-    tokenizer grows when its rows cannot fit in the memory available (``ctx.memory_limit_bytes``). With ``ctx``,
-    every :data:`PLAN_STEP` tokens or rows checks for a cancel and reports progress.
+    The tokenizer is loaded here, and here only it grows (and takes ``spec.chat_template``): the one returned is
+    no object a caller held before (a deep copy of a tokenizer with 2^20 added tokens would take longer than
+    loading it). The request's tokens are read against it before it grows (existing tokens, copy sources, the
+    subword pieces of ``subword_mean``); the new tokens' ids are read from it after. With ``check_memory``, the
+    request is refused (503) before the tokenizer grows when its rows cannot fit in the memory available
+    (``ctx.memory_limit_bytes``). With ``ctx``, every :data:`PLAN_STEP` tokens or rows checks for a cancel and
+    reports progress.
 
     Used by extend-vocab and by attach-head (for a dedicated pad token).
 
@@ -319,6 +346,8 @@ def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, ctx:
             tok.add_special_tokens({"extra_special_tokens": batch}, replace_extra_special_tokens=False)
         else:
             tok.add_tokens(batch)
+    if spec.chat_template is not None:  # saved with the tokenizer (checked by extend_vocab before any write)
+        tok.chat_template = spec.chat_template
     return PlannedVocab(_plan_with_tokenizer(spec, ckpt, arch, read, tok, ctx), tok)
 
 
@@ -636,6 +665,23 @@ def _patched(ckpt: Checkpoint, key: str, stats: RowStats, plan: VocabPlan, spec:
     return RowPatchedTensor(info, ckpt.path_of(key), overrides, appended)
 
 
+def _check_chat_template(spec: ExtendVocabSpec, tok, plan: VocabPlan) -> tuple[str | None, list[str]]:
+    """The sample conversation rendered with ``spec.chat_template`` by the grown tokenizer (its special tokens
+    passed to the template), and a warning when special tokens were added and the sample uses none of them."""
+    if spec.chat_template is None:
+        return None, []
+    if tok is None:
+        raise InvalidSpec("chat_template is saved with the tokenizer, and this checkpoint has none",
+                          field="chat_template", fix="Include the tokenizer files, or leave chat_template out.")
+    sample = render_sample(tok, spec.chat_template)
+    added = {a.token for a in plan.added}
+    special = [t.content for t in spec.tokens if isinstance(t, TokenSpec) and t.special and t.content in added]
+    if special and not any(t in sample for t in special):
+        return sample, [f"chat_template: the sample conversation it renders uses none of the special tokens added "
+                        f"({', '.join(special[:5])})"]
+    return sample, []
+
+
 def _refuse_unreadable_config(ckpt: Checkpoint) -> None:
     """A model directory whose config.json cannot be read as a JSON object: the output's ``vocab_size`` could not
     be made to equal its rows (the file would be copied as it is), so the request is refused before any work."""
@@ -668,6 +714,6 @@ def _write_side_files(ckpt: Checkpoint, out: Path, arch: Architecture, plan: Voc
         if config != ckpt.config:
             (out / "config.json").unlink(missing_ok=True)
             (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    if tok is not None and plan.added:
-        tok.save_pretrained(str(out))
+    if tok is not None and (plan.added or spec.chat_template is not None):
+        tok.save_pretrained(str(out))  # with spec.chat_template, which plan_vocab set (saved as chat_template.jinja)
 

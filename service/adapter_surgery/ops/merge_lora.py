@@ -32,6 +32,17 @@ dtype before adding it, merge-lora rounds once; within one unit). Several adapte
 cast; peft merges them in turn, rounding to the stored dtype after each, so the two differ by at most one unit of
 the stored dtype's rounding.
 
+Which modules are merged (``peft/tuners/tuners_utils.py``, ``check_target_module_exists``)
+------------------------------------------------------------------------------------------
+adapter_config.json is read by peft's own ``LoraConfig.from_pretrained`` (its validation: e.g. ``layers_pattern``
+without ``layers_to_transform`` is refused as peft refuses it), and a LoRA module of the weights file is merged
+only when peft would create it on load: ``target_modules`` (names, or a regex string matched whole),
+``layers_to_transform``/``layers_pattern``, ``exclude_modules`` and ``modules_to_save`` applied by peft's
+``check_target_module_exists``. The keys of a module peft would not create are ignored, as peft's load ignores them
+(unexpected keys), and named in a warning. ``lora_magnitude_vector`` keys are read only with ``use_dora``;
+``use_dora`` with a module that has none is refused. ``fan_in_fan_out`` follows the module type, as in peft
+(Conv1D: true, Linear: false, whatever the config says).
+
 PiSSA and OLoRA adapters belong to the residual base attach-lora wrote beside them (``<adapter>/base``, named by
 their ``base_model_name_or_path``): merging one onto another checkpoint is refused.
 """
@@ -129,6 +140,14 @@ class Adapter:
     field: str
     config: dict[str, object]
     weights: Checkpoint
+    lora_config: object = None  # peft's LoraConfig parsed from adapter_config.json
+
+    def targets(self, module: str) -> bool:
+        """Whether peft creates a LoRA layer at ``module`` on load (target_modules, layers_to_transform,
+        layers_pattern, exclude_modules, modules_to_save)."""
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        return bool(check_target_module_exists(self.lora_config, module))
 
     def module_of(self, key: str) -> str:
         return key.removeprefix(PREFIX)
@@ -190,12 +209,35 @@ def open_adapter(data_dir: Path, value: str, field: str, index: int = 0) -> Adap
         except ValueError as exc:
             raise InvalidSpec(f"adapter {value!r}: {ADAPTER_CONFIG}'s {key}: {exc}", field=field,
                               fix=patterns.FIX) from None
+    lora_config = _peft_config(path, value, field)
     try:
         weights = Checkpoint.open(path / ADAPTER_WEIGHTS)
     except SurgeryError as exc:
         exc.field = field
         raise
-    return Adapter(index, path, field, config, weights)
+    return Adapter(index, path, field, config, weights, lora_config)
+
+
+def _peft_config(path: Path, value: str, field: str) -> object:
+    """adapter_config.json parsed as ``PeftModel.from_pretrained`` parses it (``LoraConfig.from_pretrained``, a local
+    file: no hub), so a config peft refuses is refused here too (422 with peft's reason)."""
+    import warnings
+
+    from peft import LoraConfig
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = LoraConfig.from_pretrained(str(path))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InvalidSpec(f"adapter {value!r}: peft refuses its {ADAPTER_CONFIG} ({exc})", field=field,
+                          fix="Give the adapter_config.json peft wrote, or correct the field named.") from None
+    target = getattr(config, "target_modules", None)
+    if target is None or (not isinstance(target, str) and not target):
+        raise InvalidSpec(f"adapter {value!r}: {ADAPTER_CONFIG} has no target_modules", field=field,
+                          fix="Give the adapter_config.json PeftModel.save_pretrained wrote (it lists the resolved "
+                              "target_modules).")
+    return config
 
 
 # -- planning -------------------------------------------------------------------------------------------------
@@ -275,7 +317,13 @@ def _token_ids(adapter: Adapter, module: str) -> list[int]:
     return list(ids)
 
 
-def _plan_adapter(adapter: Adapter, base: _Base) -> dict[str, _Change]:
+@dataclass(frozen=True)
+class _AdapterPlan:
+    changes: dict[str, _Change]  # checkpoint tensor -> this adapter's change to it
+    ignored: list[str]  # keys peft's load would ignore (modules it does not target, a magnitude without use_dora)
+
+
+def _plan_adapter(adapter: Adapter, base: _Base) -> _AdapterPlan:
     """Map every key of the adapter onto the checkpoint tensor it changes; check names and shapes (headers only)."""
     ckpt, w = base.ckpt, adapter.weights
     groups: dict[str, dict[str, str]] = {}
@@ -324,18 +372,31 @@ def _plan_adapter(adapter: Adapter, base: _Base) -> dict[str, _Change]:
                 # key (sorted) wins, as in peft's merge_and_unload + save_pretrained (tested)
                 continue
             changes[target] = _new_change(changes, target, _Change(adapter, "replaced", param, {"value": key}))
+    if groups and not any(adapter.targets(m) for m in groups):  # peft's load raises NoMatchingPeftModuleError
+        fields = [f for f in ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules")
+                  if getattr(adapter.lora_config, f, None)]
+        raise InvalidSpec(f"adapter {adapter.path.name!r}: its {ADAPTER_CONFIG} ({', '.join(fields)}) selects none of "
+                          f"the {len(groups)} LoRA modules its weights hold, e.g. {next(iter(groups))}; peft refuses "
+                          "to load it", field=adapter.field,
+                          fix="Correct target_modules / layers_to_transform / layers_pattern / exclude_modules.")
+    ignored: list[str] = []
     for module, keys in groups.items():
-        target, change = _plan_lora(adapter, base, module, keys, changes)
+        if not adapter.targets(module):  # peft creates no LoRA layer here: its load ignores these keys
+            ignored.extend(sorted(keys.values()))
+            continue
+        target, change, unused = _plan_lora(adapter, base, module, keys, changes)
+        ignored += unused
         if "base" in change.keys:  # the adapter's own copy of the base weight, which the delta is added to
             del changes[target]
         changes[target] = _new_change(changes, target, change)
-    return changes
+    return _AdapterPlan(changes, ignored)
 
 
 def _plan_lora(adapter: Adapter, base: _Base, module: str, keys: dict[str, str],
-               changes: Mapping[str, _Change]) -> tuple[str, _Change]:
-    """The LoRA (embedding LoRA, DoRA) change of ``module``: its target and the change; ``changes`` (the adapter's
-    other changes, read only) gives the base weight a targeted embedding saved beside its delta."""
+               changes: Mapping[str, _Change]) -> tuple[str, _Change, list[str]]:
+    """The LoRA (embedding LoRA, DoRA) change of ``module``: its target, the change and the keys peft's load would
+    ignore; ``changes`` (the adapter's other changes, read only) gives the base weight a targeted embedding saved
+    beside its delta."""
     ckpt, w = base.ckpt, adapter.weights
     embedding = "eA" in keys or "eB" in keys
     a_key, b_key = (keys.get("eA"), keys.get("eB")) if embedding else (keys.get("A"), keys.get("B"))
@@ -369,7 +430,16 @@ def _plan_lora(adapter: Adapter, base: _Base, module: str, keys: dict[str, str],
         # peft saves the targeted embedding itself too (save_embedding_layers): loading puts that copy into the
         # base layer, then the delta is added to it
         roles["base"] = saved.keys["value"]
-    if "m" in keys:
+    ignored: list[str] = []
+    use_dora = bool(getattr(adapter.lora_config, "use_dora", False))
+    if "m" in keys and not use_dora:  # peft builds a plain LoRA layer: the magnitude is an unexpected key
+        ignored.append(keys["m"])
+    elif use_dora and "m" not in keys:
+        raise InvalidSpec(f"adapter {adapter.path.name!r} has use_dora=true but no lora_magnitude_vector for "
+                          f"{module}", field=adapter.field,
+                          fix="Give the adapter as peft saved it (DoRA saves a magnitude per targeted module), or "
+                              "set use_dora to false in adapter_config.json if it is plain LoRA.")
+    if "m" in keys and use_dora:
         if embedding:
             raise _mismatch(adapter, f"{module}: DoRA on an embedding is not supported",
                             "Merge it with peft's merge_and_unload instead.")
@@ -378,7 +448,7 @@ def _plan_lora(adapter: Adapter, base: _Base, module: str, keys: dict[str, str],
             raise _mismatch(adapter, f"{module}: lora_magnitude_vector has shape {list(w.info(keys['m']).shape)}, "
                                      f"expected [{out}]")
         kind, roles["m"] = "dora", keys["m"]
-    return target, _Change(adapter, kind, module, roles)
+    return target, _Change(adapter, kind, module, roles), ignored
 
 
 def _new_change(changes: Mapping[str, _Change], target: str, change: _Change) -> _Change:
@@ -532,9 +602,11 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
         check_output_path(output, a.path, spec.overwrite, field="output")
     for a in adapters:
         _check_residual_base(a, checkpoint, ctx.data_dir)
-    plan = _combine([_plan_adapter(a, base) for a in adapters], weights)
+    planned = [_plan_adapter(a, base) for a in adapters]
+    plan = _combine([p.changes for p in planned], weights)
     _check_memory(plan, base)
-    warnings = list(ckpt.warnings)
+    warnings = list(ckpt.warnings) + [_ignored_warning(a, p.ignored) for a, p in zip(adapters, planned, strict=True)
+                                      if p.ignored]
     ctx.say(f"{len(plan)} tensors to merge from {len(adapters)} adapter(s)")
     merger = _Merger(base, device, spec.safe_merge, weights)
     changes = Changes(replace={t: merger.source(t, cs) for t, cs in plan.items()})
@@ -552,6 +624,14 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
         base_bytes_read=ckpt.bytes_read, adapter_bytes_read=merger.adapter_bytes,
         bytes_read=ckpt.bytes_read + merger.adapter_bytes, bytes_written=written, device=str(device),
         warnings=warnings, seconds=run.seconds())
+
+
+def _ignored_warning(adapter: Adapter, ignored: list[str]) -> str:
+    shown = ", ".join(k.removeprefix(PREFIX) for k in ignored[:4])
+    more = f" and {len(ignored) - 4} more" if len(ignored) > 4 else ""
+    return (f"adapter {adapter.index} ({adapter.path.name}): {len(ignored)} tensor(s) not merged, as peft's "
+            f"load ignores them (its adapter_config.json's target_modules/layers_to_transform/layers_pattern/"
+            f"exclude_modules/use_dora do not select them): {shown}{more}")
 
 
 def _check_memory(plan: dict[str, list[_Change]], base: _Base) -> None:

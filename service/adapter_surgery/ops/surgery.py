@@ -35,7 +35,8 @@ from adapter_surgery.io.writer import WrittenFile
 from adapter_surgery.ops.attach_lora import Name, TokenIds
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
 from adapter_surgery.ops.runner import begin
-from adapter_surgery.report import PreservationReport, VerifyOptions, preservation_report
+from adapter_surgery.report import PreservationReport, VerifyOptions, compose_layer_maps, preservation_report
+from adapter_surgery.serving import Runtime
 
 if TYPE_CHECKING:
     from adapter_surgery.ops import Operation
@@ -76,6 +77,8 @@ class SurgeryOptions(StrictModel):
     steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS,  # noqa: F821 (Step: set by bind_steps)
                               description="Operations in order; attach-lora applies to the final base.")
     verify: bool = Field(False, description="Add the preservation report (base vs final patched base).")
+    serving: Runtime | None = Field(None, description="As in attach-lora, for the adapter step (unless it names "
+                                                      "its own): an adapter this runtime cannot load is refused.")
 
     @field_validator("steps")
     @classmethod
@@ -159,9 +162,11 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
         lora = next(((i, s) for i, s in enumerate(spec.steps) if roles[i].kind == "adapter"),  # type: ignore[union-attr]
                     None)
         known: dict[str, WrittenFile] = {}  # the files of the patched base, as the base steps described them
+        facts = _ReportFacts()
         for i, step in base_steps:
             out_rel = f"{work_rel}/step{i}"
             result = _run_step(i, step, current, out_rel, ctx)
+            facts.add(roles[i], step, result)  # type: ignore[arg-type]
             known = _carry_files(known, result.get("files", []))
             added += [a["id"] for a in result.get("added", []) if a.get("id") is not None]
             results.append(StepResult(op=step.op, result={**result, "output": spec.output}))
@@ -172,6 +177,8 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
         patched = current != spec.checkpoint
         if lora is not None:
             i, step = lora
+            if spec.serving is not None and getattr(step, "serving", spec.serving) is None:
+                step = step.model_copy(update={"serving": spec.serving})
             if "trainable_token_indices" in type(step).model_fields:
                 step = step.model_copy(update={"trainable_token_indices": _resolve_added(
                     step.trainable_token_indices, added)})  # type: ignore[attr-defined]
@@ -194,7 +201,7 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
             files = describe_files(tmp, known=known if patched else None)
         report = None
         if spec.verify and patched:
-            report = preservation_report(checkpoint, output, VerifyOptions(), progress=ctx.say)
+            report = preservation_report(checkpoint, output, VerifyOptions(), progress=ctx.say, **facts.kwargs())
         done = True
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -206,6 +213,28 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
         output=spec.output, base=spec.output if patched else spec.checkpoint,
         adapter=f"{spec.output}/{ADAPTER_DIR}" if lora is not None else None, steps=results, report=report,
         files=[FileInfo.of(f) for f in files], warnings=warnings, seconds=run.seconds())
+
+
+@dataclasses.dataclass
+class _ReportFacts:
+    """What the base steps tell the plan's preservation report, gathered in order (``StepRole.report_facts``)."""
+
+    head_init: str | None = None
+    layer_map: list[int | None] | None = None
+    changes_output: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, role: Any, step: BaseModel, result: dict[str, Any]) -> None:
+        if role.report_facts is None:
+            return
+        facts = role.report_facts(step, result)
+        self.head_init = facts.head_init or self.head_init
+        self.layer_map = compose_layer_maps(self.layer_map, facts.layer_map)
+        if facts.changes_output:
+            self.changes_output.append(facts.changes_output)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"head_init": self.head_init, "layer_map": self.layer_map,
+                "changes_output": "; ".join(self.changes_output) or None}
 
 
 def _run_step(i: int, step: BaseModel, checkpoint: str, output: str, ctx: RunContext) -> dict[str, Any]:

@@ -71,6 +71,7 @@ from adapter_surgery.report.checks import (
     mean_initialized,
     new_token_ids,
     not_derived,
+    reinitialized_rows,
     strip_prefix,
 )
 from adapter_surgery.report.memory import available_memory, estimate
@@ -81,6 +82,7 @@ from adapter_surgery.report.models import (
     PreservationReport,
     ProbeSummary,
     Skip,
+    StepFacts,
     TensorStd,
     VerifyOptions,
     WeightInitName,
@@ -90,8 +92,9 @@ from adapter_surgery.report.run import load_model, run_model
 from adapter_surgery.spec import DeviceName
 
 __all__ = ["HIDDEN_RATIO_MAX", "HIDDEN_RATIO_MIN", "KL_SLACK", "LOGIT_TOLERANCE", "AddedTokensCheck", "HeadCheck",
-           "LayerRMS", "PreservationReport", "ProbeSummary", "TensorStd", "VerifyOptions", "WeightInitName",
-           "available_memory", "load_model", "load_tokenizer", "not_derived", "preservation_report", "probe_inputs"]
+           "LayerRMS", "PreservationReport", "ProbeSummary", "StepFacts", "TensorStd", "VerifyOptions",
+           "WeightInitName", "available_memory", "compose_layer_maps", "load_model", "load_tokenizer", "not_derived",
+           "preservation_report", "probe_inputs"]
 
 log = logging.getLogger("adapter_surgery")
 
@@ -99,7 +102,8 @@ log = logging.getLogger("adapter_surgery")
 def preservation_report(base: Path, patched: Path, options: VerifyOptions | None = None, *,
                         head_init: str | None = None, device: DeviceName | None = None,
                         progress: Callable[[str], None] | None = None,
-                        layer_map: list[int | None] | None = None) -> PreservationReport:
+                        layer_map: list[int | None] | None = None,
+                        changes_output: str | None = None) -> PreservationReport:
     """Compare ``patched`` with ``base`` on probe inputs (see the module docstring); never raises.
 
     Args:
@@ -107,6 +111,8 @@ def preservation_report(base: Path, patched: Path, options: VerifyOptions | None
         options: probe settings; ``head_init`` / ``device`` override the ones in ``options`` when given.
         layer_map: for a patched model with inserted layers (expand-blocks), the base hidden-state index each
             patched hidden state is compared with (its length is the patched layer count + 1; ``None``: none).
+        changes_output: why the patched logits differ by design (e.g. scaled_normal blocks): max |Δ logits| is
+            reported without a pass/fail, with this reason as a warning.
     Returns:
         A report with ``status: "ok"``, or ``"skipped"`` and the reason.
     """
@@ -117,6 +123,10 @@ def preservation_report(base: Path, patched: Path, options: VerifyOptions | None
         opts = opts.model_copy(update=updates)
     try:
         report = _report(base, patched, opts, progress or (lambda _m: None), layer_map)
+        if changes_output and report.status == "ok":
+            report.logits_preserved = None
+            report.warnings.append(f"{changes_output}: max |Δ logits| is reported without a pass/fail")
+            report.passed = _verdict(report)
     except Skip as skip:
         report = PreservationReport(status="skipped", reason=str(skip), **skip.extra)
     except Exception as exc:  # the report must never make a request fail
@@ -188,14 +198,33 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
     report = PreservationReport(status="ok", probes=summary, **mem)
     report.warnings += [f"patched: {m}" for m in p.load_problems] + [f"base: {m}" for m in b.load_problems]
     new_ids = new_token_ids(tok, tok_p, summary.old_vocab_size)
+    existing = sorted(i for i in set(tok.get_vocab().values()) if i >= summary.old_vocab_size) if tok else None
     compare_logits(report, b, p, summary.old_vocab_size, new_ids,
-                    mean_rows=lambda old, added: mean_initialized(ckpts["base"], ckpts["patched"], tok, old, added))
+                   mean_rows=lambda old, added: mean_initialized(ckpts["base"], ckpts["patched"], tok, old, added),
+                   reinit_rows=lambda old: reinitialized_rows(ckpts["base"], ckpts["patched"], tok, old),
+                   existing=existing)
     report.head = head_check(p, opts.head_init)
     compare_hidden(report, b, p, layer_map)
+    report.passed = _verdict(report)
+    return report
+
+
+def _verdict(report: PreservationReport) -> bool | None:
+    """Every check that applies passed; ``None`` when none applies."""
     checks = [report.logits_preserved, report.hidden_states_passed,
               None if report.added_tokens is None else report.added_tokens.passed,
               None if report.head is None else report.head.passed]
     known = [c for c in checks if c is not None]
-    report.passed = all(known) if known else None
-    return report
+    return all(known) if known else None
+
+
+def compose_layer_maps(first: list[int | None] | None,
+                       then: tuple[int | None, ...] | list[int | None] | None) -> list[int | None] | None:
+    """The hidden-state map of two steps in turn: ``then`` maps its output's hidden states onto its input's,
+    ``first`` its input's onto the base's (``None``: the identity)."""
+    if then is None:
+        return first
+    if first is None:
+        return list(then)
+    return [None if j is None else first[j] for j in then]
 

@@ -25,17 +25,52 @@ HIDDEN_RATIO_MIN, HIDDEN_RATIO_MAX = 0.5, 2.0
 
 
 def new_token_ids(tok_b, tok_p, old_vocab: int) -> list[int] | None:
-    """Ids the patched tokenizer has and the base's lacks; ``None`` (use the appended rows) without tokenizers."""
+    """Ids of the patched tokenizer at or above ``old_vocab`` (the base's rows that have a token): the tokens the
+    base could not predict, whether the patched tokenizer added them or the base's already had them without a row
+    (a tokenizer longer than the embedding); ``None`` (use the appended rows) without tokenizers."""
     if tok_b is None or tok_p is None:
         return None
-    base_ids = set(tok_b.get_vocab().values()) | set(range(old_vocab))
-    return sorted(i for i in tok_p.get_vocab().values() if i not in base_ids)
+    return sorted(i for i in set(tok_p.get_vocab().values()) if i >= old_vocab)
+
+
+def _head(arch) -> str | None:
+    return arch.output_head or (arch.input_embedding if arch.tied else None)
+
+
+def reinitialized_rows(base: Checkpoint, patched: Checkpoint, tok_b, old: int) -> list[int]:
+    """Old ids whose output row is all zero in the base and not in the patched checkpoint (extend-vocab's
+    ``reinit_existing``): rows (re-)initialized by the patch, not preserved ones."""
+    kb, kp = _head(resolve_architecture(base)), _head(resolve_architecture(patched))
+    if kb is None or kp is None:
+        return []
+    entry = torch.zeros(old, dtype=torch.bool)
+    if tok_b is None:
+        entry[:] = True
+    else:
+        entry[torch.tensor([i for i in tok_b.get_vocab().values() if i < old], dtype=torch.long)] = True
+    out: list[int] = []
+    for first, rows in base.iter_rows(kb):
+        if first >= old:
+            break
+        rows = rows[: old - first]
+        zero = (rows.reshape(rows.shape[0], -1) == 0).all(dim=1) & entry[first:first + rows.shape[0]]
+        out += (torch.nonzero(zero).flatten() + first).tolist()
+    return [i for i in out if bool(patched.read_rows(kp, i, i + 1).any())]
 
 
 def compare_logits(report: PreservationReport, b: ModelRun, p: ModelRun, old_vocab: int, new_ids: list[int] | None,
-                    mean_rows: Callable[[int, list[int]], tuple[list[int], int | None]] | None = None) -> None:
+                    mean_rows: Callable[[int, list[int]], tuple[list[int], int | None]] | None = None,
+                    reinit_rows: Callable[[int], list[int]] | None = None,
+                    existing: list[int] | None = None) -> None:
     """max |Δ logits| over the old vocabulary; with new tokens, KL(base || patched), and over the mean-initialized
     ones (``mean_rows(old, added)``: those ids and the rows their mean is over) against Hewitt's bound.
+
+    Every row the patch created or re-initialized counts as added (n): the rows of new ids, the first rows of ids
+    the base's tokenizer had without a row, and old rows that were all zero and are not any more
+    (``reinit_rows(old)``). Re-initialized rows are left out of the base's distribution and of max |Δ logits|
+    (they changed on purpose): with them out, Hewitt's argument holds as for appended rows (their mean is over
+    the trained rows, which the base's distribution still holds). ``existing``: the base tokenizer's ids at or
+    above ``old_vocab`` (tokens without a base row), listed when they got their first rows.
 
     The next-token distributions are over tokens: the base's over its old vocabulary (ids below ``old_vocab``),
     the patched model's over the old vocabulary and the new ids. Rows without a token (spare rows of a padded
@@ -59,6 +94,18 @@ def compare_logits(report: PreservationReport, b: ModelRun, p: ModelRun, old_voc
     if new_rows < base_rows:
         report.warnings.append(f"the patched model has fewer output rows ({new_rows}) than the base ({base_rows})")
     added = list(range(base_rows, new_rows)) if new_ids is None else [i for i in new_ids if old <= i < new_rows]
+    reinit: list[int] = []
+    if reinit_rows is not None:
+        try:
+            reinit = reinit_rows(old)
+        except Exception as exc:  # the rows could not be read: compare as if none was re-initialized
+            report.warnings.append(f"re-initialized rows could not be determined ({type(exc).__name__}: {exc})")
+    if reinit:
+        report.warnings.append(f"{len(reinit)} existing token(s) with all-zero output rows in the base were "
+                               f"re-initialized (ids {reinit[:8]}{'...' if len(reinit) > 8 else ''}): counted as "
+                               "added rows, left out of max |Δ logits|")
+    kept = torch.tensor([i for i in range(old) if i not in set(reinit)], dtype=torch.long) if reinit else None
+    added = sorted(reinit) + added
     mean_ids: list[int] = []
     mean_over: int | None = None
     if added and mean_rows is not None:
@@ -71,16 +118,19 @@ def compare_logits(report: PreservationReport, b: ModelRun, p: ModelRun, old_voc
     kls: list[torch.Tensor] = []
     bound_kls: list[torch.Tensor] = []
 
+    def olds(logits: torch.Tensor) -> torch.Tensor:
+        return logits[..., :old] if kept is None else logits[..., kept]
+
     def kl_with(lb: torch.Tensor, lp: torch.Tensor, extra: list[int]) -> torch.Tensor:
-        logp_b = torch.log_softmax(lb[..., :old].double(), dim=-1)
-        support = torch.cat([lp[..., :old], lp[..., extra]], dim=-1).double()
-        logp_p = torch.log_softmax(support, dim=-1)[..., :old]
+        logp_b = torch.log_softmax(olds(lb).double(), dim=-1)
+        support = torch.cat([olds(lp), lp[..., extra]], dim=-1).double()
+        logp_p = torch.log_softmax(support, dim=-1)[..., :logp_b.shape[-1]]
         return (logp_b.exp() * (logp_b - logp_p)).sum(dim=-1).reshape(-1)
 
     for lb, lp in zip(b.logits, p.logits, strict=True):
         assert lb is not None and lp is not None
-        delta = max(delta, float((lb[..., :old] - lp[..., :old]).abs().max()))
-        scale = max(scale, float(lb[..., :old].abs().max()))
+        delta = max(delta, float((olds(lb) - olds(lp)).abs().max()))
+        scale = max(scale, float(olds(lb).abs().max()))
         if added:
             kls.append(kl_with(lb, lp, added))
             if mean_ids:
@@ -100,7 +150,10 @@ def compare_logits(report: PreservationReport, b: ModelRun, p: ModelRun, old_voc
                 f"{others} of the {len(added)} added token(s) have output rows that are not the mean of the old "
                 "rows (e.g. subword_mean, copy or random rows): Hewitt's bound does not apply to them, so their KL "
                 "is reported without a pass/fail" + ("" if mean_ids else "; no row is checked against the bound"))
+        had = set(existing or ())
+        first_rows = [i for i in added if i in had]
         report.added_tokens = AddedTokensCheck(added_tokens=len(added), old_vocab_size=old, kl_max=float(kl.max()),
+                                               reinitialized_ids=sorted(reinit), existing_first_rows_ids=first_rows,
                                                kl_mean=float(kl.mean()), mean_initialized_ids=mean_ids,
                                                mean_over_rows=mean_over if mean_ids else None, bound_kl_max=bound_kl,
                                                bound=bound, passed=passed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -40,8 +41,14 @@ class ProbeSummary(BaseModel):
 
 
 class AddedTokensCheck(BaseModel):
-    added_tokens: int = Field(description="n: ids of the patched tokenizer that the base's lacks (without "
-                                          "tokenizers: output rows beyond the base's).")
+    added_tokens: int = Field(description="n: rows the patch created or re-initialized that have a token: new ids, "
+                                          "first rows of ids the base's tokenizer had without a row, re-initialized "
+                                          "all-zero rows (without tokenizers: output rows beyond the base's).")
+    reinitialized_ids: list[int] = Field(default_factory=list, description="Old ids whose all-zero output row was "
+                                         "re-initialized (counted in n, left out of max |Δ logits|).")
+    existing_first_rows_ids: list[int] = Field(default_factory=list, description="Ids the base's tokenizer had "
+                                               "without a row (a tokenizer longer than the embedding) that got "
+                                               "their first rows (counted in n).")
     old_vocab_size: int = Field(description="V: the old vocabulary (ids below it, those with a tokenizer entry).")
     kl_max: float = Field(description="Largest KL(p_base || p_patched) over probe positions (nats), with every added "
                                       "token; for information (no bound holds for rows that are not the mean).")
@@ -107,6 +114,21 @@ class PreservationReport(BaseModel):
     seconds: float = 0.0
 
 
+
+
+@dataclass(frozen=True)
+class StepFacts:
+    """What one step of a surgery plan tells the report about its output (its own ``verify`` knows the same).
+
+    ``head_init``: the init of the head it created (checked against its formula). ``layer_map``: for each hidden
+    state of its output, the hidden state of its input at the same depth (``None``: none), when it changes the
+    layer count. ``changes_output``: why its output's logits differ from its input's by design (no pass/fail on
+    them).
+    """
+
+    head_init: str | None = None
+    layer_map: tuple[int | None, ...] | None = None
+    changes_output: str | None = None
 
 
 class Skip(Exception):

@@ -263,7 +263,44 @@ def check_save_config() -> None:
                                                        f"{saved.get('auto_mapping')!r}")
 
 
+def tiny_moe() -> nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    return MixtralForCausalLM(cfg).eval()
+
+
+def check_inject_parameters() -> None:
+    name = "BaseTuner._inject_parameters matching"
+    model = tiny_moe()
+    cfg = bridge.with_all_linear(bridge.converted_for_transformers(lora(target_modules="all-linear"), model), model)
+    ours = sorted(k for k, _, _ in bridge.matched_parameters(cfg, model))
+    seen: list[tuple[str, nn.Module]] = []
+    inject(model, cfg, seen)
+    theirs = sorted(k for k, layer in seen if bridge.wrapped_parameter("m", layer) is not None)
+    expect(name, ours == theirs and ours, f"target_parameters {sorted(cfg.target_parameters or [])} matched {ours} "
+                                          f"here, peft wrapped {theirs}")
+
+
+def check_param_wrapper() -> None:
+    name = "ParamWrapper.parameter_name / is_transposed"
+    model = tiny_moe()
+    cfg = bridge.with_all_linear(bridge.converted_for_transformers(lora(target_modules="all-linear"), model), model)
+    experts = model.model.layers[0].mlp.experts
+    want = bridge.parameter_axes(experts, experts.down_proj.shape)
+    inject(model, cfg)
+    found = {bridge.wrapped_parameter(n, m): m for n, m in model.named_modules()}
+    layer = found.get("model.layers.0.mlp.experts.down_proj")
+    expect(name, layer is not None, f"no ParamWrapper names down_proj: {sorted(k for k in found if k)}")
+    got = (layer.num_experts, layer.in_features, layer.out_features)
+    expect(name, got == want, f"(experts, in, out) is {got}, the bridge computes {want}")
+
+
 CHECKS: dict[str, Callable[[], None]] = {
+    "BaseTuner._inject_parameters matching": check_inject_parameters,
+    "ParamWrapper.parameter_name / is_transposed": check_param_wrapper,
     "peft.tuners.lora.LoraModel._create_and_replace": check_create_and_replace,
     "peft.tuners.tuners_utils.BaseTuner._cast_adapter_dtype": check_cast_adapter_dtype,
     "peft.tuners.tuners_utils._maybe_include_all_linear_layers": check_all_linear,

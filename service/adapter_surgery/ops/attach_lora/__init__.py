@@ -75,6 +75,7 @@ from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
 from adapter_surgery.io import describe_files
 from adapter_surgery.ops.attach_head import without_dirs
 from adapter_surgery.ops.attach_lora import peft_bridge as bridge
+from adapter_surgery.ops.attach_lora import servable
 from adapter_surgery.ops.attach_lora.decompose import Materializer, intra_op_threads, seeded_rng
 from adapter_surgery.ops.attach_lora.output import (
     Residuals,
@@ -109,6 +110,7 @@ from adapter_surgery.ops.attach_lora.targets import (
     check_init,
     check_memory,
     check_weights_fit_config,
+    injection_config,
     lora_config,
     meta_model,
     plan,
@@ -140,7 +142,8 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
         InvalidSpec: targets that match nothing, a ``target_modules`` list entry that matches no module (field
             ``target_modules.<i>``), targets that are not Linear/Conv1D, r < 1 or r > min(in, out), lora_alpha or
             an alpha_pattern value not > 0 and finite, an unsupported init, fp8/quantized targets, out-of-range
-            token ids, a LoraConfig peft refuses. Nothing is written.
+            token ids, a LoraConfig peft refuses, an adapter the ``serving`` runtime cannot load
+            (:mod:`adapter_surgery.serving`). Nothing is written.
     """
     run = begin(spec, ctx)
     init = check_init(spec)
@@ -156,10 +159,11 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
     arch = run.architecture(ckpt)
     model = meta_model(ckpt)
     task_type = task_type_of(type(model).__name__)
-    config = lora_config(spec, init, task_type, arch)
+    config = injection_config(lora_config(spec, init, task_type, arch), model, spec, arch)
     notes = [*ckpt.warnings, *arch.notes, *check_weights_fit_config(ckpt, model, arch)]
     targets, plan_notes = plan(config, model, ckpt, arch, spec)
     check_memory(targets, init, spec, needs_weights, ctx.memory_limit_bytes)
+    serving_notes, unable = servable.check_config(spec, config, targets)
     base_path = f"{spec.output.rstrip('/')}/{RESIDUAL_DIR}" if decompose else spec.checkpoint
     ctx.say(f"{len(targets)} target modules, init {init}")
 
@@ -174,6 +178,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
             tuner = _inject(model, config, materializer)
             ctx.say("adapter initialized")
             state = adapter_state_dict(tuner, ckpt, arch, ADAPTER_DTYPES[spec.dtype])
+            serving_notes += servable.check_keys(spec, state, unable)
             save_adapter(tmp, state, tuner.peft_config[bridge.ADAPTER_NAME], base_path, task_type, type(model),
                          decompose)
             residual = None
@@ -182,7 +187,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
             files = [f for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) for f in describe_files(tmp / name)]
             modules = describe_targets(tuner, targets)
     residual_note = [residual.note] if residual is not None else []
-    warnings_out = [*notes, *plan_notes, *peft_warnings(caught), *residual_note]
+    warnings_out = [*notes, *plan_notes, *peft_warnings(caught), *residual_note, *serving_notes]
     return AttachLoraResult(
         output=spec.output, task_type=task_type, base_model_name_or_path=base_path,
         adapter_files=[FileInfo.of(f) for f in files], target_modules=modules,

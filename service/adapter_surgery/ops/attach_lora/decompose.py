@@ -72,6 +72,9 @@ class Materializer:
         if target is None:  # the planning pass and peft disagree: refuse rather than guess
             raise InvalidSpec(f"peft targeted {key}, which the request check did not expect", field="target_modules",
                               fix="Name the target modules explicitly.")
+        if target.kind == "parameter":
+            self._create_parameter(target, base, config, create)
+            return
         dtype = base.weight.dtype
         shape = tuple(base.weight.shape)
         weights_needed = self.needs_weights or config.use_dora
@@ -87,6 +90,24 @@ class Materializer:
         del weight
         if weights_needed:
             release_freed_memory()
+
+    @staticmethod
+    def _create_parameter(target: Target, base: nn.Module, config, create: Callable[[object], nn.Module]) -> None:
+        """peft's ``lora.ParamWrapper`` for a target parameter (data-free inits: :func:`targets.parameter_targets`).
+
+        Every parameter of the module that holds it gets a zero-storage stand-in on the CPU meanwhile (peft places
+        the new adapter on the device of the target and of the module's first parameter), then its meta one back.
+        """
+        holder = bridge.parameter_holder(base)
+        metas = dict(holder.named_parameters(recurse=False))
+        for name, meta in metas.items():
+            stand_in = torch.empty((), dtype=meta.dtype).expand(meta.shape)
+            setattr(holder, name, nn.Parameter(stand_in, requires_grad=False))
+        try:
+            create(config)
+        finally:
+            for name, meta in metas.items():
+                setattr(holder, name, meta)
 
     def _weight(self, target: Target, dtype: torch.dtype, shape: tuple[int, ...], dora: bool,
                 weights_needed: bool) -> torch.Tensor:

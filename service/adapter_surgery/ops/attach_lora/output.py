@@ -159,14 +159,16 @@ def describe_targets(tuner: nn.Module, targets: list[Target]) -> list[TargetModu
     by_name = {t.name: t for t in targets}
     out = []
     for name, module in tuner.model.named_modules():
+        name = bridge.wrapped_parameter(name, module) or name  # a target parameter: its own name
         if name not in by_name or not bridge.is_lora_layer(module):
             continue
         t, f = by_name[name], bridge.factors(module)
         out.append(TargetModule(
-            name=name, kind=t.kind, in_features=t.in_features, out_features=t.out_features, weight_dtype=t.info.dtype,
-            r=f.r, lora_alpha=f.lora_alpha, scaling=f.scaling, lora_A=list(f.lora_A.shape),
-            lora_B=list(f.lora_B.shape)))
-    return out
+            name=name, kind=t.kind, in_features=t.in_features, out_features=t.out_features, experts=t.experts,
+            weight_dtype=t.weight_dtype, r=f.r, lora_alpha=f.lora_alpha, scaling=f.scaling,
+            lora_A=list(f.lora_A.shape), lora_B=list(f.lora_B.shape)))
+    order = {n: i for i, n in enumerate(by_name)}
+    return sorted(out, key=lambda m: order[m.name])
 
 
 def peft_warnings(caught: list[warnings.WarningMessage]) -> list[str]:

@@ -39,6 +39,8 @@ INTERNALS = {
     "get_peft_model_state_dict(shell)": "an object with base_model and peft_config stands for PeftModel",
     "PeftConfig.save_pretrained(auto_mapping_dict=...)": "adapter_config.json of a model without a task type",
     "saved key segments": "modules_to_save.<name>, base_layer, original_module, token_adapter.trainable_tokens_delta",
+    "BaseTuner._inject_parameters matching": "which parameters target_parameters names (matched_parameters)",
+    "ParamWrapper.parameter_name / is_transposed": "a target parameter's wrapper, and its (in, out) axes",
 }
 #: Segments of a saved key that wrap the base module's own name (``peft``'s ``ModulesToSaveWrapper``,
 #: ``BaseTunerLayer.base_layer``, ``AuxiliaryTrainingWrapper.original_module``).
@@ -92,6 +94,50 @@ def target_module_exists(config, key: str) -> bool:
     from peft.tuners.tuners_utils import check_target_module_exists
 
     return bool(check_target_module_exists(config, key))
+
+
+def matched_parameters(config, model: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
+    """The parameters ``target_parameters`` names, as ``BaseTuner._inject_parameters`` matches them: for each module
+    (in model order), its own parameters whose ``<module>.<name>`` equals an entry or ends with ``.<entry>``.
+    Returns ``(key, module name, parameter)``; ``exclude_modules`` and ``layers_to_transform`` are not applied
+    (peft 0.21 does not apply them to parameters)."""
+    names = sorted(set(getattr(config, "target_parameters", None) or ()))
+    if not names:
+        return []
+    out = []
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            key = f"{module_name}.{param_name}"
+            if key in names or any(key.endswith(f".{n}") for n in names):
+                out.append((key, module_name, param))
+    return out
+
+
+def parameter_axes(module: nn.Module, shape: Sequence[int]) -> tuple[int, int, int]:
+    """``(experts, in_features, out_features)`` of a target parameter as ``lora.ParamWrapper`` sees it: 2-D
+    (out, in); 3-D (experts, out, in) unless the module is ``is_transposed`` (experts, in, out)
+    (``ParamWrapper._get_in_out_features`` and ``update_layer``). Raises ValueError for another rank."""
+    if len(shape) == 2:
+        return 1, int(shape[1]), int(shape[0])
+    if len(shape) != 3:
+        raise ValueError(f"a {len(shape)}-D parameter (LoRA on parameters takes 2-D and 3-D ones)")
+    experts, a, b = (int(x) for x in shape)
+    return (experts, a, b) if getattr(module, "is_transposed", False) else (experts, b, a)
+
+
+def parameter_holder(module: nn.Module) -> nn.Module:
+    """The module that owns a target parameter: ``module`` itself, or the one a ``ParamWrapper`` (nested, for a
+    second parameter of the same module) wraps."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def wrapped_parameter(name: str, module: nn.Module) -> str | None:
+    """For a ``lora.ParamWrapper`` at module ``name``, the key of the parameter it adapts
+    (``model.layers.0.mlp.experts.base_layer`` -> ``model.layers.0.mlp.experts.gate_up_proj``); else None."""
+    param = getattr(module, "parameter_name", None)
+    if type(module).__name__ != "ParamWrapper" or not isinstance(param, str):
+        return None
+    return f"{name.replace('.base_layer', '')}.{param}"
 
 
 def pattern_key(patterns: Sequence[str], key: str) -> str:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, StringConstraints, field_validator
 from adapter_surgery import patterns
 from adapter_surgery.devices import DeviceName
 from adapter_surgery.ops.common import FileInfo, PathFields, Seed, StrictModel
+from adapter_surgery.serving import VLLM_DEFAULT_MAX_LORA_RANK, Runtime
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -86,6 +87,15 @@ class AttachLoraOptions(StrictModel):
         "float32", description="dtype of the adapter tensors (lora_A/B, magnitude, trainable token rows).")
     device: DeviceName = Field("auto", description="Where inits that read weights compute: auto (GPU when "
                                                    "present), cpu, cuda.")
+    serving: Runtime | None = Field(
+        None, description="The runtime the adapter will be served with ('vllm'): an adapter it cannot load (DoRA, "
+                          "modules_to_save, biases, trainable_token_indices, a rank above max_lora_rank, per-module "
+                          "scalings) is refused with the option that makes it loadable. None: such adapters are "
+                          "written, and the result's warnings name the runtimes that could not load them.")
+    max_lora_rank: int | None = Field(
+        None, ge=1, le=MAX_RANK, description="The serving runtime's rank limit (vLLM's --max-lora-rank: 1, 8, 16, 32, "
+                                             f"64, 128, 256, 320 or 512). None: vLLM's default, "
+                                             f"{VLLM_DEFAULT_MAX_LORA_RANK}.")
 
 
     _safe_patterns = field_validator("target_modules", "exclude_modules", "layers_pattern", "rank_pattern",
@@ -106,10 +116,15 @@ class AttachLoraSpec(PathFields, AttachLoraOptions):
 
 
 class TargetModule(BaseModel):
-    name: str = Field(description="Full module name, e.g. model.layers.0.self_attn.q_proj.")
-    kind: Literal["linear", "conv1d"]
+    name: str = Field(description="Full module name, e.g. model.layers.0.self_attn.q_proj; for a parameter, its "
+                                   "full name (model.layers.0.mlp.experts.gate_up_proj).")
+    kind: Literal["linear", "conv1d", "parameter"] = Field(
+        description="parameter: a parameter adapted through peft's target_parameters (lora.ParamWrapper): "
+                    "transformers 5's fused MoE experts (3-D) and routers.")
     in_features: int
     out_features: int
+    experts: int = Field(1, description="Experts of a 3-D parameter: lora_A is (r * experts, in_features), lora_B "
+                                        "(out_features, r * experts).")
     weight_dtype: str = Field(description="Stored dtype of the base weight.")
     r: int
     lora_alpha: float

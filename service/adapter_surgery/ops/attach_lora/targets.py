@@ -29,17 +29,35 @@ TASK_MODULES_TO_SAVE = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["class
                         "QUESTION_ANS": ["qa_outputs"]}
 
 
+#: safetensors' name of a parameter dtype (the stored dtype of a target parameter).
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+#: The inits peft's ``lora.ParamWrapper`` runs without the module's ``weight`` (``reset_lora_parameters``).
+PARAMETER_INITS = ("true", "gaussian")
+
+
 @dataclass
 class Target:
-    """One module peft will adapt: its weight's checkpoint key, header entry and rank."""
+    """One module (or parameter) peft will adapt: its weight's checkpoint key, header entry and rank.
+
+    ``kind`` ``parameter``: a parameter named by ``target_parameters`` (transformers 5's fused MoE experts, 3-D, and
+    routers), adapted by ``lora.ParamWrapper`` with ``experts`` blocks of rank ``r``; ``key``/``info`` are None (its
+    checkpoint tensors, possibly stored per expert, are never read: only data-free inits apply) and ``dtype`` is
+    the model's.
+    """
 
     name: str
-    kind: Literal["linear", "conv1d"]
+    kind: Literal["linear", "conv1d", "parameter"]
     in_features: int
     out_features: int
-    key: str
-    info: TensorInfo
+    key: str | None
+    info: TensorInfo | None
     r: int
+    experts: int = 1
+    dtype: str | None = None
+
+    @property
+    def weight_dtype(self) -> str:
+        return self.info.dtype if self.info is not None else self.dtype or "F32"
 
 
 
@@ -47,7 +65,7 @@ def check_memory(targets: list[Target], init: str, spec: AttachLoraSpec, needs_w
                   limit: int | None) -> None:
     """Refuse (503) before any weight is read when the adapter (float32, peft's copy and the saved one) plus the
     largest target's factorization (:func:`adapter_surgery.resources.decomposition_bytes`) cannot fit."""
-    adapter = sum(2 * 4 * t.r * (t.in_features + t.out_features) for t in targets)
+    adapter = sum(2 * 4 * t.r * t.experts * (t.in_features + t.out_features) for t in targets)
     one = max((resources.decomposition_bytes(t.out_features, t.in_features, t.r, init if init not in DATA_FREE_INITS
                                              else "dora") for t in targets), default=0) if needs_weights else 0
     field = "r" if adapter >= one else ("init_lora_weights" if init not in DATA_FREE_INITS else "use_dora")
@@ -247,8 +265,11 @@ def check_entries(config, model: nn.Module, spec: AttachLoraSpec, names: list[st
 
     listing = ", ".join(names)
     if isinstance(spec.target_modules, list):
+        whole = copy.deepcopy(config)  # v4 names fused together (w1 + w3 -> gate_up_proj) convert as a list only
+        whole.target_modules, whole.exclude_modules = set(spec.target_modules), None
+        kept = set(bridge.converted_for_transformers(whole, model).target_modules or ())
         for i, entry in enumerate(spec.target_modules):
-            if matches(entry):
+            if entry not in kept or matches(entry):
                 continue
             close = difflib.get_close_matches(entry, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -277,9 +298,90 @@ def plan(config, model: nn.Module, ckpt: Checkpoint, arch: Architecture,
     notes = check_entries(config, model, spec, names)
     cfg = matching_config(config, model, names, arch)
     prefix = getattr(model, "base_model_prefix", "") or ""
-    targets = [target_of(key, module, cfg, ckpt, arch, prefix, names)
-               for key, module in matched_modules(cfg, model, spec, names)]
+    parameters, rank_notes = parameter_targets(cfg, model, spec)
+    notes = [*notes, *rank_notes]
+    modules = matched_modules(cfg, model, spec, names) if cfg.target_modules or not parameters else []
+    targets = [target_of(key, module, cfg, ckpt, arch, prefix, names) for key, module in modules]
     check_extra_modules(spec, model, arch)
+    return [*targets, *parameters], notes
+
+
+def injection_config(config, model: nn.Module, spec: AttachLoraSpec, arch: Architecture):
+    """The ``LoraConfig`` handed to peft: ``config`` itself, except
+
+    - without ``target_modules``: peft's default targets for the model type, set explicitly (what ``peft`` itself
+      saves). peft 0.21's transformers-v5 MoE conversion runs before the default is filled in and turns ``None``
+      into an empty set, so that ``get_peft_model`` fails on Mixtral ("No `target_modules` passed");
+    - with ``exclude_modules``: parameters of ``target_parameters`` (MoE experts and routers, which ``"all-linear"``
+      and the v5 conversion add) whose module ``exclude_modules`` names are left out (peft 0.21 applies
+      ``exclude_modules`` to modules only): ``target_parameters`` then lists the kept parameters by full name, the
+      rest of the matching config as peft resolves it (the v5 conversion, ``"all-linear"`` expanded).
+    """
+    out = config
+    model_type = getattr(model.config, "model_type", None)
+    default = bridge.default_target_modules(model_type) if config.target_modules is None else None
+    if default is not None:
+        out = copy.deepcopy(config)
+        out.target_modules = default if isinstance(default, str) else set(default)
+    if not spec.exclude_modules:
+        return out
+    cfg = matching_config(out, model, linear_names(arch))
+    found = bridge.matched_parameters(cfg, model)
+    kept = [key for key, module_name, _ in found if not _excluded(cfg, module_name)]
+    if len(kept) == len(found):
+        return out
+    cfg.target_parameters = kept or None
+    return cfg
+
+
+def _excluded(cfg, module_name: str) -> bool:
+    """Whether ``exclude_modules`` names module ``module_name`` (peft's own rule: a regex in full, or a name or a
+    dotted suffix of one)."""
+    probe = copy.copy(cfg)
+    probe.target_modules, probe.modules_to_save = {module_name}, None
+    probe.layers_to_transform, probe.layers_pattern = None, None
+    return not bridge.target_module_exists(probe, module_name)
+
+
+def parameter_targets(cfg, model: nn.Module, spec: AttachLoraSpec) -> tuple[list[Target], list[str]]:
+    """The parameters ``target_parameters`` names (after the v5 conversion: fused MoE experts, routers), each
+    checked as peft's ``lora.ParamWrapper`` needs it: a data-free init, no DoRA, no dropout, 2-D or 3-D, float.
+    A rank above min(in, out) (a router has as many outputs as experts) is built as peft builds it, with a warning
+    (returned): refusing it would make ``"all-linear"`` differ from peft's own."""
+    found = bridge.matched_parameters(cfg, model)
+    if not found:
+        return [], []
+    where = ", ".join(dict.fromkeys(generic(k) for k, _, _ in found))
+    leave_out = ("or leave them out with exclude_modules (e.g. ['experts', 'gate']: the fused experts and the "
+                 "routers)")
+    init = check_init(spec)
+    for bad, field, what in ((init not in PARAMETER_INITS, "init_lora_weights", f"init_lora_weights {init!r}"),
+                             (spec.use_dora, "use_dora", "use_dora"),
+                             (spec.lora_dropout > 0, "lora_dropout", f"lora_dropout {spec.lora_dropout}")):
+        if bad:
+            raise InvalidSpec(f"{what} is not supported on the parameters this request targets ({where}: "
+                              "target_parameters, as peft maps MoE experts and routers in transformers 5); peft's "
+                              "lora.ParamWrapper takes the inits true and 'gaussian' only, without DoRA or dropout",
+                              field=field, fix=f"Send init_lora_weights true, no use_dora and lora_dropout 0, "
+                                               f"{leave_out}.")
+    targets: list[Target] = []
+    over: dict[str, int] = {}
+    for key, module_name, param in found:
+        try:
+            experts, n_in, n_out = bridge.parameter_axes(model.get_submodule(module_name), param.shape)
+        except ValueError as exc:
+            raise InvalidSpec(f"target_parameters names {key}, {exc}", field="target_modules",
+                              fix=f"Target 2-D or 3-D parameters, {leave_out}.") from None
+        if not param.dtype.is_floating_point:
+            raise InvalidSpec(f"target parameter {key} is {param.dtype}, not a float", field="target_modules",
+                              fix=f"Dequantize the checkpoint first, {leave_out}.")
+        r = cfg.rank_pattern.get(bridge.pattern_key(cfg.rank_pattern.keys(), key), cfg.r)
+        if r > min(n_in, n_out):
+            over.setdefault(f"{generic(key)} (in {n_in}, out {n_out}, r={r})", min(n_in, n_out))
+        targets.append(Target(key, "parameter", n_in, n_out, None, None, r, experts,
+                              SAFETENSORS_DTYPES.get(param.dtype, str(param.dtype))))
+    notes = [f"r exceeds min(in_features, out_features) = {limit} of {what}; peft builds it so, but the rank adds no "
+             "expressive power there (exclude_modules ['gate'] leaves the routers out)" for what, limit in over.items()]
     return targets, notes
 
 
