@@ -29,9 +29,9 @@ def test_cancel_during_token_planning(data_dir: Path, build, monkeypatch: pytest
     before = tree_digest(data_dir / src)
     reached, go_on = threading.Event(), threading.Event()
     calls = 0
-    real = extend_vocab._row_for
+    real = extend_vocab._source_for  # called once per new token, in the planning loop
 
-    def row_for(*args: object, **kwargs: object) -> object:
+    def source_for(*args: object, **kwargs: object) -> object:
         nonlocal calls
         calls += 1
         if calls == HOLD_AT:  # hold the job in its planning loop until the cancel was asked for
@@ -39,7 +39,7 @@ def test_cancel_during_token_planning(data_dir: Path, build, monkeypatch: pytest
             assert go_on.wait(60), "the test never let the job go on"
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(extend_vocab, "_row_for", row_for)
+    monkeypatch.setattr(extend_vocab, "_source_for", source_for)
     tokens = [f"<planned-{i}>" for i in range(N_TOKENS)]
     r = client.post("/extend-vocab", json={"checkpoint": src, "output": "o", "tokens": tokens},
                     headers={"Prefer": "respond-async"})

@@ -277,6 +277,13 @@ class Changes:
         names = set(self.replace) | self.remove | {anchor for _, anchor in self.add.values()}
         return {ckpt.weight_map[n] for n in names if n in ckpt.weight_map}
 
+    def merged(self, other: Changes) -> Changes:
+        """New changes: these, then ``other``'s on top (``other`` wins for a name both replace or add; a tensor
+        ``other`` removes keeps no replacement from these). Neither ``self`` nor ``other`` changes; entries keep
+        their order (these first), which is the order added tensors are written in."""
+        return Changes(replace={k: v for k, v in self.replace.items() if k not in other.remove} | other.replace,
+                       add=self.add | other.add, remove=self.remove | other.remove)
+
 
 class HashFollower:
     """sha256 of a file while another thread writes it front to back: :meth:`run` (on a worker thread) reads each

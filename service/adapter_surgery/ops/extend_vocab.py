@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
@@ -191,12 +191,10 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
     arch = run.architecture(ckpt)
     arch.check_growable()
     warnings = list(ckpt.warnings) + arch.notes
-    ctx.say("loading the tokenizer")
-    tok = _load_tokenizer(ckpt, spec, ctx.tokenizers)
-    ctx.check_cancelled()
-    _check_memory(spec, ckpt, arch, tok, ctx.memory_limit_bytes)
-    plan = plan_vocab(spec, ckpt, arch, tok, ctx)
-    sample = _check_chat_template(spec, tok, plan, warnings)
+    planned = plan_vocab(spec, ckpt, arch, ctx, check_memory=True)
+    plan, tok = planned.plan, planned.tokenizer
+    sample, template_warnings = _check_chat_template(spec, tok, plan)
+    warnings += template_warnings
     if not plan.rows and plan.rows_after == arch.vocab_rows and not spec.reinit_existing and not spec.untie \
             and spec.chat_template is None:
         warnings.append("nothing to add: every token already exists (or none was given); the output is the input, "
@@ -265,6 +263,15 @@ class VocabPlan:
     has_entry: torch.Tensor  # bool (V,): rows with a tokenizer entry in the base
 
 
+@dataclass(frozen=True)
+class PlannedVocab:
+    """What :func:`plan_vocab` returns: the plan, and the checkpoint's tokenizer with the new tokens added (a new
+    object, loaded by :func:`plan_vocab`; ``None`` for a checkpoint without tokenizer files)."""
+
+    plan: VocabPlan
+    tokenizer: Any  # PreTrainedTokenizerBase | None
+
+
 def _load_tokenizer(ckpt: Checkpoint, spec: ExtendVocabSpec,
                     cache: TokenizerCache | None = None):  # -> PreTrainedTokenizerBase | None
     if not ckpt.has_tokenizer:
@@ -306,91 +313,160 @@ def _planning(ctx: RunContext | None, stage: str, done: int, total: int) -> None
         ctx.progress(ProgressEvent(stage, done, max(total, done), "tokens"))
 
 
-def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, tok,
-               ctx: RunContext | None = None) -> VocabPlan:
-    """Plan the rows: ids of the new tokens (added to ``tok`` in place), padding, the final row count. With
-    ``ctx``, every :data:`PLAN_STEP` tokens or rows checks for a cancel and reports progress.
+def plan_vocab(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, ctx: RunContext | None = None, *,
+               check_memory: bool = False) -> PlannedVocab:
+    """Load the checkpoint's tokenizer and plan the rows: ids of the new tokens, padding, the final row count.
+
+    The tokenizer is loaded here (in the service, a private copy of the one ``ctx.tokenizers`` keeps), and here only
+    it grows (and takes ``spec.chat_template``): the one returned is no object a caller held before. The request's
+    tokens are read against it before it grows (existing tokens, copy sources, the subword pieces of
+    ``subword_mean``); the new tokens' ids are read from it after. With ``check_memory``, the request is refused
+    (503) before the tokenizer grows when its rows cannot fit in the memory available (``ctx.memory_limit_bytes``).
+    With ``ctx``, every :data:`PLAN_STEP` tokens or rows checks for a cancel and reports progress.
 
     Used by extend-vocab and by attach-head (for a dedicated pad token).
 
     Raises:
-        InvalidSpec: a copy source that does not exist, subword_mean without tokenizer.
+        InvalidSpec: a copy source that does not exist, subword_mean without tokenizer, ``tokens`` without
+            tokenizer files, ``num_new_tokens`` with them.
+        InvalidCheckpoint: tokenizer files that ``transformers`` cannot load.
+        NotEnoughMemory: with ``check_memory``, rows that cannot fit.
         Cancelled: the job was asked to stop.
     """
-    rows_before = arch.vocab_rows
-    default = spec.init
-    added: list[TokenId] = []
-    existing: list[TokenId] = []
-    rows: list[_Row] = []
+    if ctx is not None:
+        ctx.say("loading the tokenizer")
+    tok = _load_tokenizer(ckpt, spec, None if ctx is None else ctx.tokenizers)
+    if ctx is not None:
+        ctx.check_cancelled()
+    if check_memory:
+        _check_memory(spec, ckpt, arch, tok, None if ctx is None else ctx.memory_limit_bytes)
     if tok is None:
-        has_entry = torch.ones(rows_before, dtype=torch.bool)
-        n_new = spec.num_new_tokens or 0
-        for i in range(n_new):
-            if i % PLAN_STEP == 0:
-                _planning(ctx, f"planning new rows {i}/{n_new}", i, n_new)
-            rows.append(_row_for(rows_before + i, default, None, None, tok, "num_new_tokens", rows_before))
-            added.append(TokenId(token=None, id=rows_before + i))
-        needed, tok_before = rows_before + n_new, None
-    else:
-        vocab = tok.get_vocab()
-        tok_before = len(tok)
-        has_entry = torch.zeros(max(rows_before, 1), dtype=torch.bool)
-        ids = torch.tensor([i for i in vocab.values() if i < rows_before], dtype=torch.long)
-        has_entry[ids] = True
-        seen: set[str] = set()
-        pending: list[tuple[str, bool, _Row]] = []  # plain tuples: 2^20 pydantic objects would cost seconds
-        n_tokens = len(spec.tokens)
-        for i, raw in enumerate(spec.tokens):
-            if i % PLAN_STEP == 0:
-                _planning(ctx, f"planning tokens {i}/{n_tokens}", i, 2 * n_tokens)
-            content = raw if isinstance(raw, str) else raw.content
-            if content in seen:
-                continue
-            seen.add(content)
-            if content in vocab:
-                existing.append(TokenId(token=content, id=vocab[content]))
-                continue
-            if isinstance(raw, str):
-                init, special, text = default, False, content
-            else:
-                init, special, text = raw.init or default, raw.special, raw.description or content
-            pending.append((content, special, _row_for(-1, init, text, vocab, tok, f"tokens.{i}", rows_before)))
-        size = len(tok)
-        _planning(ctx, f"adding {len(pending)} tokens to the tokenizer", n_tokens, 2 * n_tokens)
-        _add_to_tokenizer(tok, [(content, special) for content, special, _ in pending])
-        first, last = (tok.convert_tokens_to_ids(pending[i][0]) for i in (0, -1)) if pending else (0, -1)
-        consecutive = first == size and last == size + len(pending) - 1 == len(tok) - 1
-        for i, (content, _special, row) in enumerate(pending):  # ids are consecutive but for odd tokenizers
-            if i % PLAN_STEP == 0:
-                _planning(ctx, f"assigning ids {i}/{len(pending)}", n_tokens + i * n_tokens // max(len(pending), 1),
-                          2 * n_tokens)
-            row.id = size + i if consecutive else tok.convert_tokens_to_ids(content)
-            rows.append(row)
-            added.append(TokenId(token=content, id=row.id))
-        tok_after = len(tok)
-        needed = max(rows_before, tok_after)
+        return PlannedVocab(_plan_without_tokenizer(spec, ckpt, arch, ctx), None)
+    read = _read_tokens(spec, arch, tok, ctx)
+    n_tokens = len(spec.tokens)
+    _planning(ctx, f"adding {len(read.pending)} tokens to the tokenizer", n_tokens, 2 * n_tokens)
+    from transformers import AddedToken
+
+    # runs of ordinary / special tokens are added in one call each, so ids follow the request's order; one call per
+    # token made 2^20 tokens quadratic (the tokenizer rebuilds its added-token matcher on every call)
+    for special, run in itertools.groupby(read.pending, key=lambda t: t[1]):
+        batch = [AddedToken(content, special=special, normalized=False) for content, _, _ in run]
+        if special:
+            tok.add_special_tokens({"extra_special_tokens": batch}, replace_extra_special_tokens=False)
+        else:
+            tok.add_tokens(batch)
+    if spec.chat_template is not None:  # saved with the tokenizer (checked by extend_vocab before any write)
+        tok.chat_template = spec.chat_template
+    return PlannedVocab(_plan_with_tokenizer(spec, ckpt, arch, read, tok, ctx), tok)
+
+
+@dataclass(frozen=True)
+class _TokensRead:
+    """The request's tokens read against the base tokenizer, before it grows."""
+
+    vocab: dict[str, int]  # the base tokenizer's
+    size: int  # len() of the base tokenizer
+    has_entry: torch.Tensor  # bool (V,): rows with a tokenizer entry in the base
+    existing: list[TokenId]
+    pending: list[tuple[str, bool, tuple[str, list[int]]]]  # (content, special, (strategy, sources)) to add
+
+
+def _read_tokens(spec: ExtendVocabSpec, arch: Architecture, tok, ctx: RunContext | None) -> _TokensRead:
+    """Which of the request's tokens ``tok`` has, and the strategy and source rows of the others."""
+    rows_before = arch.vocab_rows
+    vocab = tok.get_vocab()
+    has_entry = torch.zeros(max(rows_before, 1), dtype=torch.bool)
+    ids = torch.tensor([i for i in vocab.values() if i < rows_before], dtype=torch.long)
+    has_entry[ids] = True
+    seen: set[str] = set()
+    existing: list[TokenId] = []
+    pending: list[tuple[str, bool, tuple[str, list[int]]]] = []  # plain tuples: 2^20 objects would cost seconds
+    n_tokens = len(spec.tokens)
+    for i, raw in enumerate(spec.tokens):
+        if i % PLAN_STEP == 0:
+            _planning(ctx, f"planning tokens {i}/{n_tokens}", i, 2 * n_tokens)
+        content = raw if isinstance(raw, str) else raw.content
+        if content in seen:
+            continue
+        seen.add(content)
+        if content in vocab:
+            existing.append(TokenId(token=content, id=vocab[content]))
+            continue
+        if isinstance(raw, str):
+            init, special, text = spec.init, False, content
+        else:
+            init, special, text = raw.init or spec.init, raw.special, raw.description or content
+        pending.append((content, special, _source_for(init, text, vocab, tok, f"tokens.{i}", rows_before)))
+    return _TokensRead(vocab=vocab, size=len(tok), has_entry=has_entry, existing=existing, pending=pending)
+
+
+def _plan_with_tokenizer(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, read: _TokensRead, tok,
+                         ctx: RunContext | None) -> VocabPlan:
+    """The plan once ``tok`` (the base tokenizer of ``read``) holds the new tokens: their ids from it."""
+    size = read.size
+    pending = read.pending
+    n_tokens = len(spec.tokens)
+    first, last = (tok.convert_tokens_to_ids(pending[i][0]) for i in (0, -1)) if pending else (0, -1)
+    consecutive = first == size and last == size + len(pending) - 1 == len(tok) - 1
+    rows: list[_Row] = []
+    added: list[TokenId] = []
+    for i, (content, _special, (strategy, sources)) in enumerate(pending):  # consecutive but for odd tokenizers
+        if i % PLAN_STEP == 0:
+            _planning(ctx, f"assigning ids {i}/{len(pending)}", n_tokens + i * n_tokens // max(len(pending), 1),
+                      2 * n_tokens)
+        row_id = size + i if consecutive else tok.convert_tokens_to_ids(content)
+        rows.append(_Row(row_id, strategy, sources))
+        added.append(TokenId(token=content, id=row_id))
+    needed = max(arch.vocab_rows, len(tok))
+    return _plan_padding(spec, ckpt, arch, rows, added, read.existing, needed, read, ctx)
+
+
+def _plan_without_tokenizer(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture,
+                            ctx: RunContext | None) -> VocabPlan:
+    """The plan of ``num_new_tokens`` rows for a checkpoint without tokenizer."""
+    rows_before = arch.vocab_rows
+    n_new = spec.num_new_tokens or 0
+    rows: list[_Row] = []
+    added: list[TokenId] = []
+    for i in range(n_new):
+        if i % PLAN_STEP == 0:
+            _planning(ctx, f"planning new rows {i}/{n_new}", i, n_new)
+        rows.append(_row_for(rows_before + i, spec.init, None, None, None, "num_new_tokens", rows_before))
+        added.append(TokenId(token=None, id=rows_before + i))
+    return _plan_padding(spec, ckpt, arch, rows, added, [], rows_before + n_new, None, ctx)
+
+
+def _plan_padding(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, token_rows: list[_Row],
+                  added: list[TokenId], existing: list[TokenId], needed: int, read: _TokensRead | None,
+                  ctx: RunContext | None) -> VocabPlan:
+    """The plan: ``token_rows`` (the new tokens' rows, ``needed`` rows in all), then padding rows up to
+    ``pad_to_multiple_of``; ``read`` is ``None`` without tokenizer."""
+    rows_before = arch.vocab_rows
     rows_after = needed
     if spec.pad_to_multiple_of:
         rows_after = math.ceil(needed / spec.pad_to_multiple_of) * spec.pad_to_multiple_of
     rows_after = max(rows_after, rows_before)
     _check_size(rows_after - rows_before, ckpt, arch, spec)
-    pad_strategy = "mean" if default == "subword_mean" else default
-    taken = {r.id for r in rows}
+    pad_strategy = "mean" if spec.init == "subword_mean" else spec.init
+    taken = {r.id for r in token_rows}
     padding = [i for i in range(rows_before, rows_after) if i not in taken]
+    rows = list(token_rows)
     for k, r in enumerate(padding):
         if k % PLAN_STEP == 0:
             _planning(ctx, f"planning padding rows {k}/{len(padding)}", k, len(padding))
-        rows.append(_row_for(r, pad_strategy, None, None, tok, "init", rows_before))
-    if tok is None:
+        rows.append(_row_for(r, pad_strategy, None, None, None, "init", rows_before))
+    if read is None:
         rows_without_token = []
+        has_entry = torch.ones(rows_before, dtype=torch.bool)
     else:  # the base's ids and the added ones (get_vocab of a tokenizer with 2^20 added tokens takes seconds)
         has_id = torch.zeros(rows_after, dtype=torch.bool)
-        has_id[torch.tensor([i for i in vocab.values() if i < rows_after], dtype=torch.long)] = True
+        has_id[torch.tensor([i for i in read.vocab.values() if i < rows_after], dtype=torch.long)] = True
         has_id[torch.tensor([a.id for a in added if 0 <= a.id < rows_after], dtype=torch.long)] = True
         rows_without_token = torch.nonzero(~has_id).flatten().tolist()
+        has_entry = read.has_entry
     return VocabPlan(rows_after=rows_after, rows=rows, added=added, existing=existing, untrained=[], reinit=[],
-                 padding_rows=padding, rows_without_token=rows_without_token,
-                 tok_before=tok_before, has_entry=has_entry)
+                     padding_rows=padding, rows_without_token=rows_without_token,
+                     tok_before=None if read is None else read.size, has_entry=has_entry)
 
 
 def _check_size(new_rows: int, ckpt: Checkpoint, arch: Architecture, spec: ExtendVocabSpec) -> None:
@@ -425,40 +501,32 @@ def _check_memory(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, t
 
 def _row_for(row_id: int, init, text: str | None, vocab: dict[str, int] | None, tok, where: str,
              rows_before: int) -> _Row:
+    return _Row(row_id, *_source_for(init, text, vocab, tok, where, rows_before))
+
+
+def _source_for(init, text: str | None, vocab: dict[str, int] | None, tok, where: str,
+                rows_before: int) -> tuple[str, list[int]]:
+    """A row's strategy and source rows (copy: the source; subword_mean: the pieces of ``text`` in ``tok``)."""
     if isinstance(init, CopyInit):
         src = init.source
         if isinstance(src, int):
             if not 0 <= src < rows_before:
                 raise InvalidSpec(f"copy source row {src} is not a row of the checkpoint (0..{rows_before - 1})",
                                   field=f"{where}.init.source", fix="Name an existing row id or token.")
-            return _Row(row_id, "copy", [src])
+            return "copy", [src]
         if vocab is None or src not in vocab:
             raise InvalidSpec(f"copy source {src!r} is not a token of the base tokenizer",
                               field=f"{where}.init.source", fix="Name a token that exists before this request.")
-        return _Row(row_id, "copy", [vocab[src]])
+        return "copy", [vocab[src]]
     if init == "subword_mean":
         if tok is None:
             raise InvalidSpec("subword_mean needs a tokenizer to split the token's text",
                               field=f"{where}.init", fix="Use mean, or include the tokenizer files.")
         if text is None:
-            return _Row(row_id, "mean")
+            return "mean", []
         pieces = [i for i in tok(text, add_special_tokens=False)["input_ids"] if i < rows_before]
-        return _Row(row_id, "subword_mean", pieces)
-    return _Row(row_id, init)
-
-
-def _add_to_tokenizer(tok, tokens: list[tuple[str, bool]]) -> None:
-    """Add ``(content, special)`` tokens in order."""
-    from transformers import AddedToken
-
-    # runs of ordinary / special tokens are added in one call each, so ids follow the request's order; one call per
-    # token made 2^20 tokens quadratic (the tokenizer rebuilds its added-token matcher on every call)
-    for special, run in itertools.groupby(tokens, key=lambda t: t[1]):
-        batch = [AddedToken(content, special=special, normalized=False) for content, _ in run]
-        if special:
-            tok.add_special_tokens({"extra_special_tokens": batch}, replace_extra_special_tokens=False)
-        else:
-            tok.add_tokens(batch)
+        return "subword_mean", pieces
+    return init, []
 
 
 # -- values ---------------------------------------------------------------------------------------------------
@@ -526,22 +594,26 @@ def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, p
         changes.replace[key] = src
         changed.append(ChangedTensor(name=key, shape_before=list(ckpt.info(key).shape), shape=list(src.shape)))
     if spec.untie:
-        _untie(changes, changed, ckpt, arch, warnings)
+        head, untied, note = _untie(changes.replace, ckpt, arch)
+        changes = changes.merged(head)
+        changed += untied
+        warnings += note
     return VocabChanges(changes, changed, plan, warnings)
 
 
-def _untie(changes: Changes, changed: list[ChangedTensor], ckpt: Checkpoint, arch: Architecture,
-           warnings: list[str]) -> None:
+def _untie(replaced: dict[str, TensorSource], ckpt: Checkpoint,
+           arch: Architecture) -> tuple[Changes, list[ChangedTensor], list[str]]:
+    """The output head written as its own tensor: a copy of the input embedding (``replaced``'s, when it grew), as
+    (changes, changed tensors, warnings)."""
     if not arch.tied:
-        warnings.append("untie: the output head is already untied; nothing to do")
-        return
+        return Changes(), [], ["untie: the output head is already untied; nothing to do"]
     if arch.head_param is None:
         raise InvalidSpec("untie: this model has no output head to untie", field="untie", fix="Send untie: false.")
-    embed = changes.replace.get(arch.input_embedding) or RowPatchedTensor(ckpt.info(arch.input_embedding),
-                                                                        ckpt.path_of(arch.input_embedding))
+    embed = replaced.get(arch.input_embedding) or RowPatchedTensor(ckpt.info(arch.input_embedding),
+                                                                 ckpt.path_of(arch.input_embedding))
     head = arch.head_layout_key or arch.head_param  # in the input's layout (LLaVA: language_model.lm_head.weight)
-    changes.add[head] = (embed, arch.input_embedding)
-    changed.append(ChangedTensor(name=head, shape_before=None, shape=list(embed.shape)))
+    return (Changes(add={head: (embed, arch.input_embedding)}),
+            [ChangedTensor(name=head, shape_before=None, shape=list(embed.shape))], [])
 
 
 def zero_padded(ckpt: Checkpoint, key: str, rows_after: int) -> NewTensor:
@@ -622,11 +694,11 @@ def _patched(ckpt: Checkpoint, key: str, stats: RowStats, plan: VocabPlan, spec:
     return RowPatchedTensor(info, ckpt.path_of(key), overrides, appended)
 
 
-def _check_chat_template(spec: ExtendVocabSpec, tok, plan: VocabPlan, warnings: list[str]) -> str | None:
+def _check_chat_template(spec: ExtendVocabSpec, tok, plan: VocabPlan) -> tuple[str | None, list[str]]:
     """The sample conversation rendered with ``spec.chat_template`` by the grown tokenizer (its special tokens
-    passed to the template); a warning when special tokens were added and the sample uses none of them."""
+    passed to the template), and a warning when special tokens were added and the sample uses none of them."""
     if spec.chat_template is None:
-        return None
+        return None, []
     if tok is None:
         raise InvalidSpec("chat_template is saved with the tokenizer, and this checkpoint has none",
                           field="chat_template", fix="Include the tokenizer files, or leave chat_template out.")
@@ -634,9 +706,9 @@ def _check_chat_template(spec: ExtendVocabSpec, tok, plan: VocabPlan, warnings: 
     added = {a.token for a in plan.added}
     special = [t.content for t in spec.tokens if isinstance(t, TokenSpec) and t.special and t.content in added]
     if special and not any(t in sample for t in special):
-        warnings.append(f"chat_template: the sample conversation it renders uses none of the special tokens added "
-                        f"({', '.join(special[:5])})")
-    return sample
+        return sample, [f"chat_template: the sample conversation it renders uses none of the special tokens added "
+                        f"({', '.join(special[:5])})"]
+    return sample, []
 
 
 def _refuse_unreadable_config(ckpt: Checkpoint) -> None:
@@ -672,7 +744,5 @@ def _write_side_files(ckpt: Checkpoint, out: Path, arch: Architecture, plan: Voc
             (out / "config.json").unlink(missing_ok=True)
             (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if tok is not None and (plan.added or spec.chat_template is not None):
-        if spec.chat_template is not None:
-            tok.chat_template = spec.chat_template  # transformers 5 saves it as chat_template.jinja
-        tok.save_pretrained(str(out))
+        tok.save_pretrained(str(out))  # with spec.chat_template, which plan_vocab set (saved as chat_template.jinja)
 

@@ -52,6 +52,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -140,7 +141,6 @@ class Adapter:
     config: dict[str, object]
     weights: Checkpoint
     lora_config: object = None  # peft's LoraConfig parsed from adapter_config.json
-    ignored: list[str] = field(default_factory=list)  # keys peft's load would ignore (modules it does not target)
 
     def targets(self, module: str) -> bool:
         """Whether peft creates a LoRA layer at ``module`` on load (target_modules, layers_to_transform,
@@ -317,7 +317,13 @@ def _token_ids(adapter: Adapter, module: str) -> list[int]:
     return list(ids)
 
 
-def _plan_adapter(adapter: Adapter, base: _Base) -> dict[str, _Change]:
+@dataclass(frozen=True)
+class _AdapterPlan:
+    changes: dict[str, _Change]  # checkpoint tensor -> this adapter's change to it
+    ignored: list[str]  # keys peft's load would ignore (modules it does not target, a magnitude without use_dora)
+
+
+def _plan_adapter(adapter: Adapter, base: _Base) -> _AdapterPlan:
     """Map every key of the adapter onto the checkpoint tensor it changes; check names and shapes (headers only)."""
     ckpt, w = base.ckpt, adapter.weights
     groups: dict[str, dict[str, str]] = {}
@@ -346,7 +352,8 @@ def _plan_adapter(adapter: Adapter, base: _Base) -> dict[str, _Change]:
                                              f"{ids[:8]}..., but {target} is {list(info.shape)}")
                 if len(set(ids)) != len(ids):
                     raise _mismatch(adapter, f"trainable_token_indices of {module} repeat an id", "Check the ids.")
-                _add(changes, target, _Change(adapter, "token_rows", module, {"rows": key}, ids))
+                changes[target] = _new_change(changes, target, _Change(adapter, "token_rows", module, {"rows": key},
+                                                                       ids))
                 continue
             if ".lora_" in name or "lora_" in name.rsplit(".", 1)[-1]:
                 raise _mismatch(adapter, f"tensor {key!r} is not one merge-lora folds (LoRA A/B, DoRA magnitude, "
@@ -364,7 +371,7 @@ def _plan_adapter(adapter: Adapter, base: _Base) -> dict[str, _Change]:
             if target in changes and changes[target].kind == "replaced":  # a tied pair saved twice: the first
                 # key (sorted) wins, as in peft's merge_and_unload + save_pretrained (tested)
                 continue
-            _add(changes, target, _Change(adapter, "replaced", param, {"value": key}))
+            changes[target] = _new_change(changes, target, _Change(adapter, "replaced", param, {"value": key}))
     if groups and not any(adapter.targets(m) for m in groups):  # peft's load raises NoMatchingPeftModuleError
         fields = [f for f in ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules")
                   if getattr(adapter.lora_config, f, None)]
@@ -372,15 +379,24 @@ def _plan_adapter(adapter: Adapter, base: _Base) -> dict[str, _Change]:
                           f"the {len(groups)} LoRA modules its weights hold, e.g. {next(iter(groups))}; peft refuses "
                           "to load it", field=adapter.field,
                           fix="Correct target_modules / layers_to_transform / layers_pattern / exclude_modules.")
+    ignored: list[str] = []
     for module, keys in groups.items():
         if not adapter.targets(module):  # peft creates no LoRA layer here: its load ignores these keys
-            adapter.ignored.extend(sorted(keys.values()))
+            ignored.extend(sorted(keys.values()))
             continue
-        _plan_lora(adapter, base, module, keys, changes)
-    return changes
+        target, change, unused = _plan_lora(adapter, base, module, keys, changes)
+        ignored += unused
+        if "base" in change.keys:  # the adapter's own copy of the base weight, which the delta is added to
+            del changes[target]
+        changes[target] = _new_change(changes, target, change)
+    return _AdapterPlan(changes, ignored)
 
 
-def _plan_lora(adapter: Adapter, base: _Base, module: str, keys: dict[str, str], changes: dict[str, _Change]) -> None:
+def _plan_lora(adapter: Adapter, base: _Base, module: str, keys: dict[str, str],
+               changes: Mapping[str, _Change]) -> tuple[str, _Change, list[str]]:
+    """The LoRA (embedding LoRA, DoRA) change of ``module``: its target, the change and the keys peft's load would
+    ignore; ``changes`` (the adapter's other changes, read only) gives the base weight a targeted embedding saved
+    beside its delta."""
     ckpt, w = base.ckpt, adapter.weights
     embedding = "eA" in keys or "eB" in keys
     a_key, b_key = (keys.get("eA"), keys.get("eB")) if embedding else (keys.get("A"), keys.get("B"))
@@ -413,10 +429,11 @@ def _plan_lora(adapter: Adapter, base: _Base, module: str, keys: dict[str, str],
     if saved is not None and saved.kind == "replaced" and ".base_layer." in saved.keys["value"]:
         # peft saves the targeted embedding itself too (save_embedding_layers): loading puts that copy into the
         # base layer, then the delta is added to it
-        roles["base"] = changes.pop(target).keys["value"]
+        roles["base"] = saved.keys["value"]
+    ignored: list[str] = []
     use_dora = bool(getattr(adapter.lora_config, "use_dora", False))
     if "m" in keys and not use_dora:  # peft builds a plain LoRA layer: the magnitude is an unexpected key
-        adapter.ignored.append(keys["m"])
+        ignored.append(keys["m"])
     elif use_dora and "m" not in keys:
         raise InvalidSpec(f"adapter {adapter.path.name!r} has use_dora=true but no lora_magnitude_vector for "
                           f"{module}", field=adapter.field,
@@ -431,15 +448,16 @@ def _plan_lora(adapter: Adapter, base: _Base, module: str, keys: dict[str, str],
             raise _mismatch(adapter, f"{module}: lora_magnitude_vector has shape {list(w.info(keys['m']).shape)}, "
                                      f"expected [{out}]")
         kind, roles["m"] = "dora", keys["m"]
-    _add(changes, target, _Change(adapter, kind, module, roles))
+    return target, _Change(adapter, kind, module, roles), ignored
 
 
-def _add(changes: dict[str, _Change], target: str, change: _Change) -> None:
+def _new_change(changes: Mapping[str, _Change], target: str, change: _Change) -> _Change:
+    """``change``, refused when ``changes`` (the adapter's others) already change ``target``."""
     if target in changes:
         raise _mismatch(change.adapter, f"{target} is changed twice by this adapter ({changes[target].kind} of "
                                         f"{changes[target].module} and {change.kind} of {change.module})",
                         "Give an adapter peft can load.")
-    changes[target] = change
+    return change
 
 
 def _combine(per_adapter: list[dict[str, _Change]], weights: list[float]) -> dict[str, list[_Change]]:
@@ -584,9 +602,11 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
         check_output_path(output, a.path, spec.overwrite, field="output")
     for a in adapters:
         _check_residual_base(a, checkpoint, ctx.data_dir)
-    plan = _combine([_plan_adapter(a, base) for a in adapters], weights)
+    planned = [_plan_adapter(a, base) for a in adapters]
+    plan = _combine([p.changes for p in planned], weights)
     _check_memory(plan, base)
-    warnings = list(ckpt.warnings) + [_ignored_warning(a) for a in adapters if a.ignored]
+    warnings = list(ckpt.warnings) + [_ignored_warning(a, p.ignored) for a, p in zip(adapters, planned, strict=True)
+                                      if p.ignored]
     ctx.say(f"{len(plan)} tensors to merge from {len(adapters)} adapter(s)")
     merger = _Merger(base, device, spec.safe_merge, weights)
     changes = Changes(replace={t: merger.source(t, cs) for t, cs in plan.items()})
@@ -606,10 +626,10 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
         warnings=warnings, seconds=run.seconds())
 
 
-def _ignored_warning(adapter: Adapter) -> str:
-    shown = ", ".join(k.removeprefix(PREFIX) for k in adapter.ignored[:4])
-    more = f" and {len(adapter.ignored) - 4} more" if len(adapter.ignored) > 4 else ""
-    return (f"adapter {adapter.index} ({adapter.path.name}): {len(adapter.ignored)} tensor(s) not merged, as peft's "
+def _ignored_warning(adapter: Adapter, ignored: list[str]) -> str:
+    shown = ", ".join(k.removeprefix(PREFIX) for k in ignored[:4])
+    more = f" and {len(ignored) - 4} more" if len(ignored) > 4 else ""
+    return (f"adapter {adapter.index} ({adapter.path.name}): {len(ignored)} tensor(s) not merged, as peft's "
             f"load ignores them (its adapter_config.json's target_modules/layers_to_transform/layers_pattern/"
             f"exclude_modules/use_dora do not select them): {shown}{more}")
 

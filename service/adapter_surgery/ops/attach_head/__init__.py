@@ -35,10 +35,10 @@ from adapter_surgery import resources
 from adapter_surgery.devices import pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
 from adapter_surgery.io import describe_files
-from adapter_surgery.io.writer import Changes, write_checkpoint
+from adapter_surgery.io.writer import write_checkpoint
 from adapter_surgery.ops.attach_head.initialize import create_tensors
 from adapter_surgery.ops.attach_head.keys import STALE_BUFFERS, config_mismatch, map_keys, unexpected_tensors
-from adapter_surgery.ops.attach_head.output import apply_changes, write_side_files
+from adapter_surgery.ops.attach_head.output import changed_tensors, created_changes, key_changes, write_side_files
 from adapter_surgery.ops.attach_head.pad import plan_pad
 from adapter_surgery.ops.attach_head.spec import (
     MAX_LABELS,
@@ -106,7 +106,6 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
     if arch.source != "config":
         raise InvalidCheckpoint(f"config.json cannot be used to build the model: {'; '.join(arch.notes)}",
                                 field="checkpoint", fix="Send a config.json that transformers can load.")
-    warnings = list(ckpt.warnings)
     head = 2 * 4 * len(id2label) * arch.hidden_size + 4 * 4 * arch.hidden_size * arch.hidden_size  # + a pooler
     resources.require(head, available=resources.available_memory(ctx.memory_limit_bytes),
                       field="id2label" if spec.id2label is not None else "num_labels",
@@ -115,14 +114,17 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
     config = auto_config(ckpt)
     target_cls = target_class(config, spec.task)
     tok = load_tokenizer(ckpt)
-    changes = Changes()
-    pad = plan_pad(spec, ckpt, arch, config, tok, device, changes, warnings)
+    pad = plan_pad(spec, ckpt, arch, config, tok, device)
     ctx.say(f"target {target_cls.__name__}, pad id {pad.info.id if pad.info else None}")
     config = configured(config, id2label, problem_type, pad, arch)
     target = meta_model(target_cls, config)
-    keys = map_keys(ckpt, arch, target, changes)
+    keys = map_keys(ckpt, arch, target, pad.changes.replace)
     created = create_tensors(keys.missing, target, spec, config, device, embedding_dtype(ckpt, arch))
-    changed = apply_changes(changes, ckpt, keys, created, pad.changed)
+    # the writer's changes, each part from its own step: the grown embedding, then drops and renames, then new tensors
+    kept = pad.changes.merged(key_changes(ckpt, keys, pad.changes.replace))
+    changes = kept.merged(created_changes(ckpt, created, kept))
+    changed = changed_tensors(keys, created, pad.changed)
+    warnings = [*ckpt.warnings, *pad.warnings]
     with run.writing() as tmp:
         digests = write_checkpoint(ckpt, tmp, changes, ctx, cache=ctx.digests)
         write_side_files(ckpt, tmp, arch, target_cls.__name__, id2label, problem_type, pad, tok)

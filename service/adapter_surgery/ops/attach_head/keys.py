@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import nn
 from adapter_surgery.arch import Architecture
 from adapter_surgery.errors import InvalidCheckpoint
 from adapter_surgery.io import Checkpoint
-from adapter_surgery.io.writer import Changes
+from adapter_surgery.io.writer import TensorSource
 from adapter_surgery.model.keys import key_map
 from adapter_surgery.ops.attach_head.spec import DroppedTensor, RenamedTensor
 
@@ -30,8 +31,9 @@ class Keys:
     as_stored: dict[str, str] = field(default_factory=dict)
 
 
-def map_keys(ckpt: Checkpoint, arch: Architecture, target: nn.Module, changes: Changes) -> Keys:
-    """Match checkpoint keys to the target's state-dict names (exact, then with/without the base-model prefix).
+def map_keys(ckpt: Checkpoint, arch: Architecture, target: nn.Module, replaced: Mapping[str, TensorSource]) -> Keys:
+    """Match checkpoint keys to the target's state-dict names (exact, then with/without the base-model prefix);
+    ``replaced`` (tensors that change before, e.g. the grown input embedding) gives their new shapes.
 
     Raises:
         InvalidCheckpoint: a backbone tensor the target needs is missing or has another shape.
@@ -92,7 +94,7 @@ def map_keys(ckpt: Checkpoint, arch: Architecture, target: nn.Module, changes: C
             f"{backbone_missing[0]!r}", field="checkpoint",
             fix="Check that config.json belongs to these weights (layer count, model type).")
     for key, name in mapping.items():
-        src = changes.replace.get(key)
+        src = replaced.get(key)
         shape = tuple(src.shape) if src is not None else ckpt.info(key).shape
         if shape != expected[name]:
             raise InvalidCheckpoint(f"tensor {key!r} has shape {list(shape)} but {type(target).__name__} expects "

@@ -4,36 +4,45 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from adapter_surgery.arch import Architecture
 from adapter_surgery.io import Checkpoint, CopiedTensor, NewTensor
-from adapter_surgery.io.writer import Changes
+from adapter_surgery.io.writer import Changes, TensorSource
 from adapter_surgery.ops.attach_head.initialize import Created
 from adapter_surgery.ops.attach_head.keys import Keys
 from adapter_surgery.ops.attach_head.pad import Pad
 from adapter_surgery.ops.common import ChangedTensor
 
 
-def apply_changes(changes: Changes, ckpt: Checkpoint, keys: Keys, created: list[Created],
-                  vocab_changed: list[ChangedTensor]) -> list[ChangedTensor]:
-    """Turn drops, renames and new tensors into ``changes``; return the changed tensors (output names)."""
-    for d in keys.dropped:
-        changes.remove.add(d.name)
-        changes.replace.pop(d.name, None)
-    for key in ckpt.weight_map:  # source order, so renamed tensors keep their order
+def key_changes(ckpt: Checkpoint, keys: Keys, replaced: Mapping[str, TensorSource]) -> Changes:
+    """Drops and renames as writer changes: a renamed tensor is removed under its key and added under the target's
+    name (in source order, so renamed tensors keep their order), with its content from ``replaced`` when it
+    changed (the grown input embedding), else copied."""
+    remove = {d.name for d in keys.dropped}
+    add: dict[str, tuple[TensorSource, str]] = {}
+    for key in ckpt.weight_map:
         name = keys.mapping.get(key)
         if name is None or name == key:
             continue
-        src = changes.replace.pop(key, None) or CopiedTensor(ckpt.info(key), ckpt.path_of(key))
-        changes.remove.add(key)
-        changes.add[name] = (src, key)
-    busy = changes.changed_shards(ckpt)
+        remove.add(key)
+        add[name] = (replaced.get(key) or CopiedTensor(ckpt.info(key), ckpt.path_of(key)), key)
+    return Changes(add=add, remove=remove)
+
+
+def created_changes(ckpt: Checkpoint, created: list[Created], before: Changes) -> Changes:
+    """The new tensors, added to the last shard that ``before`` already rewrites (else the last shard), so no other
+    shard has to be rewritten for them."""
+    busy = before.changed_shards(ckpt)
     shards = list(ckpt.shards)
     shard = next((s for s in reversed(shards) if s in busy), shards[-1])
     anchor = next(k for k, s in ckpt.weight_map.items() if s == shard)
-    for c in created:
-        changes.add[c.name] = (NewTensor(c.tensor), anchor)
+    return Changes(add={c.name: (NewTensor(c.tensor), anchor) for c in created})
+
+
+def changed_tensors(keys: Keys, created: list[Created], vocab_changed: list[ChangedTensor]) -> list[ChangedTensor]:
+    """The changed tensors as the result lists them (output names): the grown vocabulary tensors, then the new."""
     out = [ChangedTensor(name=keys.mapping.get(c.name, c.name), shape_before=c.shape_before, shape=c.shape)
            for c in vocab_changed]
     out += [ChangedTensor(name=c.name, shape_before=None, shape=list(c.tensor.shape)) for c in created]
@@ -64,10 +73,9 @@ def write_side_files(ckpt: Checkpoint, out: Path, arch: Architecture, model_clas
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if tok is None or pad.info is None or pad.info.token is None:
         return
-    if pad.tokenizer_grew:
-        tok.pad_token = pad.info.token
-        tok.save_pretrained(str(out))
-    if tok.pad_token != pad.info.token or pad.tokenizer_grew:
+    if pad.tokenizer is not None:
+        pad.tokenizer.save_pretrained(str(out))
+    if tok.pad_token != pad.info.token or pad.tokenizer is not None:
         _set_pad_in_tokenizer_files(out, pad.info.token)
 
 
