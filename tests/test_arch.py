@@ -47,3 +47,18 @@ def test_the_service_keeps_one_cache_for_its_jobs(tmp_path: Path) -> None:
 
     a, b = JobService(Settings(data_dir=tmp_path)), JobService(Settings(data_dir=tmp_path))
     assert isinstance(a.architectures, arch_module.ArchitectureCache) and a.architectures is not b.architectures
+
+
+def test_check_growable_refuses_a_vocabulary_buffer_of_another_shape() -> None:
+    """A ``(1, vocab)`` buffer is padded (growable); one value per row in any other shape is a 422 naming it."""
+    from adapter_surgery.arch import Architecture
+    from adapter_surgery.errors import InvalidCheckpoint
+
+    fields = dict(source="config", model_class="M", input_embedding="e.weight", output_head=None, head_param=None,
+                  tied=True, output_bias=None, vocab_rows=128, config_vocab_size=128, text_config_key=None,
+                  hidden_size=8)
+    Architecture(**fields, other_vocab_tensors=["final_logits_bias"]).check_growable()
+    with pytest.raises(InvalidCheckpoint) as err:
+        Architecture(**fields, ungrowable_vocab_tensors=["odd_bias"]).check_growable()
+    assert err.value.field == "checkpoint" and "odd_bias" in str(err.value)
+    assert "resize_token_embeddings" in err.value.fix

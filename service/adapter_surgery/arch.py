@@ -71,8 +71,11 @@ class Architecture:
             (``language_model.lm_head.weight`` for a LLaVA checkpoint as ``save_pretrained`` writes it).
         text_module: the language model's module path inside a multimodal model (``model.language_model``; the
             module holding the input embedding, when config.json has a text sub-config), else ``None``.
-        other_vocab_tensors: checkpoint keys of vocabulary-sized tensors stored along another dimension than 0
-            (BART's ``final_logits_bias``, shape ``(1, vocab)``), which extend-vocab does not grow.
+        other_vocab_tensors: checkpoint keys of vocabulary-indexed buffers stored with the vocabulary along their
+            last dimension after dimensions of 1 (BART's ``final_logits_bias``, shape ``(1, vocab)``): extend-vocab
+            pads them with zeros, as ``transformers``' ``resize_token_embeddings`` does.
+        ungrowable_vocab_tensors: checkpoint keys of other buffers with one value per vocabulary row in another
+            shape (e.g. ``(2, vocab / 2)``): growing the vocabulary is refused (:meth:`check_growable`).
     """
 
     source: Literal["config", "headers"]
@@ -93,21 +96,24 @@ class Architecture:
     head_layout_key: str | None = None
     text_module: str | None = None
     other_vocab_tensors: list[str] = field(default_factory=list)
+    ungrowable_vocab_tensors: list[str] = field(default_factory=list)
 
     def check_growable(self) -> None:
-        """Refuse (422) growing a vocabulary that a tensor outside :attr:`vocab_tensors` is indexed by.
+        """Refuse (422) growing a vocabulary that a tensor is indexed by in a shape extend-vocab cannot grow
+        (:attr:`ungrowable_vocab_tensors`; those of :attr:`other_vocab_tensors` are padded along their last
+        dimension).
 
         Raises:
-            InvalidCheckpoint: :attr:`other_vocab_tensors` is not empty.
+            InvalidCheckpoint: :attr:`ungrowable_vocab_tensors` is not empty.
         """
-        if self.other_vocab_tensors:
-            key = self.other_vocab_tensors[0]
+        if self.ungrowable_vocab_tensors:
+            key = self.ungrowable_vocab_tensors[0]
             raise InvalidCheckpoint(
-                f"{key} is indexed by vocabulary id along its last dimension (a {self.model_class} buffer of "
-                f"{self.vocab_rows} entries stored 2-D); new rows are only written along dimension 0, so the output "
+                f"{key} holds one value per vocabulary id ({self.vocab_rows}, a {self.model_class} buffer) in a shape "
+                "that is neither (vocab, ...) nor (1, ..., vocab); new entries could not be placed, so the output "
                 "would not load", field="checkpoint",
-                fix="Add tokens to this model with transformers' resize_token_embeddings (it pads this tensor), or "
-                    "use attach-lora/attach-head, which do not change the vocabulary.")
+                fix="Add tokens with transformers' resize_token_embeddings where the model class resizes this "
+                    "buffer, or use attach-lora/attach-head, which do not change the vocabulary.")
 
     @property
     def vocab_tensors(self) -> list[str]:
@@ -259,6 +265,7 @@ def _from_model(ckpt: Checkpoint, model: nn.Module) -> Architecture:
     _check_embedding_shape(ckpt, embed_key, embed_mod.weight, text_cfg)
     rows = ckpt.info(embed_key).shape[0]
     bias_key = None
+    others = _other_vocab_tensors(model, keys, ckpt, rows)
     head_b = getattr(head_mod, "bias", None)
     if head_b is not None and head_b.shape == (rows,):
         bias_key = next((k for n in _param_names(model, head_b) if (k := keys.checkpoint_key(n, ckpt))), None)
@@ -270,7 +277,8 @@ def _from_model(ckpt: Checkpoint, model: nn.Module) -> Architecture:
         linear_modules=_linear_modules(model), keys=keys,
         head_layout_key=head_key or (layout_key(model, keys, head_names[0]) if head_names else None),
         text_module=_text_module(embed_names[0]) if text_key else None,
-        other_vocab_tensors=_other_vocab_tensors(model, keys, ckpt, rows))
+        other_vocab_tensors=[k for k, last in others.items() if last],
+        ungrowable_vocab_tensors=[k for k, last in others.items() if not last])
     if keys.renamed:
         arch.notes.append(f"{len(keys.renamed)} checkpoint key(s) are in another layout than {type(model).__name__}'s "
                           f"(e.g. {next(iter(keys.renamed))!r} is {next(iter(keys.renamed.values()))!r}); mapped with "
@@ -285,14 +293,15 @@ def _from_model(ckpt: Checkpoint, model: nn.Module) -> Architecture:
     return arch
 
 
-def _other_vocab_tensors(model: nn.Module, keys: KeyMap, ckpt: Checkpoint, rows: int) -> list[str]:
-    """Checkpoint keys of model buffers holding one value per vocabulary row in another shape than ``(rows, ...)``:
-    ``(1, rows)`` (BART's ``final_logits_bias``)."""
-    found = []
+def _other_vocab_tensors(model: nn.Module, keys: KeyMap, ckpt: Checkpoint, rows: int) -> dict[str, bool]:
+    """Checkpoint keys of model buffers holding one value per vocabulary row in another shape than ``(rows, ...)``,
+    each with whether the vocabulary is its last dimension after dimensions of 1 (``(1, rows)``: BART's
+    ``final_logits_bias``)."""
+    found = {}
     for name, buf in model.named_buffers():
         key = keys.checkpoint_key(name, ckpt)
         if key is not None and buf.dim() >= 2 and buf.numel() == rows and buf.shape[0] != rows:
-            found.append(key)
+            found[key] = buf.shape[-1] == rows
     return found
 
 

@@ -48,6 +48,9 @@ OPS = ["extend-vocab", "attach-lora", "attach-lora all-linear", "attach-head seq
 
 #: 422s that are a correct answer: the family lacks what the operation needs. (family, op) -> why.
 _NO_PEFT_DEFAULT = "peft has no default target_modules for this model type: name them (or all-linear)"
+_TIED_BIAS = ("trainable_token_indices on a tied MLM decoder with a bias: peft 0.21's TrainableTokensLayer computes "
+              "the decoder without its bias, so the adapter at init would change every logit; the 422 names "
+              'trainable_token_indices and gives modules_to_save: ["word_embeddings"] (an identity at init)')
 ACCEPTED_422: dict[tuple[str, str], str] = {
     ("Qwen3-MoE", "attach-lora"): _NO_PEFT_DEFAULT,
     ("Qwen3-MoE", "surgery"): _NO_PEFT_DEFAULT,
@@ -60,25 +63,11 @@ ACCEPTED_422: dict[tuple[str, str], str] = {
         ("surgery", _NO_PEFT_DEFAULT + "; the 422 gives the text-only regex"),
         ("attach-head sequence", "transformers has no sequence classification class for this model type"),
         ("attach-head token", "transformers has no token classification class for this model type")]},
+    **{(fam, "surgery"): _TIED_BIAS for fam in ("BERT", "RoBERTa", "DeBERTa-v2")},
 }
 
 #: Cells that fail today: (family, op) -> the defect. Strict xfails: a fixed cell must leave this list.
-_MOE_LAYOUT = ("the per-expert layout transformers saves (experts.0.w1 / experts.0.gate_proj) is not converted "
-               "to the fused experts the class builds: 422 'config.json and the weights disagree'")
-_TIED_BIAS = ("trainable_token_indices on a tied MLM head with a bias: peft 0.21's TrainableTokensLayer drops "
-              "the decoder bias, so the adapter at init changes every logit")
-_BART_BIAS = "final_logits_bias (vocabulary-indexed) is not extended: the output does not load (size mismatch)"
-DEFECTS: dict[tuple[str, str], str] = {
-    ("Qwen3-MoE", "attach-head sequence"): _MOE_LAYOUT,
-    ("Qwen3-MoE", "attach-head token"): _MOE_LAYOUT,
-    ("Mixtral", "attach-head sequence"): _MOE_LAYOUT,
-    ("Mixtral", "attach-head token"): _MOE_LAYOUT,
-    ("BERT", "surgery"): _TIED_BIAS,
-    ("RoBERTa", "surgery"): _TIED_BIAS,
-    ("DeBERTa-v2", "surgery"): _TIED_BIAS,
-    ("BART", "extend-vocab"): _BART_BIAS,
-    ("BART", "surgery"): _BART_BIAS,
-}
+DEFECTS: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

@@ -86,3 +86,24 @@ def test_roles_and_layers_in_the_checkpoint_layout(root: Path, name: str, embed:
     assert layer_facts(ckpt).key_prefix == layers
     if name.startswith(("llava", "qwen2vl")):
         assert arch.text_module == "model.language_model"
+
+
+def test_converted_keys_name_the_fused_tensor_they_fill(root: Path) -> None:
+    """Mixtral as transformers 5 saves it (one tensor per expert, ``block_sparse_moe.``): every per-expert key is
+    converted, into the fused tensor ``from_pretrained`` stacks it into (equal values: checked against a real load)."""
+    from tests.coverage.families import FAMILIES
+
+    src = next(f for f in FAMILIES if f.name == "Mixtral").build(root / "mixtral")
+    ckpt = Checkpoint.open(src)
+    meta, _ = build_meta_model(ckpt)
+    keys = key_map(ckpt.weight_map, meta)
+    assert keys.converted == {k for k in ckpt.weight_map if ".experts." in k} and set(keys.converted_to) == \
+        set(keys.converted)
+    assert keys.converted_to["model.layers.1.block_sparse_moe.experts.2.w3.weight"] == \
+        "model.layers.1.mlp.experts.gate_up_proj"
+    assert keys.converted_to["model.layers.0.block_sparse_moe.experts.3.w2.weight"] == \
+        "model.layers.0.mlp.experts.down_proj"
+    loaded = model_class(src).from_pretrained(str(src)).state_dict()
+    stored = load_file(str(src / "model.safetensors"))
+    assert torch.equal(loaded["model.layers.0.mlp.experts.down_proj"][3],
+                       stored["model.layers.0.block_sparse_moe.experts.3.w2.weight"])

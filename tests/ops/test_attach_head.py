@@ -589,3 +589,47 @@ def test_label_counts_are_bounded_by_the_spec() -> None:
             and s["type"] != "null"} == {1_000_000}
     with pytest.raises(ValidationError, match="at most 1000 characters"):
         AttachHeadSpec(checkpoint="a", output="b", id2label=["x" * 1001])
+
+
+# -- MoE checkpoints with per-expert tensors (transformers converts them to fused experts at load) -------------------
+@pytest.mark.parametrize("family", ["Mixtral", "Qwen3-MoE"])
+@pytest.mark.parametrize("token", [False, True], ids=["sequence", "token"])
+def test_moe_per_expert_layout_is_kept(tmp_path: Path, family: str, token: bool) -> None:
+    """transformers 5 saves MoE experts one tensor per expert (``experts.0.w1`` / ``experts.0.gate_proj``) and its
+    WeightConverter stacks them into the class's fused 3-D experts when loading: attach-head keeps them as stored,
+    byte for byte (with Mixtral's ``block_sparse_moe.`` router name), adds the head only; the output loads with no
+    missing/unexpected keys and its backbone states equal the base's."""
+    from tests.coverage.families import FAMILIES, IDS
+
+    fam = next(f for f in FAMILIES if f.name == family)
+    src = fam.build(tmp_path / "base")
+    before = tensors(src)
+    assert any(".experts.0." in k for k in before)  # the per-expert layout
+    r = run(tmp_path, "base", "out", task="token_classification" if token else "sequence_classification",
+            num_labels=3)
+    after = tensors(tmp_path / "out")
+    head = {c.name for c in r.created}
+    assert head == ({"score.weight", "score.bias"} if token else {"score.weight"})  # token heads have a bias
+    assert set(after) == (set(before) - {"lm_head.weight"}) | head
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k != "lm_head.weight")
+    assert r.renamed == []
+    model = load(tmp_path / "out", token=token)
+    base = fam.cls().from_pretrained(str(src)).eval()
+    with torch.no_grad():
+        want = base.model(input_ids=IDS).last_hidden_state
+        got = model.model(input_ids=IDS).last_hidden_state
+    assert torch.equal(got, want)
+
+
+def test_moe_missing_expert_is_a_422(tmp_path: Path) -> None:
+    """Per-expert tensors that do not fill the fused experts config.json declares (an expert missing): a 422."""
+    from tests.coverage.families import FAMILIES
+
+    src = next(f for f in FAMILIES if f.name == "Qwen3-MoE").build(tmp_path / "base")
+    weights = tensors(src)
+    del weights["model.layers.1.mlp.experts.3.up_proj.weight"]
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InvalidCheckpoint) as err:
+        run(tmp_path, "base", "out", task="sequence_classification", num_labels=3)
+    assert err.value.field == "checkpoint" and "model.layers.1.mlp.experts.gate_up_proj" in str(err.value)
+    assert not (tmp_path / "out").exists()

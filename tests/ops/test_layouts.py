@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
 from adapter_surgery.arch import resolve_architecture
-from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
+from adapter_surgery.errors import InvalidSpec
 from adapter_surgery.io.checkpoint import Checkpoint
 from adapter_surgery.ops.attach_head import AttachHeadSpec, attach_head
 from adapter_surgery.ops.attach_lora import AttachLoraSpec, attach_lora
@@ -98,14 +98,27 @@ def test_extend_vocab_keeps_the_layout_and_the_base(data: Path, name: str) -> No
     torch.testing.assert_close(outputs(load(out)), outputs(load(src)), rtol=0, atol=0)
 
 
-def test_extend_vocab_refuses_bart_final_logits_bias(data: Path) -> None:
-    """BART's ``final_logits_bias`` (1, vocab) is added to the logits: rows grown along dim 0 only would not load."""
-    build("bart", data)
-    with pytest.raises(InvalidCheckpoint) as err:
-        extend_vocab(ExtendVocabSpec(checkpoint="bart", output="bart-ev", num_new_tokens=NEW), RunContext(data))
-    assert err.value.field == "checkpoint" and "final_logits_bias" in str(err.value)
-    assert "resize_token_embeddings" in err.value.fix
-    assert not (data / "bart-ev").exists()
+def test_extend_vocab_pads_bart_final_logits_bias(data: Path) -> None:
+    """BART's ``final_logits_bias`` (1, vocab) is added to the logits: padded with zeros along its last dimension,
+    as ``resize_token_embeddings`` pads it; old-vocabulary logits equal the base's (a non-zero bias here)."""
+    src = data / "bart-bias"
+    shutil.copytree(build("bart", data), src)
+    weights = tensors(src)
+    weights["final_logits_bias"] = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(0))
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    result = extend_vocab(ExtendVocabSpec(checkpoint="bart-bias", output="bart-bias-ev", num_new_tokens=NEW),
+                          RunContext(data))
+    out = data / "bart-bias-ev"
+    before, after = tensors(src), tensors(out)
+    assert set(after) == set(before)
+    changed = {c.name: (c.shape_before, c.shape) for c in result.changed_tensors}
+    assert changed["final_logits_bias"] == ([1, VOCAB], [1, VOCAB + NEW])
+    assert torch.equal(after["final_logits_bias"][:, :VOCAB], before["final_logits_bias"])
+    assert torch.equal(after["final_logits_bias"][:, VOCAB:], torch.zeros(1, NEW))
+    resized = load(src)
+    resized.resize_token_embeddings(VOCAB + NEW)
+    assert torch.equal(resized.final_logits_bias, after["final_logits_bias"])  # transformers' own padding
+    torch.testing.assert_close(outputs(load(out)), outputs(load(src)), rtol=0, atol=0)
 
 
 def test_extend_vocab_untie_writes_the_head_in_the_input_layout(data: Path) -> None:

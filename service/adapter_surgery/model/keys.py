@@ -45,6 +45,8 @@ class KeyMap:
             describes another model): ``from_pretrained`` reports them as unexpected.
         converted: checkpoint keys whose values ``transformers`` transforms on loading (a ``WeightConverter``: v4
             per-expert MoE weights fused into 3-D parameters, split qkv): no model tensor is stored as they are.
+        converted_to: each key of :attr:`converted` -> the model tensor its conversion fills (many keys may fill
+            one: ``experts.0.w1`` ... ``experts.3.w3`` -> ``mlp.experts.gate_up_proj``).
         source: ``"transformers"`` (its rules) or ``"prefix"`` (base-model prefix only; see the module docstring).
     """
 
@@ -52,6 +54,7 @@ class KeyMap:
     unmatched: frozenset[str] = frozenset()
     converted: frozenset[str] = frozenset()
     source: RuleSource = "transformers"
+    converted_to: dict[str, str] = field(default_factory=dict)
 
     def model_name(self, key: str) -> str | None:
         """The model's name for checkpoint ``key``; ``None`` when it names none (or only after a conversion)."""
@@ -90,8 +93,9 @@ def key_map(keys: Iterable[str], model: nn.Module) -> KeyMap:
         source = "transformers"
     renamed = {k: n for k, (n, conv) in pairs.items() if n != k and n in state and not conv}
     unmatched = frozenset(k for k, (n, _) in pairs.items() if n not in state)
-    converted = frozenset(k for k, (n, conv) in pairs.items() if conv and n in state)
-    return KeyMap(renamed=renamed, unmatched=unmatched, converted=converted, source=source)
+    converted_to = {k: n for k, (n, conv) in pairs.items() if conv and n in state}
+    return KeyMap(renamed=renamed, unmatched=unmatched, converted=frozenset(converted_to), source=source,
+                  converted_to=converted_to)
 
 
 def _prefix_rule(key: str, prefix: str, state: dict) -> str:

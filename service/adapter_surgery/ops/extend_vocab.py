@@ -1,8 +1,9 @@
 """Extend the vocabulary: add tokens to the tokenizer and rows to every vocabulary-indexed tensor.
 
-Only the tensors indexed by vocabulary id change (input embedding, untied output head, MLM output bias);
-every other tensor is copied byte for byte and shards without a changed tensor are linked. The tokenizer is
-updated with ``transformers`` (``add_tokens`` / ``add_special_tokens``) and saved with the output.
+Only the tensors indexed by vocabulary id change (input embedding, untied output head, MLM output bias; a
+``(1, vocab)`` buffer such as BART's ``final_logits_bias`` is padded with zeros, as ``transformers`` does); every
+other tensor is copied byte for byte and shards without a changed tensor are linked. The tokenizer is updated
+with ``transformers`` (``add_tokens`` / ``add_special_tokens``) and saved with the output.
 Initialization strategies and their sources are in :mod:`adapter_surgery.initializers`.
 """
 
@@ -39,6 +40,7 @@ from adapter_surgery.initializers import (
 from adapter_surgery.io import Checkpoint, describe_files
 from adapter_surgery.io.writer import (
     Changes,
+    NewTensor,
     RowPatchedTensor,
     TensorSource,
     write_checkpoint,
@@ -578,6 +580,10 @@ def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, p
             src = _patched(ckpt, key, stats[key], plan, spec, device, arch, ctx)
             changes.replace[key] = src
             changed.append(ChangedTensor(name=key, shape_before=list(ckpt.info(key).shape), shape=list(src.shape)))
+    for key in arch.other_vocab_tensors if plan.rows_after != arch.vocab_rows else []:
+        src = zero_padded(ckpt, key, plan.rows_after)
+        changes.replace[key] = src
+        changed.append(ChangedTensor(name=key, shape_before=list(ckpt.info(key).shape), shape=list(src.shape)))
     if spec.untie:
         head, untied, note = _untie(changes.replace, ckpt, arch)
         changes = changes.merged(head)
@@ -599,6 +605,19 @@ def _untie(replaced: dict[str, TensorSource], ckpt: Checkpoint,
     head = arch.head_layout_key or arch.head_param  # in the input's layout (LLaVA: language_model.lm_head.weight)
     return (Changes(add={head: (embed, arch.input_embedding)}),
             [ChangedTensor(name=head, shape_before=None, shape=list(embed.shape))], [])
+
+
+def zero_padded(ckpt: Checkpoint, key: str, rows_after: int) -> NewTensor:
+    """``key`` (shape ``(1, ..., V)``: vocabulary along the last dimension, e.g. BART's ``final_logits_bias``)
+    padded with zeros to ``(1, ..., rows_after)`` in its own dtype; existing entries unchanged.
+
+    As ``transformers`` does in ``resize_token_embeddings``: ``BartForConditionalGeneration._resize_final_logits_bias``
+    concatenates ``torch.zeros((1, new_num_tokens - old_num_tokens))`` along dim 1. The tensor holds one value per
+    row (a few MB at most), so it is read whole.
+    """
+    old = ckpt.read(key)
+    extra = torch.zeros(*old.shape[:-1], rows_after - old.shape[-1], dtype=old.dtype)
+    return NewTensor(torch.cat([old, extra], dim=-1))
 
 
 def _trained_mask(ckpt: Checkpoint, key: str, plan: VocabPlan) -> Callable[[int, int], torch.Tensor]:

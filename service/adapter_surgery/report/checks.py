@@ -220,7 +220,8 @@ def not_derived(base: Checkpoint, patched: Checkpoint, tok_b, tok_p, patched_lay
     """Why ``patched`` cannot have been made from ``base`` by this service, or ``None``.
 
     Derived checkpoints keep the model type, hidden size and layer count, every tensor's shape but for a grown
-    vocabulary (dimension 0), the base tokenizer's ids, and at least the base's vocabulary rows. Anything else
+    vocabulary (dimension 0, or the last one of a ``(1, vocab)`` buffer: BART's ``final_logits_bias``), the base
+    tokenizer's ids, and at least the base's vocabulary rows. Anything else
     (e.g. SmolLM2 against MiniLM) cannot be compared probe by probe. ``patched_layers``: the layer count the
     patched checkpoint must have instead of the base's (expand-blocks).
     """
@@ -251,7 +252,7 @@ def not_derived(base: Checkpoint, patched: Checkpoint, tok_b, tok_p, patched_lay
         if src is None:
             continue
         sb = shapes_b[src]
-        if shape != sb and not (len(shape) == len(sb) and shape[1:] == sb[1:] and shape[0] >= sb[0]):
+        if shape != sb and not _grown(shape, sb):
             return f"tensor {key!r} has shape {list(shape)} in the patched checkpoint but {list(sb)} in the base"
     if tok_b is not None and tok_p is not None:
         vb, vp = tok_b.get_vocab(), tok_p.get_vocab()
@@ -267,6 +268,16 @@ def not_derived(base: Checkpoint, patched: Checkpoint, tok_b, tok_p, patched_lay
     if rows_p < min(rows_b, len(tok_b) if tok_b is not None else rows_b):
         return f"the patched input embedding has {rows_p} rows, fewer than the base's {rows_b}"
     return None
+
+
+def _grown(shape: tuple[int, ...], base: tuple[int, ...]) -> bool:
+    """``shape`` is ``base`` with a grown vocabulary: more rows (dimension 0), or a longer last dimension after
+    dimensions of 1 (``(1, vocab)``, as extend-vocab pads it)."""
+    if len(shape) != len(base):
+        return False
+    rows = shape[1:] == base[1:] and shape[0] >= base[0]
+    last = len(base) >= 2 and shape[:-1] == base[:-1] and set(base[:-1]) == {1} and shape[-1] >= base[-1]
+    return rows or last
 
 
 _KINDS = {"lm": "a language model", "classifier": "a classifier", "backbone": "a bare backbone (no head)"}

@@ -7,6 +7,7 @@ seeds, and every refusal through the core function and over HTTP.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -183,6 +184,31 @@ def test_masked_lm_without_task_type_matches_peft(data_dir: Path, build, tmp_pat
     ref_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert adapter_config(data_dir)["auto_mapping"] == ref_config["auto_mapping"]
     assert adapter_config(data_dir)["task_type"] is None
+
+
+def test_token_rows_on_a_tied_biased_decoder_are_refused(data_dir: Path, build) -> None:
+    """BERT's MLM decoder shares the embedding and has a bias: peft's tied token adapter computes it without the
+    bias, so the adapter at init would change every logit (as peft's own get_peft_model does): a 422 naming
+    trainable_token_indices, nothing written; the fix it gives (modules_to_save on the embedding) is an identity."""
+    from transformers import AutoModelForMaskedLM
+
+    src = build("FX-F")
+    base = AutoModelForMaskedLM.from_pretrained(str(data_dir / src)).eval()
+    ids = torch.tensor([[5, 9, 17, 33]])
+    with torch.no_grad():
+        want = base(ids).logits
+        config = LoraConfig(r=4, target_modules=["query"], trainable_token_indices=[3])
+        own = get_peft_model(copy.deepcopy(base), config)
+        assert not torch.equal(own(ids).logits, want)  # peft's own adapter moves the logits: why this is refused
+    with pytest.raises(InvalidSpec) as err:
+        run(data_dir, src, r=4, target_modules=["query"], trainable_token_indices=[3])
+    assert err.value.field == "trainable_token_indices" and "cls.predictions.decoder" in str(err.value)
+    assert 'modules_to_save: ["word_embeddings"]' in err.value.fix
+    assert not (data_dir / "out").exists()
+    run(data_dir, src, r=4, target_modules=["query"], modules_to_save=["word_embeddings"])
+    model = PeftModel.from_pretrained(AutoModelForMaskedLM.from_pretrained(str(data_dir / src)), str(data_dir / "out"))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, want)
 
 
 def test_olora_on_conv1d_uses_the_output_axis(data_dir: Path, build) -> None:

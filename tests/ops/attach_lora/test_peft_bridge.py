@@ -298,9 +298,32 @@ def check_param_wrapper() -> None:
     expect(name, got == want, f"(experts, in, out) is {got}, the bridge computes {want}")
 
 
+def check_tied_token_bias() -> None:
+    name = "TrainableTokensLayer.tied_adapter on a biased Linear"
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4)).eval()
+    with torch.no_grad():
+        model.cls.predictions.bias.normal_(0.0, 0.5)
+        ids = torch.tensor([[5, 9, 17]])
+        want = model(ids).logits
+        bias = model.cls.predictions.bias.clone()
+        peft_model = get_peft_model(model, lora(target_modules=["query"], trainable_token_indices=[3]))
+        got = peft_model(ids).logits
+    found = bridge.token_layers_dropping_bias(peft_model.base_model)
+    expect(name, found == ["cls.predictions.decoder"], f"the tied biased decoder found as {found}")
+    expect(name, torch.allclose(got, want - bias, atol=1e-5),
+           "the tied token adapter no longer drops the decoder's bias (max |logits - (base - bias)| "
+           f"{(got - (want - bias)).abs().max().item():.3g}): attach-lora's refusal of trainable_token_indices on "
+           "tied biased decoders can go, and token_layers_dropping_bias with it")
+
+
 CHECKS: dict[str, Callable[[], None]] = {
     "BaseTuner._inject_parameters matching": check_inject_parameters,
     "ParamWrapper.parameter_name / is_transposed": check_param_wrapper,
+    "TrainableTokensLayer.tied_adapter on a biased Linear": check_tied_token_bias,
     "peft.tuners.lora.LoraModel._create_and_replace": check_create_and_replace,
     "peft.tuners.tuners_utils.BaseTuner._cast_adapter_dtype": check_cast_adapter_dtype,
     "peft.tuners.tuners_utils._maybe_include_all_linear_layers": check_all_linear,

@@ -7,7 +7,10 @@ shapes are diffed against the checkpoint's keys:
 - backbone tensors are kept, byte for byte; a checkpoint saved from the bare base model (``BertModel``: keys
   without ``bert.``) has its keys renamed to the target's (``bert.embeddings...``): only the headers change,
   the data are copied file to file by the kernel. The output's keys are then exactly the target's state dict,
-  so ``transformers`` (or any loader that matches names strictly) reports no missing or unexpected key;
+  so ``transformers`` (or any loader that matches names strictly) reports no missing or unexpected key. Keys that
+  ``transformers``' own loading rules map (:mod:`adapter_surgery.model.keys`: renamings such as Mixtral's
+  ``block_sparse_moe.`` -> ``mlp.``, and converters such as the per-expert ``experts.<i>.w1`` tensors it stacks into
+  fused 3-D experts) are kept as stored, in the input's layout, and ``transformers`` converts them at load;
 - the LM head (``lm_head.weight``, ``cls.predictions.*``, a redundant tied copy), an old classification head,
   other heads outside the backbone, buffers loaders ignore (an old ``position_ids``, rotary ``inv_freq``, GPT-2's
   ``attn.bias``, keys of the class's ``_keys_to_ignore_on_load_unexpected``) and a pooler the token classifier

@@ -3,9 +3,10 @@ head, an old head, stale buffers), missing (to create); the 422 when config.json
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -24,6 +25,10 @@ class Keys:
     missing: list[str]  # target names to create
     dropped: list[DroppedTensor]
     renamed: list[RenamedTensor]
+    #: checkpoint keys kept under their own names, in the input's layout, that ``transformers`` maps onto the target
+    #: when loading (its renamings, and its converters: per-expert MoE weights stacked into fused 3-D experts) ->
+    #: the target tensor each one fills
+    as_stored: dict[str, str] = field(default_factory=dict)
 
 
 def map_keys(ckpt: Checkpoint, arch: Architecture, target: nn.Module, replaced: Mapping[str, TensorSource]) -> Keys:
@@ -60,17 +65,14 @@ def map_keys(ckpt: Checkpoint, arch: Architecture, target: nn.Module, replaced: 
             if cand and cand in expected and cand not in claimed and not is_head(cand):
                 claim(key, cand)
                 break
-    layout = key_map(ckpt.weight_map, target)  # another layout (legacy multimodal prefixes): transformers' rules
-    for key in ckpt.weight_map:
-        cand = layout.model_name(key)
-        if key not in mapping and cand in expected and cand not in claimed and not is_head(cand):
-            claim(key, cand)
+    as_stored = _as_stored(ckpt, target, expected, claimed, set(mapping), is_head)
+    claimed.update(as_stored.values())
     lm_roots = {k.split(".")[0] for k in (arch.output_head, arch.output_bias, arch.head_param, *arch.redundant_keys)
                 if k}
     lm_roots.discard(prefix)
     dropped = []
     for key in ckpt.weight_map:
-        if key in mapping:
+        if key in mapping or key in as_stored:
             continue
         as_target = key if key in expected else f"{prefix}.{key}" if f"{prefix}.{key}" in expected else None
         if key in (arch.output_head, arch.output_bias) or key in arch.redundant_keys or key.split(".")[0] in lm_roots:
@@ -99,7 +101,51 @@ def map_keys(ckpt: Checkpoint, arch: Architecture, target: nn.Module, replaced: 
                                     f"{list(expected[name])} for {name!r}", field="checkpoint",
                                     fix="Check that config.json belongs to these weights.")
     renamed = [RenamedTensor(source=k, target=n) for k, n in mapping.items() if k != n]
-    return Keys(mapping=mapping, missing=missing, dropped=dropped, renamed=renamed)
+    return Keys(mapping=mapping, missing=missing, dropped=dropped, renamed=renamed, as_stored=as_stored)
+
+
+def _as_stored(ckpt: Checkpoint, target: nn.Module, expected: dict[str, tuple[int, ...]], claimed: set[str],
+               mapped: set[str], is_head) -> dict[str, str]:  # is_head: Callable[[str], bool]
+    """Backbone keys in another layout than the target's that ``transformers``' own rules map when loading
+    (:func:`adapter_surgery.model.keys.key_map`): renamed keys (Mixtral's ``block_sparse_moe.`` -> ``mlp.``, legacy
+    multimodal prefixes) and converted ones (a ``WeightConverter``, e.g. ``experts.<i>.w1``/``w3`` of every expert
+    stacked into ``mlp.experts.gate_up_proj``: many keys, one tensor). They are kept as stored, byte for byte, so
+    that the output keeps the input's layout. Returns checkpoint key -> the target tensor it fills.
+
+    Raises:
+        InvalidCheckpoint: a renamed key with another shape than its tensor, or keys converted into one tensor whose
+            element counts do not add up to its (stacking and concatenation keep every element: a missing expert).
+    """
+    layout = key_map(ckpt.weight_map, target)
+    found: dict[str, str] = {}
+    for key in ckpt.weight_map:
+        name = layout.model_name(key) if key not in layout.converted else layout.converted_to.get(key)
+        if key in mapped or name is None or name not in expected or name in claimed or is_head(name):
+            continue
+        if key not in layout.converted:
+            _check_shape(ckpt, key, tuple(ckpt.info(key).shape), name, expected[name], target)
+            claimed = claimed | {name}
+        found[key] = name
+    fills: dict[str, list[str]] = {}
+    for key in layout.converted & set(found):
+        fills.setdefault(found[key], []).append(key)
+    for name, keys in fills.items():
+        stored = sum(ckpt.info(k).numel for k in keys)
+        if stored != math.prod(expected[name]):
+            raise InvalidCheckpoint(
+                f"{len(keys)} tensor(s) that transformers converts into {name!r} (e.g. {sorted(keys)[0]!r}) hold "
+                f"{stored} values but {type(target).__name__} expects {list(expected[name])} "
+                f"({math.prod(expected[name])})", field="checkpoint",
+                fix="Check that config.json belongs to these weights (e.g. the number of experts).")
+    return found
+
+
+def _check_shape(ckpt: Checkpoint, key: str, shape: tuple[int, ...], name: str, want: tuple[int, ...],
+                 target: nn.Module) -> None:
+    if shape != want:
+        raise InvalidCheckpoint(f"tensor {key!r} has shape {list(shape)} but {type(target).__name__} expects "
+                                f"{list(want)} for {name!r}", field="checkpoint",
+                                fix="Check that config.json belongs to these weights.")
 
 
 def _tied_names(model: nn.Module) -> dict[str, set[str]]:

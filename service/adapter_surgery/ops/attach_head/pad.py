@@ -92,7 +92,8 @@ def _add_pad(spec: AttachHeadSpec, ckpt: Checkpoint, arch: Architecture, tok, de
                          tokens=[TokenSpec(content=spec.pad_token_content, special=True)] if tok is not None else [],
                          num_new_tokens=None if tok is not None else 1, init="mean", seed=spec.seed,
                          device=spec.device)
-    input_only = dataclasses.replace(arch, output_head=None, output_bias=None, redundant_keys=[])
+    input_only = dataclasses.replace(arch, output_head=None, output_bias=None, redundant_keys=[],
+                                     other_vocab_tensors=[])
     planned = plan_vocab(ev, ckpt, input_only)  # loads the tokenizer again: ``tok`` stays as it is
     plan = planned.plan
     derived = vocab_changes(ev, ckpt, input_only, plan, tok=planned.tokenizer, device=device)

@@ -200,10 +200,29 @@ def _inject(model, config, materializer: Materializer):
     """peft's injection with :class:`Materializer` around each target (:func:`peft_bridge.inject`); peft's
     refusals become a 422; the residual base's files are closed whatever happens."""
     try:
-        return bridge.inject(model, config, materializer.create)
+        tuner = bridge.inject(model, config, materializer.create)
     except (ValueError, TypeError) as exc:
         raise InvalidSpec(f"peft could not attach this adapter: {exc}", field="target_modules",
                           fix="Check target_modules, modules_to_save and trainable_token_indices.") from None
     finally:
         if materializer.spill is not None:
             materializer.spill.close()
+    _refuse_dropped_bias(tuner, model)
+    return tuner
+
+
+def _refuse_dropped_bias(tuner, model) -> None:
+    """A 422 when peft's token adapter would drop a tied output layer's bias (:func:`peft_bridge.
+    token_layers_dropping_bias`): with the adapter at init every logit would differ from the base's, silently."""
+    dropped = bridge.token_layers_dropping_bias(tuner)
+    if not dropped:
+        return
+    embed = next((n for n, m in model.named_modules() if m is model.get_input_embeddings()), "")
+    short = embed.rsplit(".", 1)[-1] or "the input embedding"
+    raise InvalidSpec(
+        f"trainable_token_indices on this model ties a token adapter to {dropped[0]}, the output layer that shares "
+        f"the input embedding ({embed}) and has a bias; peft's TrainableTokensLayer computes that layer without its "
+        "bias, so the adapter at init would change every logit of the base (by minus the bias)",
+        field="trainable_token_indices",
+        fix=f'Send modules_to_save: ["{short}"] instead (the whole embedding trains; peft ties {dropped[0]} to it, '
+            "bias kept: an identity at init), or attach LoRA without trainable_token_indices.")

@@ -41,6 +41,7 @@ INTERNALS = {
     "saved key segments": "modules_to_save.<name>, base_layer, original_module, token_adapter.trainable_tokens_delta",
     "BaseTuner._inject_parameters matching": "which parameters target_parameters names (matched_parameters)",
     "ParamWrapper.parameter_name / is_transposed": "a target parameter's wrapper, and its (in, out) axes",
+    "TrainableTokensLayer.tied_adapter on a biased Linear": "token adapters that drop a tied decoder's bias",
 }
 #: Segments of a saved key that wrap the base module's own name (``peft``'s ``ModulesToSaveWrapper``,
 #: ``BaseTunerLayer.base_layer``, ``AuxiliaryTrainingWrapper.original_module``).
@@ -234,6 +235,27 @@ def update_magnitude(layer: nn.Module) -> None:
 def token_indices(model: nn.Module, module_name: str) -> list[int]:
     """The ``trainable_token_indices`` rows of embedding ``module_name`` (its ``TrainableTokensLayer``)."""
     return list(model.get_submodule(f"{module_name}.token_adapter").token_indices[ADAPTER_NAME])
+
+
+def token_layers_dropping_bias(tuner: nn.Module) -> list[str]:
+    """The modules whose output ``trainable_token_indices`` would change at init: a ``TrainableTokensLayer`` that
+    peft ties to the input embedding's (``tied_adapter``, set when ``tie_word_embeddings`` is true) around an
+    ``nn.Linear`` with a bias: a tied MLM decoder (BERT's, RoBERTa's, DeBERTa-v2's ``cls.predictions.decoder``).
+
+    peft 0.21's ``TrainableTokensLayer.forward_adapters`` computes ``F.linear(x, W)`` for such a layer and leaves
+    the layer's bias out, so every logit moves by minus the bias with the adapter at init (``tests/ops/attach_lora/
+    test_peft_bridge.py`` checks that it still does: when peft keeps the bias, this list must become empty).
+    Names as in the model (``cls.predictions.decoder``)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    found = []
+    for name, module in tuner.model.named_modules():
+        if not isinstance(module, TrainableTokensLayer) or module.tied_adapter is None:
+            continue
+        base = module.get_base_layer()
+        if isinstance(base, nn.Linear) and base.bias is not None:
+            found.append(name.removesuffix(".token_adapter"))
+    return found
 
 
 # -- saved keys -----------------------------------------------------------------------------------------------
