@@ -85,3 +85,20 @@ def test_bare_backbone_keys_without_prefix(data_dir) -> None:
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         assert torch.equal(base(input_ids=ids).last_hidden_state, out(input_ids=ids).last_hidden_state)
+
+
+def test_post_norm_writers_only_where_the_norm_takes_the_residual_sum() -> None:
+    """BERT's ``*.output`` sub-modules hold ``dense`` then ``LayerNorm`` (post-LN); Llama and Gemma 2 (norms on the
+    sub-block output, at the layer level) and Qwen3 (per-head ``q_norm``/``k_norm`` after ``o_proj``) are pre-LN."""
+    from transformers import BertConfig, BertModel, Gemma2Config, Gemma2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from adapter_surgery.model.layers import post_norm_writers
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    cases = [(BertModel(BertConfig(**sizes)), ["attention.output.dense", "output.dense"]),
+             (Gemma2ForCausalLM(Gemma2Config(**sizes, head_dim=8, num_key_value_heads=2)), []),
+             (Qwen3ForCausalLM(Qwen3Config(**sizes, head_dim=8, num_key_value_heads=2)), [])]
+    for model, expected in cases:
+        _, layers = find_layer_list(model, 2)
+        writers = residual_writers(layers[0], 32)
+        assert post_norm_writers(layers[0], writers, 32) == expected, type(model).__name__

@@ -109,3 +109,24 @@ def test_mismatched_pairs_are_refused(data_dir: Path, build) -> None:
         convert(data_dir, adapter="dora")
     assert e.value.field == "adapter" and "DoRA" in e.value.detail
     assert not (data_dir / "converted").exists()
+
+
+def test_an_initial_adapter_of_another_base_or_the_adapter_itself_is_refused(data_dir: Path, build) -> None:
+    """Pairs with equal r, targets and shapes that do not belong together were converted with a 200: an OLoRA (or
+    plain LoRA) initial adapter for a trained PiSSA one, or the trained adapter as its own initial state."""
+    base = build("FX-B")
+    init = attach(data_dir, base, "init", target_modules=["q_proj"], init_lora_weights="pissa", r=4)
+    shutil.copytree(init, data_dir / "trained", ignore=shutil.ignore_patterns("base"))
+    train(data_dir / "trained", scale=0.02)
+    attach(data_dir, base, "olora", target_modules=["q_proj"], init_lora_weights="olora", r=4)
+    attach(data_dir, base, "plain", target_modules=["q_proj"], r=4)
+    before = tree_digest(data_dir)
+    for other, names in (("olora", "'olora/base' and 'init/base'"), ("plain", f"{base!r} and 'init/base'")):
+        with pytest.raises(InvalidSpec) as e:
+            convert(data_dir, initial_adapter=other)
+        assert e.value.field == "initial_adapter" and f"against other bases ({names}" in e.value.detail
+    with pytest.raises(InvalidSpec) as e:
+        convert(data_dir, initial_adapter="trained")
+    assert e.value.field == "initial_adapter" and "same directory" in e.value.detail
+    assert tree_digest(data_dir) == before and not (data_dir / "converted").exists()
+    convert(data_dir)  # the real pair still converts

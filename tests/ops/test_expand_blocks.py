@@ -319,3 +319,16 @@ def test_surgery_step_then_lora_on_the_new_block(data_dir: Path, build) -> None:
     lora = PeftModel.from_pretrained(base, data_dir / "out" / "adapter")
     names = [n for n, _ in lora.named_parameters() if "lora_A" in n]
     assert names and all(".layers.1." in n for n in names)
+
+
+def test_post_ln_encoder_refused_with_nothing_written(data_dir: Path, build) -> None:
+    """BERT normalizes residual + sub-block output (post-LN): a copied block with zero writers is no identity. It was
+    written with a 200 (no warning) and changed the logits (max |Δ| 0.019 on the tiny MLM, hidden states 0.18),
+    where the README promises zero-init blocks leave them bitwise equal."""
+    src = build("FX-F")  # BertForMaskedLM, 2 layers
+    before = tree_digest(data_dir / src)
+    with pytest.raises(InvalidSpec) as err:
+        run(data_dir, checkpoint=src, output="out", num_blocks=1)
+    assert err.value.field == "checkpoint" and "post-LN" in err.value.detail
+    assert "attention.output.dense" in err.value.detail and "pre-LN" in err.value.fix
+    assert not (data_dir / "out").exists() and tree_digest(data_dir / src) == before

@@ -261,8 +261,11 @@ def test_safe_merge_refuses_nan_and_leaves_nothing(data_dir: Path, build) -> Non
         merge(data_dir, base, ["lora"], safe_merge=True)
     assert e.value.field == "adapters.0.path" and "model.layers.1.self_attn.v_proj.weight" in e.value.detail
     assert tree_digest(data_dir) == before and sorted(p.name for p in data_dir.iterdir()) == [base, "lora"]
-    merge(data_dir, base, ["lora"])  # without safe_merge, as peft: the NaN is written
+    r = merge(data_dir, base, ["lora"])  # without safe_merge, as peft: the NaN is written, and said (it was silent)
     assert torch.isnan(tensors(data_dir / "merged")["model.layers.1.self_attn.v_proj.weight"]).any()
+    [warning] = [w for w in r.warnings if "NaN" in w]
+    assert warning.startswith("1 merged tensor(s) hold NaN or Inf: model.layers.1.self_attn.v_proj.weight;")
+    assert "safe_merge" in warning
 
 
 def test_conflicts_and_bounds(data_dir: Path, build) -> None:

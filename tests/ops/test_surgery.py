@@ -227,3 +227,18 @@ def test_report_checks_the_head_of_an_attach_head_step_as_attach_head_does(data_
     alone = attach_head(AttachHeadSpec(checkpoint=src, output="alone", verify=True, **head), RunContext(data_dir))
     assert alone.report is not None and alone.report.head is not None
     assert r.report.head.model_dump() == alone.report.head.model_dump()
+
+
+def test_report_with_expand_blocks_and_a_head_checks_only_the_head(data_dir: Path, build) -> None:
+    """expand-blocks + attach-head: the inserted blocks are copies (zero residual writers), not new head tensors;
+    the report checked them against transformers' normal init (o_proj/down_proj std 0 != 0.02) and failed a correct
+    output."""
+    src = build("FX-B")  # Llama, 2 layers, untied
+    r = run(data_dir, src, [{"op": "expand-blocks", "num_blocks": 1},
+                            {"op": "attach-head", "num_labels": 3, "init": "kaiming_normal"}], verify=True)
+    report = r.report
+    assert report is not None and report.status == "ok", report
+    assert report.head is not None
+    assert [t.name for t in report.head.tensors] == ["score.weight"]
+    assert report.head.tensors[0].init == "kaiming_normal" and report.head.passed
+    assert report.hidden_states_passed and report.passed

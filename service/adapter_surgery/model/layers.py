@@ -205,6 +205,37 @@ def residual_writers(layer: nn.Module, hidden: int) -> list[str]:
     return found
 
 
+def post_norm_writers(layer: nn.Module, writers: Sequence[str], hidden: int) -> list[str]:
+    """The residual writers of ``layer`` followed, in their own sub-module, by a norm of the hidden width: the
+    post-LN layout of BERT/RoBERTa/DeBERTa (``BertSelfOutput``: ``LayerNorm(dense(x) + residual)``), where the norm
+    applies to the residual sum, so a zero writer leaves ``LayerNorm(residual)``, not ``residual`` (Xiong et al.
+    2020, *On Layer Normalization in the Transformer Architecture*, contrast Post-LN and Pre-LN). Norms applied to
+    the sub-block's output before the sum (Gemma 2's ``post_attention_layernorm``, a sibling at the layer level)
+    and per-head norms (``q_norm``, head width) are not such norms; nor are writers directly under the layer, where
+    registration order says nothing of the forward's (OPT registers ``final_layer_norm`` after ``fc2`` but applies it
+    first)."""
+    found = []
+    modules = dict(layer.named_modules())
+    for path in writers:
+        parent_path, _, name = path.rpartition(".")
+        parent = modules.get(parent_path) if parent_path else None  # layer-level order is no execution order (OPT)
+        if parent is None or name not in dict(parent.named_children()):
+            continue
+        names = [n for n, _ in parent.named_children()]
+        after = [m for n, m in parent.named_children() if names.index(n) > names.index(name)]
+        if any(_is_norm(m, hidden) for m in after):
+            found.append(path)
+    return found
+
+
+def _is_norm(m: nn.Module, hidden: int) -> bool:
+    shape = getattr(m, "normalized_shape", None)
+    if shape is None:
+        weight = getattr(m, "weight", None)
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+    return "norm" in type(m).__name__.lower() and tuple(shape or ()) == (hidden,)
+
+
 def _is_per_layer(key: str, value: Any, count: int) -> bool:
     if key in NOT_PER_LAYER or key.endswith("_token_id") or not isinstance(value, list) or len(value) != count:
         return False

@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel, Field
@@ -85,6 +86,7 @@ def convert_adapter(spec: ConvertAdapterSpec, ctx: RunContext) -> ConvertAdapter
                               fix="Name the original checkpoint under the data directory, or leave base out.")
         base = spec.base
     config = _check_pair(trained, initial)
+    _check_same_base(trained, initial, ctx.data_dir)
     pairs = _lora_pairs(trained)
     warnings: list[str] = []
     if base is None:
@@ -117,6 +119,38 @@ def convert_adapter(spec: ConvertAdapterSpec, ctx: RunContext) -> ConvertAdapter
         kept_tensors=sorted(kept), base_model_name_or_path=base, files=[FileInfo.of(f) for f in files],
         bytes_read=trained.weights.bytes_read + initial.weights.bytes_read, bytes_written=sum(f.bytes for f in files),
         warnings=warnings, seconds=run.seconds())
+
+
+def _named_base(adapter: Adapter, data_dir: Path) -> Path | None:
+    """The directory of the data directory that the adapter's ``base_model_name_or_path`` names (attach-lora writes
+    the path relative to it; a PiSSA/OLoRA adapter names its own ``<adapter>/base``), or None (a hub id, elsewhere)."""
+    named = adapter.config.get("base_model_name_or_path")
+    if not isinstance(named, str) or not named:
+        return None
+    try:
+        path = (data_dir / named).resolve()
+        path.relative_to(data_dir.resolve())
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return path if path.is_dir() else None
+
+
+def _check_same_base(trained: Adapter, initial: Adapter, data_dir: Path) -> None:
+    """Refuse an initial adapter that is the trained one itself, or that was made against another base than the
+    trained adapter's (each a directory of the data directory): the conversion would subtract another B0 A0."""
+    if trained.path.resolve() == initial.path.resolve():
+        raise InvalidSpec("adapter and initial_adapter are the same directory: the conversion would add B A and "
+                          "subtract it again (a zero delta)", field="initial_adapter",
+                          fix="Give the adapter attach-lora wrote (before training) as initial_adapter and its "
+                              "trained copy as adapter.")
+    tb, ib = _named_base(trained, data_dir), _named_base(initial, data_dir)
+    if tb is not None and ib is not None and tb != ib:
+        rel = data_dir.resolve()
+        raise InvalidSpec(f"{initial.path.name!r} is not the initial state of {trained.path.name!r}: they were made "
+                          f"against other bases ({str(ib.relative_to(rel))!r} and {str(tb.relative_to(rel))!r}, "
+                          "their base_model_name_or_path)", field="initial_adapter",
+                          fix="Give the adapter attach-lora wrote for the trained adapter's base (the one whose "
+                              "residual base the trained adapter names) as initial_adapter.")
 
 
 def _lora_pairs(adapter: Adapter) -> list[str]:

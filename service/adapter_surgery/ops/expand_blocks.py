@@ -54,7 +54,14 @@ from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
 from adapter_surgery.io import Changes, Checkpoint, CopiedTensor, describe_files
 from adapter_surgery.io.header import DTYPES
 from adapter_surgery.io.writer import tensor_bytes, write_checkpoint
-from adapter_surgery.model.layers import Layers, find_layer_list, layer_facts, meta_model_for, renumbered_config
+from adapter_surgery.model.layers import (
+    Layers,
+    find_layer_list,
+    layer_facts,
+    meta_model_for,
+    post_norm_writers,
+    renumbered_config,
+)
 from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, RunContext, Seed, StrictModel
 from adapter_surgery.ops.runner import begin
 from adapter_surgery.report import PreservationReport, StepFacts, preservation_report
@@ -308,6 +315,7 @@ def expand_blocks(spec: ExpandBlocksSpec, ctx: RunContext) -> ExpandBlocksResult
         raise InvalidCheckpoint(f"no projection of {layers.layer_class} writes into the residual stream (no "
                                 f"Linear of width {layers.hidden_size} in a sub-block)", field="checkpoint",
                                 fix="This architecture is not supported by expand-blocks.")
+    _check_pre_norm(model, layers)
     warnings = list(ckpt.warnings)
     plan = plan_expansion(spec, ckpt, layers, device)
     ctx.say(f"planned {len(plan.new_layers)} new blocks at {plan.new_layers}, {layers.count} -> "
@@ -336,6 +344,19 @@ def expand_blocks(spec: ExpandBlocksSpec, ctx: RunContext) -> ExpandBlocksResult
         residual_writers=list(layers.residual_writers), init=spec.init, init_std=plan.std,
         changed_tensors=plan.changed, renamed_tensors=plan.renamed, files=[FileInfo.of(f) for f in files],
         warnings=warnings, seconds=run.seconds(), report=report)
+
+
+def _check_pre_norm(model: torch.nn.Module, layers: Layers) -> None:
+    """Refuse post-LN layers (a norm over residual + output, :func:`post_norm_writers`): a copied block with zero
+    writers is no identity there, and LLaMA Pro's expansion assumes pre-LN blocks (Wu et al. 2024, section 2)."""
+    _, blocks = find_layer_list(model, layers.count)
+    post = post_norm_writers(blocks[0], layers.residual_writers, layers.hidden_size)
+    if post:
+        raise InvalidSpec(f"{layers.layer_class} is a post-LN layer: {post[0]} is followed by a norm of the residual "
+                          "sum, so a new block with zero residual writers is no identity (it normalizes the stream "
+                          "again) and the output would not equal the base's", field="checkpoint",
+                          fix="expand-blocks inserts blocks into pre-LN decoders (Llama, Qwen, Mistral, GPT-2, "
+                              "GPT-NeoX...); for a post-LN encoder (BERT, RoBERTa, DeBERTa) train without new blocks.")
 
 
 _CHANGES_OUTPUT = {"scaled_normal": "scaled_normal blocks change the output by design"}

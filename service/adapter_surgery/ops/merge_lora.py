@@ -517,6 +517,7 @@ class _Merger:
         self.safe_merge = safe_merge
         self.weights = weights
         self.adapter_bytes = 0
+        self.nonfinite: list[str] = []  # without safe_merge: merged tensors written with NaN/Inf (warned)
 
     def read(self, adapter: Adapter, key: str) -> torch.Tensor:
         before = adapter.weights.bytes_read
@@ -571,8 +572,12 @@ class _Merger:
         return out
 
     def _check(self, value: torch.Tensor, target: str, change: _Change) -> None:
-        if self.safe_merge and not bool(torch.isfinite(value).all()):
-            raise InvalidSpec(f"merging adapter {change.adapter.path.name!r} gives NaN or Inf in {target}",
+        if bool(torch.isfinite(value).all()):
+            return
+        if not self.safe_merge:
+            self.nonfinite.append(target)
+            return
+        raise InvalidSpec(f"merging adapter {change.adapter.path.name!r} gives NaN or Inf in {target}",
                               field=change.adapter.field,
                               fix="The adapter seems broken (check its lora_A/lora_B for NaN/Inf or huge values); "
                                   "or send a smaller weight.")
@@ -615,6 +620,10 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
         for path in ckpt.other_files():
             shutil.copyfile(path, tmp / path.name)
         files = describe_files(tmp, known=digests)
+    if merger.nonfinite:
+        more = f" and {len(merger.nonfinite) - 4} more" if len(merger.nonfinite) > 4 else ""
+        warnings.append(f"{len(merger.nonfinite)} merged tensor(s) hold NaN or Inf: {', '.join(merger.nonfinite[:4])}"
+                        f"{more}; the output will not compute (send \"safe_merge\": true to refuse such a merge)")
     linked = sorted(set(ckpt.shards) - changes.changed_shards(ckpt))
     written = sum(f.bytes for f in files if f.path not in linked)
     merged = [MergedTensor(name=t, how=[f"{c.kind} ({c.adapter.index})" for c in cs],

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -191,10 +192,13 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
     base_keys = set(ckpts["base"].weight_map)
     heads = [a for a in (ckpts["patched"].config or {}).get("architectures") or [] if isinstance(a, str)]
     classifier = any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in heads)
+    # inserted blocks (layer_map given) are copies of base blocks under new layer numbers, not a new head
+    copied = {_any_layer(k) for k in base_keys} if layer_map is not None else set()
     say("verify: run patched")
     p = run_model(patched, probes, dev,
                   keep=lambda name, prefix: classifier and strip_prefix(name, prefix) not in base_keys
-                  and name not in base_keys and f"{prefix}.{name}" not in base_keys)
+                  and name not in base_keys and f"{prefix}.{name}" not in base_keys
+                  and not {_any_layer(name), _any_layer(f"{prefix}.{name}")} & copied)
     report = PreservationReport(status="ok", probes=summary, **mem)
     report.warnings += [f"patched: {m}" for m in p.load_problems] + [f"base: {m}" for m in b.load_problems]
     new_ids = new_token_ids(tok, tok_p, summary.old_vocab_size)
@@ -207,6 +211,11 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
     compare_hidden(report, b, p, layer_map)
     report.passed = _verdict(report)
     return report
+
+
+def _any_layer(name: str) -> str:
+    """``name`` with its layer numbers replaced (``model.layers.7.mlp`` -> ``model.layers.#.mlp``)."""
+    return re.sub(r"\.\d+(?=\.|$)", ".#", name)
 
 
 def _verdict(report: PreservationReport) -> bool | None:

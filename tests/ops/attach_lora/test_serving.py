@@ -134,4 +134,12 @@ def test_refusal_over_http(data_dir: Path, build) -> None:
     assert r.json()["field"] == "use_dora" and "merge-lora" in r.json()["fix"]
     r = client.post("/attach-lora", json={"checkpoint": src, "output": "out", "serving": "tgi"})
     assert r.status_code == 422 and r.json()["field"] == "serving"
+    # a --max-lora-rank vLLM does not take (it was accepted, and r 4 <= 7 passed the rank check)
+    r = client.post("/attach-lora", json={"checkpoint": src, "output": "out", **QV, "r": 4, "serving": "vllm",
+                                          "max_lora_rank": 7})
+    assert r.status_code == 422 and r.json()["field"] == "max_lora_rank"
+    assert "1, 8, 16, 32, 64, 128, 256, 320, 512, not 7" in r.json()["detail"] and "e.g. 8" in r.json()["detail"]
+    r = client.post("/surgery", json={"checkpoint": src, "output": "out", "steps": [
+        {"op": "attach-lora", **QV, "r": 4, "max_lora_rank": 1000}]})
+    assert r.status_code == 422 and r.json()["field"] == "steps.0.max_lora_rank", r.json()
     assert not (data_dir / "out").exists()

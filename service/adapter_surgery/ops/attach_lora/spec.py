@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, StringConstraints, field_validator
 from adapter_surgery import patterns
 from adapter_surgery.devices import DeviceName
 from adapter_surgery.ops.common import FileInfo, PathFields, Seed, StrictModel
-from adapter_surgery.serving import VLLM_DEFAULT_MAX_LORA_RANK, Runtime
+from adapter_surgery.serving import VLLM_DEFAULT_MAX_LORA_RANK, VLLM_MAX_LORA_RANKS, Runtime
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -100,6 +100,17 @@ class AttachLoraOptions(StrictModel):
 
     _safe_patterns = field_validator("target_modules", "exclude_modules", "layers_pattern", "rank_pattern",
                                      "alpha_pattern")(patterns.checked)
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _a_vllm_rank(cls, value: int | None) -> int | None:
+        """vLLM's ``--max-lora-rank`` takes only ``MaxLoRARanks`` (vllm/config/lora.py): another value names a
+        server that cannot be started, and the rank check would pass adapters no such server loads."""
+        if value is not None and value not in VLLM_MAX_LORA_RANKS:
+            up = next((m for m in VLLM_MAX_LORA_RANKS if m >= value), VLLM_MAX_LORA_RANKS[-1])
+            raise ValueError(f"vLLM's --max-lora-rank takes {', '.join(map(str, VLLM_MAX_LORA_RANKS))}, not {value}; "
+                             f"send the value your server runs with (e.g. {up})")
+        return value
 
     @field_validator("init_lora_weights")
     @classmethod
