@@ -111,3 +111,14 @@ def test_parameter_targets_refuse_what_paramwrapper_cannot_do(data: Path, opts: 
     assert info.value.field == field and "exclude_modules" in info.value.fix
     assert not (data / f"refused-{field}").exists()
     run(data, "Qwen3-MoE", f"ok-{field}", target_modules="all-linear", exclude_modules=["experts", "gate"], **opts)
+
+
+def test_all_linear_for_vllm_checks_the_scaling_peft_writes(data: Path) -> None:
+    """The fused gate_up_proj gets rank 2r and alpha 2·lora_alpha from peft's MoE conversion: the same scaling as
+    every other module, so vLLM (one lora_alpha/r for all) can load it; the check reads the converted patterns."""
+    result = run(data, "Mixtral", "Mixtral-vllm", target_modules="all-linear", serving="vllm")
+    saved = json.loads((data / "Mixtral-vllm" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] and saved["alpha_pattern"]
+    assert all(saved["alpha_pattern"][k] / saved["rank_pattern"][k] == saved["lora_alpha"] / saved["r"]
+               for k in saved["rank_pattern"])
+    assert not any(w.startswith("vllm could not load") for w in result.warnings)
