@@ -434,3 +434,15 @@ def test_config_fields_not_honoured_are_refused_naming_them(data_dir: Path, buil
     assert r.status_code == 422, r.text
     assert r.json()["field"] == "adapters.0.path" and named in r.json()["detail"]
     assert not (data_dir / "m").exists()
+
+
+def test_adapter_of_another_base_in_the_data_dir_is_warned(data_dir: Path, build) -> None:
+    base = build("FX-B")
+    shutil.copytree(data_dir / base, data_dir / "other-finetune")  # same shapes: only the name tells them apart
+    train(attach(data_dir, base, "lora", target_modules=["q_proj"]))
+    own = merge(data_dir, base, ["lora"], output="onto-own")
+    assert not any("base_model_name_or_path" in w for w in own.warnings)
+    other = merge(data_dir, "other-finetune", ["lora"], output="onto-other")
+    assert [w for w in other.warnings if "base_model_name_or_path" in w] == [
+        f"adapter 0 ('lora') names {base!r} as its base (base_model_name_or_path), not the checkpoint it is merged "
+        "into: check that it was trained on this checkpoint's weights"]

@@ -509,6 +509,24 @@ def _check_residual_base(adapter: Adapter, checkpoint: Path, data_dir: Path) -> 
                                                    "plain LoRA first (POST /convert-adapter).")
 
 
+def _other_base_warning(adapter: Adapter, checkpoint: Path, data_dir: Path) -> list[str]:
+    """A warning when the adapter names another checkpoint of the data directory as its base (shapes may match by
+    chance: two fine-tunes of one model). A name outside the data directory (a hub id, another machine's path) says
+    nothing here."""
+    named = adapter.config.get("base_model_name_or_path")
+    if not isinstance(named, str) or not named or Path(named).is_absolute():
+        return []
+    root = data_dir.resolve()
+    try:
+        target = (root / named).resolve()
+        if not target.is_relative_to(root) or not target.exists() or target == checkpoint.resolve():
+            return []
+    except (OSError, RuntimeError, ValueError):
+        return []
+    return [f"adapter {adapter.index} ({adapter.path.name!r}) names {named!r} as its base (base_model_name_or_path), "
+            f"not the checkpoint it is merged into: check that it was trained on this checkpoint's weights"]
+
+
 # -- computing ------------------------------------------------------------------------------------------------
 class _Merger:
     def __init__(self, base: _Base, device: torch.device, safe_merge: bool, weights: list[float]) -> None:
@@ -612,6 +630,7 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
     _check_memory(plan, base)
     warnings = list(ckpt.warnings) + [_ignored_warning(a, p.ignored) for a, p in zip(adapters, planned, strict=True)
                                       if p.ignored]
+    warnings += [w for a in adapters for w in _other_base_warning(a, checkpoint, ctx.data_dir)]
     ctx.say(f"{len(plan)} tensors to merge from {len(adapters)} adapter(s)")
     merger = _Merger(base, device, spec.safe_merge, weights)
     changes = Changes(replace={t: merger.source(t, cs) for t, cs in plan.items()})
