@@ -39,8 +39,8 @@ def main() -> None:
     data_dir = Path(sys.argv[1])
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # whatever an operation prints must not reach the harness
-    from adapter_surgery.arch import ArchitectureCache
     from adapter_surgery.io.writer import DigestCache
+    from adapter_surgery.model.roles import ArchitectureCache
     from adapter_surgery.ops import OPERATIONS
     from adapter_surgery.ops.common import RunContext
     from adapter_surgery.tokenizer_cache import TokenizerCache

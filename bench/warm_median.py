@@ -40,8 +40,8 @@ def main() -> None:
     (variant,) = select(args.variant)
     data = build(args.size).parent
 
-    from adapter_surgery.arch import ArchitectureCache
     from adapter_surgery.io.writer import DigestCache
+    from adapter_surgery.model.roles import ArchitectureCache
     from adapter_surgery.ops import OPERATIONS
     from adapter_surgery.ops.common import RunContext
     from adapter_surgery.tokenizer_cache import TokenizerCache

@@ -19,7 +19,7 @@ allocate per declared layer):
   the experts the weights hold, where they hold expert tensors (``.experts.<i>.`` or fused 3-D ``.experts.*``).
 
 Exact agreement of the input embedding's shape with the model that config.json builds is checked after the
-(meta-device, storage-free) build, in :mod:`adapter_surgery.arch`.
+(meta-device, storage-free) build, in :mod:`adapter_surgery.model.roles`.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def _check_layers(config: dict[str, Any], text: dict[str, Any], text_path: str,
 
 def header_embedding(shapes: dict[str, tuple[int, ...]]) -> str | None:
     """The input embedding's key guessed from names and shapes (the largest 2-D ``embed_tokens``-like tensor)."""
-    from adapter_surgery.arch import EMBED_PATTERN
+    from adapter_surgery.model.roles import EMBED_PATTERN
 
     embeds = [k for k, s in shapes.items() if len(s) == 2 and EMBED_PATTERN.search(k)
               and "position" not in k and "token_type" not in k and not NOT_TEXT.search(k)]

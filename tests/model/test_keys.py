@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapter_surgery.arch import build_meta_model, resolve_architecture
 from adapter_surgery.io.checkpoint import Checkpoint
 from adapter_surgery.model.keys import KeyMap, key_map, layout_key
 from adapter_surgery.model.layers import layer_facts
+from adapter_surgery.model.roles import build_meta_model, resolve_architecture
 from tests.layouts import LAYOUTS, build, model_class
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from adapter_surgery.arch import resolve_architecture
 from adapter_surgery.io import Checkpoint
+from adapter_surgery.model.roles import resolve_architecture
 from adapter_surgery.ops.extend_vocab import ExtendVocabSpec, plan_vocab
 
 

@@ -22,9 +22,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
-from adapter_surgery.arch import resolve_architecture
 from adapter_surgery.errors import InvalidSpec
 from adapter_surgery.io.checkpoint import Checkpoint
+from adapter_surgery.model.roles import resolve_architecture
 from adapter_surgery.ops.attach_head import AttachHeadSpec, attach_head
 from adapter_surgery.ops.attach_lora import AttachLoraSpec, attach_lora
 from adapter_surgery.ops.common import RunContext

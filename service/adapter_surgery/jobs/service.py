@@ -37,7 +37,6 @@ from urllib.parse import urlsplit
 from huey import RedisHuey, SqliteHuey
 from pydantic import ValidationError
 
-from adapter_surgery.arch import ArchitectureCache
 from adapter_surgery.errors import (
     Cancelled,
     InvalidSpec,
@@ -51,6 +50,7 @@ from adapter_surgery.io.writer import DigestCache
 from adapter_surgery.jobs.models import FINISHED, Job, JobProgress, JobRecord, JobState
 from adapter_surgery.jobs.runner import run_operation
 from adapter_surgery.jobs.store import JobStore, RedisJobStore, SqliteJobStore, Summary, store_errors
+from adapter_surgery.model.roles import ArchitectureCache
 from adapter_surgery.ops import OPERATIONS
 from adapter_surgery.ops.attach_lora.peft_bridge import WARM_MODULES as PEFT_MODULES
 from adapter_surgery.ops.common import ProgressEvent, RunContext

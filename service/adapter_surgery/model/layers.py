@@ -1,6 +1,6 @@
 """The decoder layers of an architecture, as data: where they sit, what each holds, what writes into the stream.
 
-Learned from ``transformers`` on the ``meta`` device (no storage), as :mod:`adapter_surgery.arch` learns roles:
+Learned from ``transformers`` on the ``meta`` device (no storage), as :mod:`adapter_surgery.model.roles` learns roles:
 
 - **the layer list**: the ``nn.ModuleList`` whose length is the text config's layer count (``num_hidden_layers``,
   ``n_layer``) and whose entries are all one class (preferring the model's ``_no_split_modules`` class; lists under
@@ -125,7 +125,7 @@ def layer_facts(ckpt: Checkpoint, model: nn.Module | None = None) -> Layers:
     Raises:
         InvalidCheckpoint: no usable config.json, no layer list of the declared count, or none in the checkpoint.
     """
-    from adapter_surgery.arch import build_meta_model
+    from adapter_surgery.model.roles import build_meta_model
 
     if ckpt.config is None:
         raise InvalidCheckpoint(f"the checkpoint has no usable config.json ({ckpt.config_problem}), so its layers "

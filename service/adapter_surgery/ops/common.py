@@ -15,7 +15,7 @@ from adapter_surgery.io.writer import DigestCache, WrittenFile
 from adapter_surgery.spec import PathFields, Seed, StrictModel  # noqa: F401 (re-exported: the shared spec types)
 
 if TYPE_CHECKING:
-    from adapter_surgery.arch import ArchitectureCache
+    from adapter_surgery.model.roles import ArchitectureCache
     from adapter_surgery.tokenizer_cache import TokenizerCache
 
 

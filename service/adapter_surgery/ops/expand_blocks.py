@@ -47,7 +47,6 @@ import torch
 from pydantic import BaseModel, Field
 
 from adapter_surgery import errors, resources
-from adapter_surgery.arch import build_meta_model, quiet_transformers
 from adapter_surgery.config_check import MAX_LAYERS
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
@@ -62,6 +61,7 @@ from adapter_surgery.model.layers import (
     post_norm_writers,
     renumbered_config,
 )
+from adapter_surgery.model.roles import build_meta_model, quiet_transformers
 from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, RunContext, Seed, StrictModel
 from adapter_surgery.ops.runner import begin
 from adapter_surgery.report import PreservationReport, StepFacts, preservation_report

@@ -24,7 +24,6 @@ import torch
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from adapter_surgery import resources
-from adapter_surgery.arch import Architecture
 from adapter_surgery.chat_template import MAX_CHAT_TEMPLATE_CHARS, render_sample
 from adapter_surgery.config_check import text_config
 from adapter_surgery.devices import DeviceName, pick_device
@@ -47,6 +46,7 @@ from adapter_surgery.io.writer import (
     write_checkpoint,
     write_single_file,
 )
+from adapter_surgery.model.roles import Architecture
 from adapter_surgery.ops.common import (
     ChangedTensor,
     FileInfo,

@@ -61,13 +61,13 @@ import torch
 from pydantic import BaseModel, Field
 
 from adapter_surgery import patterns, resources
-from adapter_surgery.arch import build_meta_model, resolve_architecture
 from adapter_surgery.devices import DeviceName, pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec, NotFound, SurgeryError
 from adapter_surgery.io import Checkpoint, describe_files
 from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.writer import Changes, ComputedTensor, RowPatchedTensor, write_checkpoint
 from adapter_surgery.model.keys import KeyMap
+from adapter_surgery.model.roles import build_meta_model, resolve_architecture
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
 from adapter_surgery.ops.runner import begin
 from adapter_surgery.paths import resolve_under

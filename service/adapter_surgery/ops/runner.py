@@ -15,10 +15,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter_surgery.arch import Architecture, resolve_architecture
 from adapter_surgery.errors import SurgeryError
 from adapter_surgery.io import Checkpoint, atomic_output
 from adapter_surgery.io.atomic import check_output_path
+from adapter_surgery.model.roles import Architecture, resolve_architecture
 from adapter_surgery.ops.common import PathFields, RunContext
 from adapter_surgery.paths import resolve_under
 

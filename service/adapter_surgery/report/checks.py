@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from adapter_surgery.arch import resolve_architecture
 from adapter_surgery.errors import SurgeryError
 from adapter_surgery.initializers import WEIGHT_INITS, expected_std, row_stats
 from adapter_surgery.io import Checkpoint
+from adapter_surgery.model.roles import resolve_architecture
 from adapter_surgery.report.models import AddedTokensCheck, HeadCheck, LayerRMS, PreservationReport, TensorStd
 from adapter_surgery.report.run import ModelRun
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from adapter_surgery.arch import quiet_transformers, resolve_architecture
 from adapter_surgery.io import Checkpoint
+from adapter_surgery.model.roles import quiet_transformers, resolve_architecture
 from adapter_surgery.report.models import ProbeSummary, Skip, VerifyOptions
 
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import torch
 
-from adapter_surgery.arch import quiet_transformers
+from adapter_surgery.model.roles import quiet_transformers
 from adapter_surgery.report.models import Skip
 
 

@@ -11,11 +11,11 @@ from typing import Any
 
 from torch import nn
 
-from adapter_surgery.arch import Architecture
 from adapter_surgery.errors import InvalidCheckpoint
 from adapter_surgery.io import Checkpoint
 from adapter_surgery.io.writer import TensorSource
 from adapter_surgery.model.keys import key_map
+from adapter_surgery.model.roles import Architecture
 from adapter_surgery.ops.attach_head.spec import DroppedTensor, RenamedTensor
 
 

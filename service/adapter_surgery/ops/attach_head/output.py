@@ -7,9 +7,9 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from adapter_surgery.arch import Architecture
 from adapter_surgery.io import Checkpoint, CopiedTensor, NewTensor
 from adapter_surgery.io.writer import Changes, TensorSource
+from adapter_surgery.model.roles import Architecture
 from adapter_surgery.ops.attach_head.initialize import Created
 from adapter_surgery.ops.attach_head.keys import Keys
 from adapter_surgery.ops.attach_head.pad import Pad

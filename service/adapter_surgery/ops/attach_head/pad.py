@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from adapter_surgery.arch import Architecture
 from adapter_surgery.errors import InvalidSpec
 from adapter_surgery.io import Checkpoint
 from adapter_surgery.io.writer import Changes
+from adapter_surgery.model.roles import Architecture
 from adapter_surgery.ops.attach_head.spec import AttachHeadSpec, PadToken
 from adapter_surgery.ops.attach_head.target import text_config
 from adapter_surgery.ops.common import ChangedTensor

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from adapter_surgery.arch import Architecture, quiet_transformers
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
 from adapter_surgery.io import Checkpoint
+from adapter_surgery.model.roles import Architecture, quiet_transformers
 from adapter_surgery.paths import without_dirs
 
 if TYPE_CHECKING:  # pad.py imports this module

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adapter_surgery.arch import Architecture
 from adapter_surgery.errors import InvalidCheckpoint
 from adapter_surgery.io import Checkpoint
 from adapter_surgery.io.header import TORCH_TO_SAFETENSORS
 from adapter_surgery.io.writer import Changes, ReservedTensor, WrittenFile, sha256_of, tensor_bytes, write_checkpoint
+from adapter_surgery.model.roles import Architecture
 from adapter_surgery.ops.attach_lora import peft_bridge as bridge
 from adapter_surgery.ops.attach_lora.spec import ADAPTER_WEIGHTS, ResidualBase, TargetModule
 from adapter_surgery.ops.attach_lora.targets import Target, ckpt_key

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from adapter_surgery import resources
-from adapter_surgery.arch import Architecture, build_meta_model
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
 from adapter_surgery.io import Checkpoint
 from adapter_surgery.io.header import TensorInfo
+from adapter_surgery.model.roles import Architecture, build_meta_model
 from adapter_surgery.ops.attach_head import config_mismatch, unexpected_tensors
 from adapter_surgery.ops.attach_lora import peft_bridge as bridge
 from adapter_surgery.ops.attach_lora.spec import DATA_FREE_INITS, PISSA, REFUSED_INITS, AttachLoraSpec

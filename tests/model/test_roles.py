@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from adapter_surgery import arch as arch_module
-from adapter_surgery.arch import resolve_architecture
 from adapter_surgery.io import Checkpoint
+from adapter_surgery.model import roles as arch_module
+from adapter_surgery.model.roles import resolve_architecture
 
 
 def test_resolution_is_cached_per_config_and_headers(data_dir: Path, build, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,8 +51,8 @@ def test_the_service_keeps_one_cache_for_its_jobs(tmp_path: Path) -> None:
 
 def test_check_growable_refuses_a_vocabulary_buffer_of_another_shape() -> None:
     """A ``(1, vocab)`` buffer is padded (growable); one value per row in any other shape is a 422 naming it."""
-    from adapter_surgery.arch import Architecture
     from adapter_surgery.errors import InvalidCheckpoint
+    from adapter_surgery.model.roles import Architecture
 
     fields = dict(source="config", model_class="M", input_embedding="e.weight", output_head=None, head_param=None,
                   tied=True, output_bias=None, vocab_rows=128, config_vocab_size=128, text_config_key=None,
