@@ -164,6 +164,14 @@ def warm_page_cache(base: Path) -> None:
                     pass
 
 
+def settle(base: Path) -> None:
+    """Before each measured side: the previous side's writes flushed (``sync``: its writeback must not land in the
+    next side's fsync) and the input read back into the page cache (an anchor that loads the model in memory
+    evicts it). Neither is timed."""
+    os.sync()
+    warm_page_cache(base)
+
+
 def machine() -> dict[str, Any]:
     import importlib.metadata as md
 
@@ -254,6 +262,7 @@ def run_pair(v: Variant, size: str, args: argparse.Namespace, mem_total: int) ->
             rec: dict[str, Any] = {"rep": rep}
             sides = ["ours", "anchor"] if rep % 2 == 0 else ["anchor", "ours"]
             for side in sides:
+                settle(base)
                 if side == "ours":
                     cmd = [*_cli(), v.op, "--spec", str(spec_file), "--data-dir", str(data)]
                     rec["ours"] = measure(cmd, cap, logs.with_name(f"{logs.name}.ours.{rep}"))
@@ -261,6 +270,7 @@ def run_pair(v: Variant, size: str, args: argparse.Namespace, mem_total: int) ->
                         rec["floor"] = floor(changed_files(out, base), data / "floor-scratch")
                     _rm(out)
                     if warm is not None:
+                        settle(base)
                         rec["warm"] = warm.call(v.op, v.spec("out-warm", args.device))
                         _rm(out_warm)
                 elif not skip_anchor:
