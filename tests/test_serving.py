@@ -25,7 +25,8 @@ def test_a_plain_lora_has_no_problem() -> None:
 @pytest.mark.parametrize(("change", "field", "words"), [
     ({"use_dora": True}, "use_dora", ["DoRA", "/merge-lora"]),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save", ["being None", "extend-vocab"]),
-    ({"modules_to_save": ["classifier", "score"]}, "modules_to_save", ["being None"]),
+    ({"modules_to_save": ["score", "lm_head"]}, "modules_to_save", ["classifier", "lm_head"]),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights", ["/convert-adapter", "rank 2 r = 16 fits"]),
     ({"bias": "all"}, "bias", ['bias "none"']),
     ({"bias": "lora_only"}, "bias", ['bias "none"']),
     ({"lora_bias": True}, "lora_bias", ["lora_B.bias"]),
@@ -68,14 +69,21 @@ def test_one_scaling_for_every_module() -> None:
 
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
-def test_residual_inits_are_a_note_unless_the_converted_rank_does_not_fit(init: str) -> None:
-    note = problems("vllm", {**PLAIN, "init_lora_weights": init})
-    assert [(p.field, p.blocking) for p in note] == [("init_lora_weights", False)]
-    assert "/convert-adapter" in note[0].fix
-    refused = problems("vllm", {**PLAIN, "r": 16, "init_lora_weights": init})
-    assert [(p.field, p.blocking) for p in refused] == [("init_lora_weights", True)]
-    assert "2 r = 32" in refused[0].reason and "r <= 8" in refused[0].fix
-    assert problems("vllm", {**PLAIN, "r": 16, "init_lora_weights": init}, max_lora_rank=32)[0].blocking is False
+def test_residual_inits_are_refused_with_convert_adapter_as_the_fix(init: str) -> None:
+    found = problems("vllm", {**PLAIN, "init_lora_weights": init})
+    assert [(p.field, p.blocking) for p in found] == [("init_lora_weights", True)]
+    assert "/convert-adapter" in found[0].fix and "rank 2 r = 16 fits max_lora_rank 16" in found[0].fix
+    big = problems("vllm", {**PLAIN, "r": 16, "init_lora_weights": init})
+    assert "rank 2 r = 32: serve with --max-lora-rank 32" in big[0].fix
+    assert problems("vllm", {**PLAIN, "init_lora_weights": "gaussian"}) == []
+
+
+def test_classification_heads_pass_with_a_note() -> None:
+    found = problems("vllm", {**PLAIN, "modules_to_save": ["classifier", "score"]})
+    assert [(p.field, p.blocking) for p in found] == [("modules_to_save", False)]
+    assert "older releases refuse" in found[0].reason and "/merge-lora" in found[0].fix
+    keys = ["base_model.model.score.weight", "base_model.model.classifier.out_proj.bias"]
+    assert unloadable_keys("vllm", keys) == []
 
 
 def test_tensor_names_vllm_maps() -> None:

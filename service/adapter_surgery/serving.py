@@ -16,9 +16,10 @@ know are dropped), calls ``validate_legal(lora_config)``, then maps every tensor
 
 - ``use_dora`` true: ``_validate_features`` "vLLM does not yet support DoRA."; ``LoRAModel.from_lora_tensors``
   raises NotImplementedError for DoRA and for ``lora_magnitude_vector`` tensors. Verified (tests/lora ERROR_CASES).
-- ``modules_to_save`` non-empty: "vLLM only supports modules_to_save being None." Verified: *any* non-empty list is
-  refused, classification heads included (no exception for ``classifier``/``score`` exists in the versions read),
-  so the heads peft adds for ``SEQ_CLS``/``TOKEN_CLS``/``QUESTION_ANS`` make such adapters unloadable too.
+- ``modules_to_save``: the newest ``peft_helper.py`` read (the version whose tests list ``test_pissa``,
+  ``test_lora_bias``, ``test_rank_pattern``) refuses any module but the classification heads: "vLLM only supports
+  modules_to_save being either None or ["classifier", "score"] for classification models". Older ones (0332189,
+  e745baf) refuse any non-empty list: classification heads pass here with a note naming that. Verified.
 - ``bias`` other than ``"none"``: "Adapter bias is not supported." (0332189; older versions: only with
   ``--enable-lora-bias``). Verified.
 - ``lora_bias`` true (a bias on lora_B): not a PEFTHelper field (dropped), and its ``lora_B.bias`` tensors are not
@@ -38,9 +39,12 @@ know are dropped), calls ``validate_legal(lora_config)``, then maps every tensor
 - tensor names: only ``*.lora_A.weight``, ``*.lora_B.weight``, ``*.lora_embedding_A``, ``*.lora_embedding_B`` (and
   the skipped ``*.embed_tokens.base_layer.weight`` / ``*.lm_head.base_layer.weight``) are mapped; anything else
   raises "is unsupported LoRA weight". :func:`unloadable_keys` checks the written adapter against this list.
-- PiSSA / OLoRA / CorDA / LoftQ (``init_lora_weights``): vLLM checks nothing (not a PEFTHelper field). The adapter
-  applies to its residual base, so it is servable on that base only; after training, ``POST /convert-adapter``
-  makes a plain LoRA of rank 2 r for the original base. Not refused: a note, unless 2 r exceeds ``max_lora_rank``.
+- PiSSA / OLoRA / CorDA / LoftQ (``init_lora_weights``): the newest ``peft_helper.py`` read refuses them ("Inits
+  such as PiSSA, OLoRA, CorDA and LoftQ modify the base model weights when PEFT loads the adapter. Convert it to a
+  regular LoRA adapter"); older ones check nothing, and the adapter would be applied to the original base, wrongly.
+  Refused: after training, ``POST /convert-adapter`` makes a plain LoRA of rank 2 r for the original base.
+- per-module ranks and alphas: the newest version applies ``rank_pattern``/``alpha_pattern`` per module
+  (``get_rank_and_scaling``); older ones do not (above), so a module whose scaling differs stays refused.
 """
 
 from __future__ import annotations
@@ -60,7 +64,10 @@ VLLM_DEFAULT_MAX_LORA_RANK = 16
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 #: Tensor names vLLM's ``parse_fine_tuned_lora_name`` maps, and the base copies its loader skips.
 VLLM_LOADABLE_KEY = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$"
-                               r"|\.(embed_tokens|lm_head)\.base_layer\.weight$")
+                               r"|\.(embed_tokens|lm_head)\.base_layer\.weight$"
+                               r"|\.(classifier|score)\.(.+\.)?(weight|bias)$")
+#: ``modules_to_save`` entries vLLM loads (classification heads), in its newest loader.
+VLLM_HEAD_MODULES = ("classifier", "score")
 #: ``init_lora_weights`` values whose adapter applies to a changed (residual or quantized) base.
 RESIDUAL_INITS = re.compile(r"^(pissa(_niter_\d+)?|olora|corda|loftq)$", re.IGNORECASE)
 
@@ -105,9 +112,9 @@ VLLM_RULES: tuple[Rule, ...] = (
     Rule("use_dora", bool,
          "vLLM does not yet support DoRA (its loader refuses use_dora and the lora_magnitude_vector tensors).",
          "Send use_dora false (plain LoRA), " + MERGE_FIX + "."),
-    Rule("modules_to_save", bool,
-         "vLLM only supports modules_to_save being None: modules trained in full (embed_tokens, lm_head, a "
-         "classification head) cannot be loaded as part of an adapter.",
+    Rule("modules_to_save", lambda v: bool(v) and any(m not in VLLM_HEAD_MODULES for m in v),
+         "vLLM only supports modules_to_save being None or the classification heads [\"classifier\", \"score\"]: "
+         "other modules trained in full (embed_tokens, lm_head, qa_outputs) cannot be loaded as part of an adapter.",
          "Leave modules_to_save out: for new tokens, extend-vocab the base (their rows initialized there) and serve "
          "that base, with LoRA on lm_head through target_modules if the head must adapt; " + MERGE_FIX + "."),
     Rule("bias", lambda v: v not in (None, "none"),
@@ -131,7 +138,7 @@ RULES: dict[str, tuple[Rule, ...]] = {"vllm": VLLM_RULES}
 
 #: ``modules_to_save`` that only holds the task head peft adds for a task type (not the request's own list).
 TASK_HEAD_REASON = ("peft trains the {task} head ({heads}) in full and saves it in the adapter (modules_to_save), and "
-                    "vLLM only supports modules_to_save being None.")
+                    "vLLM loads only the classification heads classifier/score that way.")
 TASK_HEAD_FIX = ("After training, fold the adapter into the base with POST /merge-lora and serve the merged model; "
                  "an adapter for a {task} model always carries its head.")
 
@@ -158,6 +165,13 @@ def problems(runtime: str, config: Mapping[str, Any], modules: Iterable[ModuleRa
     found += _rank_problems(runtime, config, modules, limit)
     found += _scaling_problems(runtime, config, modules)
     found += _residual_problems(runtime, config, modules, limit)
+    heads = config.get("modules_to_save") or []
+    if heads and all(m in VLLM_HEAD_MODULES for m in heads):
+        found.append(Problem(runtime, "modules_to_save", "vLLM loads a classification head saved in the adapter "
+                             f"({', '.join(heads)}) since its loader accepts [\"classifier\", \"score\"]; older "
+                             "releases refuse any modules_to_save.",
+                             "Serve with a vLLM that accepts classification heads, or "
+                             + MERGE_FIX.removeprefix("or, ") + ".", blocking=False))
     return found
 
 
@@ -217,20 +231,17 @@ def _residual_problems(runtime: str, config: Mapping[str, Any], modules: list[Mo
         return []
     rank, _ = _largest_rank(config, modules)
     converted = 2 * rank
-    if converted > limit:
-        flag = vllm_rank_flag(converted)
-        serve = f"or serve with --max-lora-rank {flag} and send max_lora_rank {flag}" if flag else \
-            f"(vLLM accepts --max-lora-rank {VLLM_MAX_LORA_RANKS[-1]} at most)"
-        return [Problem(runtime, "init_lora_weights",
-                        f"a {init} adapter applies to its residual base; for the original base, POST "
-                        f"/convert-adapter after training makes a plain LoRA of rank 2 r = {converted}, above "
-                        f"max_lora_rank {limit}.",
-                        f"Send r <= {limit // 2}, {serve}; or init_lora_weights true (plain LoRA).")]
+    flag = vllm_rank_flag(converted)
+    fits = (f"rank 2 r = {converted}: serve with --max-lora-rank {flag}" if flag else
+            f"rank 2 r = {converted} is above vLLM's largest --max-lora-rank {VLLM_MAX_LORA_RANKS[-1]}: "
+            "send a smaller r")
+    fits = fits if converted > limit else f"rank 2 r = {converted} fits max_lora_rank {limit}"
     return [Problem(runtime, "init_lora_weights",
-                    f"a {init} adapter applies to its residual base (<output>/base), not to the checkpoint.",
-                    "After training, POST /convert-adapter makes a plain LoRA of rank 2 r for the original base, "
-                    "which vLLM serves beside other adapters; or serve the residual base itself.",
-                    blocking=False)]
+                    f"vLLM refuses init_lora_weights {init!r}: such an adapter applies to its residual base "
+                    "(<output>/base), not to the checkpoint, and vLLM serves adapters on the original base.",
+                    "Train it, then POST /convert-adapter: a plain LoRA of rank 2 r for the original base, which vLLM "
+                    f"serves ({fits}), and leave serving out of this request; or send init_lora_weights true "
+                    "(plain LoRA).")]
 
 
 def unloadable_keys(runtime: str, keys: Iterable[str]) -> list[str]:

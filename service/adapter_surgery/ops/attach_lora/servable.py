@@ -70,8 +70,8 @@ def refusal(runtime: str, problems: list[serving.Problem]) -> InvalidSpec:
 
 
 def _explained(p: serving.Problem, spec: AttachLoraSpec, config) -> serving.Problem:
-    """A ``modules_to_save`` problem the request did not cause (peft adds the task head) says so."""
-    if p.field != "modules_to_save" or spec.modules_to_save:
+    """A ``modules_to_save`` refusal the request did not cause (peft adds the task head) says so."""
+    if p.field != "modules_to_save" or spec.modules_to_save or not p.blocking:
         return p
     task = str(getattr(config.task_type, "value", config.task_type))
     heads = ", ".join(sorted(config.modules_to_save or []))
