@@ -612,8 +612,25 @@ def _untie(replaced: dict[str, TensorSource], ckpt: Checkpoint,
     embed = replaced.get(arch.input_embedding) or RowPatchedTensor(ckpt.info(arch.input_embedding),
                                                                  ckpt.path_of(arch.input_embedding))
     head = arch.head_layout_key or arch.head_param  # in the input's layout (LLaVA: language_model.lm_head.weight)
-    return (Changes(add={head: (embed, arch.input_embedding)}),
-            [ChangedTensor(name=head, shape_before=None, shape=list(embed.shape))], [])
+    add: dict[str, tuple[TensorSource, str]] = {head: (embed, arch.input_embedding)}
+    bias = _untied_head_bias(head, ckpt, arch)
+    if bias is not None and arch.output_bias is not None:  # MLM heads: the decoder's bias was tied to the head's
+        add[bias] = (replaced.get(arch.output_bias) or RowPatchedTensor(ckpt.info(arch.output_bias),
+                                                                         ckpt.path_of(arch.output_bias)),
+                     arch.output_bias)
+    return (Changes(add=add), [ChangedTensor(name=k, shape_before=None, shape=list(src.shape))
+                               for k, (src, _) in add.items()], [])
+
+
+def _untied_head_bias(head: str, ckpt: Checkpoint, arch: Architecture) -> str | None:
+    """The untied head's own bias key, for an MLM head whose decoder bias ``transformers`` ties to the head's
+    ``output_bias`` (BERT: ``cls.predictions.decoder.bias`` = ``cls.predictions.bias``). With the embeddings untied
+    (``tie_word_embeddings`` false) ``transformers`` no longer ties it, so it must be stored: a copy of the output
+    bias (grown with it), else loading initializes it fresh and every logit moves."""
+    if arch.output_bias is None or not head.endswith(".weight"):
+        return None
+    key = head.removesuffix(".weight") + ".bias"
+    return None if key == arch.output_bias or key in ckpt else key
 
 
 def zero_padded(ckpt: Checkpoint, key: str, rows_after: int) -> NewTensor:
