@@ -422,9 +422,16 @@ def test_bias_saved_with_the_adapter_bitwise_equal_to_peft(data_dir: Path, build
     ({}, {"target_modules": None}, "target_modules"),
     ({}, {"exclude_modules": "(a+)+b"}, "exclude_modules"),
     ({}, {"layers_to_transform": [1], "layers_pattern": ["blocks"]}, "layers_pattern"),  # no "blocks": peft raises
+    ({}, {"target_modules": "("}, "target_modules"),  # invalid regexes: re.error was a 500
+    ({}, {"exclude_modules": "["}, "exclude_modules"),
+    ({}, {"layers_to_transform": [0], "layers_pattern": "("}, "layers_pattern"),
+    ({}, {"rank_pattern": {"(": 4}}, "rank_pattern"),
+    ({}, {"alpha_pattern": {"[": 4}}, "alpha_pattern"),
+    ({}, {"rank_pattern": ["q_proj"]}, "rank_pattern"),  # not an object: AttributeError was a 500
 ], ids=["lora_bias", "megatron", "target_parameters", "layers_pattern-alone", "regex+layers_to_transform",
         "use_dora-without-magnitudes", "no-target_modules", "catastrophic-regex",
-        "nothing-selected"])
+        "nothing-selected", "invalid-target-regex", "invalid-exclude-regex", "invalid-layers_pattern",
+        "invalid-rank_pattern-key", "invalid-alpha_pattern-key", "rank_pattern-not-object"])
 def test_config_fields_not_honoured_are_refused_naming_them(data_dir: Path, build, kw: dict, edit: dict,
                                                             named: str) -> None:
     base = build("FX-B")

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -145,12 +146,12 @@ class Adapter:
     def targets(self, module: str) -> bool:
         """Whether peft creates a LoRA layer at ``module`` on load (target_modules, layers_to_transform,
         layers_pattern, exclude_modules, modules_to_save)."""
-        from peft.tuners.tuners_utils import check_target_module_exists
+        from adapter_surgery.ops.attach_lora.peft_bridge import target_module_exists
 
-        return bool(check_target_module_exists(self.lora_config, module))
-
-    def module_of(self, key: str) -> str:
-        return key.removeprefix(PREFIX)
+        try:
+            return target_module_exists(self.lora_config, module)
+        except re.error as exc:
+            raise self._bad_regex("target_modules/exclude_modules/layers_pattern", exc) from None
 
     def r_alpha(self, module: str) -> tuple[int, float]:
         """peft's ``update_layer`` arguments for ``module``: r and lora_alpha, patterns applied."""
@@ -159,14 +160,22 @@ class Adapter:
         r, alpha = self.config.get("r", 8), self.config.get("lora_alpha", 8)
         rank_pattern = self.config.get("rank_pattern") or {}
         alpha_pattern = self.config.get("alpha_pattern") or {}
-        if rank_pattern:
-            r = rank_pattern.get(pattern_key(rank_pattern, module), r)
-        if alpha_pattern:
-            alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), alpha)
+        try:
+            if rank_pattern:
+                r = rank_pattern.get(pattern_key(rank_pattern, module), r)
+            if alpha_pattern:
+                alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), alpha)
+        except re.error as exc:
+            raise self._bad_regex("rank_pattern/alpha_pattern", exc) from None
         if not (isinstance(r, int) and r >= 1 and isinstance(alpha, (int, float)) and math.isfinite(alpha)):
             raise InvalidSpec(f"adapter {self.path.name!r}: r={r!r}, lora_alpha={alpha!r} for {module} are not a "
                               "rank >= 1 and a finite number", field=self.field, fix="Check adapter_config.json.")
         return r, float(alpha)
+
+    def _bad_regex(self, fields: str, exc: re.error) -> InvalidSpec:
+        return InvalidSpec(f"adapter {self.path.name!r}: {ADAPTER_CONFIG}'s {fields} holds an invalid regular "
+                           f"expression ({exc}); peft could not load it", field=self.field,
+                           fix="Correct the pattern in adapter_config.json (or list module names).")
 
     def scaling(self, module: str) -> float:
         r, alpha = self.r_alpha(module)
@@ -209,6 +218,11 @@ def open_adapter(data_dir: Path, value: str, field: str, index: int = 0) -> Adap
         except ValueError as exc:
             raise InvalidSpec(f"adapter {value!r}: {ADAPTER_CONFIG}'s {key}: {exc}", field=field,
                               fix=patterns.FIX) from None
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise InvalidSpec(f"adapter {value!r}: {ADAPTER_CONFIG}'s {key} is a {type(config[key]).__name__}, "
+                              "not an object (module pattern -> value)", field=field,
+                              fix=f'Give {key} as peft writes it ({{"<module pattern>": <value>}}), or leave it out.')
     lora_config = _peft_config(path, value, field)
     try:
         weights = Checkpoint.open(path / ADAPTER_WEIGHTS)
