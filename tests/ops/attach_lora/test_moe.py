@@ -122,3 +122,12 @@ def test_all_linear_for_vllm_checks_the_scaling_peft_writes(data: Path) -> None:
     assert all(saved["alpha_pattern"][k] / saved["rank_pattern"][k] == saved["lora_alpha"] / saved["r"]
                for k in saved["rank_pattern"])
     assert not any(w.startswith("vllm could not load") for w in result.warnings)
+
+
+@pytest.mark.parametrize("pattern", ["rank_pattern", "alpha_pattern"])
+def test_invalid_pattern_regex_on_parameter_targets_is_a_422(data: Path, pattern: str) -> None:
+    """The fused experts' ranks are looked up before any module's: an invalid key was a re.error (500) there."""
+    with pytest.raises(InvalidSpec) as info:
+        run(data, "Mixtral", f"bad-{pattern}", target_modules="all-linear", **{pattern: {"(": 4}})
+    assert info.value.field == "rank_pattern" and "regular expression" in info.value.detail
+    assert not (data / f"bad-{pattern}").exists()

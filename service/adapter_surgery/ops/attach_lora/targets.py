@@ -375,7 +375,7 @@ def parameter_targets(cfg, model: nn.Module, spec: AttachLoraSpec) -> tuple[list
         if not param.dtype.is_floating_point:
             raise InvalidSpec(f"target parameter {key} is {param.dtype}, not a float", field="target_modules",
                               fix=f"Dequantize the checkpoint first, {leave_out}.")
-        r = cfg.rank_pattern.get(bridge.pattern_key(cfg.rank_pattern.keys(), key), cfg.r)
+        r = cfg.rank_pattern.get(pattern_keys(cfg, key), cfg.r)
         if r > min(n_in, n_out):
             over.setdefault(f"{generic(key)} (in {n_in}, out {n_out}, r={r})", min(n_in, n_out))
         targets.append(Target(key, "parameter", n_in, n_out, None, None, r, experts,
@@ -457,13 +457,7 @@ def target_of(key: str, module: nn.Module, cfg, ckpt: Checkpoint, arch: Architec
         raise InvalidSpec(f"target_modules matches {key} ({type(module).__name__}), which is not a Linear or "
                           f"Conv1D layer; LoRA is attached to those only.{hint}", field="target_modules",
                           fix=f"Target Linear/Conv1D names: {listing}.")
-    try:
-        r_key = bridge.pattern_key(cfg.rank_pattern.keys(), key)
-        bridge.pattern_key(cfg.alpha_pattern.keys(), key)
-    except re.error as exc:
-        raise InvalidSpec(f"a rank_pattern/alpha_pattern key is not a valid regular expression ({exc})",
-                          field="rank_pattern", fix="Use module names such as 'k_proj' or valid regexes.") \
-            from None
+    r_key = pattern_keys(cfg, key)
     r = cfg.rank_pattern.get(r_key, cfg.r)
     limit = min(n_in, n_out)
     if r > limit:
@@ -488,6 +482,18 @@ def target_of(key: str, module: nn.Module, cfg, ckpt: Checkpoint, arch: Architec
         raise InvalidCheckpoint(f"{wkey} has shape {list(info.shape)} but config.json implies {list(shape)}",
                                 field="checkpoint", fix="Check that config.json belongs to these weights.")
     return Target(key, kind, n_in, n_out, wkey, info, r)
+
+
+def pattern_keys(cfg, key: str) -> str:
+    """The ``rank_pattern`` key that applies to ``key`` (module or parameter), both patterns checked as regexes."""
+    try:
+        r_key = bridge.pattern_key(cfg.rank_pattern.keys(), key)
+        bridge.pattern_key(cfg.alpha_pattern.keys(), key)
+    except re.error as exc:
+        raise InvalidSpec(f"a rank_pattern/alpha_pattern key is not a valid regular expression ({exc})",
+                          field="rank_pattern", fix="Use module names such as 'k_proj' or valid regexes.") \
+            from None
+    return r_key
 
 
 def find_module(model: nn.Module, name: str) -> nn.Module | None:
