@@ -71,3 +71,19 @@ def test_unbounded_templates_are_stopped(tok, monkeypatch: pytest.MonkeyPatch) -
         render_sample(tok, "{{ 'x' * 70000 }}")
     assert "70000 characters, more than 65536" in exc.value.detail
     assert render_sample(tok, CHATML) == EXPECTED  # the parent is unharmed
+
+
+def test_a_long_sample_of_astral_characters_is_answered_not_stopped(tok) -> None:
+    """65,536 characters at most, whatever they are: JSON's \\uXXXX escapes (12 bytes an emoji) overran what the
+    parent reads from the child, which was then killed and the template reported as unbounded."""
+    n = chat_template.MAX_RENDERED_CHARS - 10
+    assert render_sample(tok, "{{ '\U0001F600' * " + str(n) + " }}") == "\U0001F600" * n
+    with pytest.raises(InvalidSpec, match="more than 65536"):
+        render_sample(tok, "{{ '\U0001F600' * " + str(chat_template.MAX_RENDERED_CHARS + 1) + " }}")
+
+
+def test_a_long_error_message_is_cut(tok) -> None:
+    with pytest.raises(InvalidSpec) as info:
+        render_sample(tok, "{{ raise_exception('\U0001F600' * 300000) }}")
+    assert "does not render" in info.value.detail
+    assert len(info.value.detail) < 2 * chat_template.MAX_ERROR_CHARS + 200

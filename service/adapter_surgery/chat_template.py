@@ -33,6 +33,8 @@ from adapter_surgery.errors import InvalidSpec
 MAX_CHAT_TEMPLATE_CHARS = 100_000
 #: Longest rendered sample accepted (characters).
 MAX_RENDERED_CHARS = 65_536
+#: Longest error message passed on (characters; a template's raise_exception text is the template's own).
+MAX_ERROR_CHARS = 2000
 #: Wall-clock limit of one rendering (seconds), and what the child may allocate beyond the parent's size.
 RENDER_SECONDS = 5.0
 RENDER_MEMORY_BYTES = 256 << 20
@@ -85,7 +87,7 @@ def _in_child(tok: Any, template: str) -> dict[str, Any]:
     os.close(write_fd)
     data, deadline, done = b"", time.monotonic() + RENDER_SECONDS, False
     try:
-        while not done and len(data) <= 8 * MAX_RENDERED_CHARS + 4096:
+        while not done and len(data) <= 4 * (MAX_RENDERED_CHARS + 2 * MAX_ERROR_CHARS) + 4096:  # UTF-8 JSON
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([read_fd], [], [], left)[0]:
                 break
@@ -120,7 +122,7 @@ def _child(tok: Any, template: str, fd: int) -> None:
     try:
         _limit_resources()
         message = _render(tok, template)
-        payload = json.dumps(message).encode()
+        payload = json.dumps(message, ensure_ascii=False).encode()  # UTF-8: at most 4 bytes a character
         view = memoryview(payload)
         while view:
             view = view[os.write(fd, view):]
@@ -152,7 +154,7 @@ def _render(tok: Any, template: str) -> dict[str, Any]:
         except MemoryError:
             return {"kind": "stopped", "why": f"exceeded {RENDER_MEMORY_BYTES >> 20} MiB"}
         except Exception as exc:  # jinja and transformers raise many kinds: each is reported
-            errors.append(_describe(exc))
+            errors.append(_describe(exc)[:MAX_ERROR_CHARS])
             continue
         if not isinstance(text, str):
             errors.append(f"apply_chat_template returned {type(text).__name__}, not text")
