@@ -104,7 +104,8 @@ def compare_logits(report: PreservationReport, b: ModelRun, p: ModelRun, old_voc
         report.warnings.append(f"{len(reinit)} existing token(s) with all-zero output rows in the base were "
                                f"re-initialized (ids {reinit[:8]}{'...' if len(reinit) > 8 else ''}): counted as "
                                "added rows, left out of max |Δ logits|")
-    kept = torch.tensor([i for i in range(old) if i not in set(reinit)], dtype=torch.long) if reinit else None
+    reinit_set = set(reinit)  # built once: per id it made the comprehension O(old x reinit)
+    kept = torch.tensor([i for i in range(old) if i not in reinit_set], dtype=torch.long) if reinit else None
     added = sorted(reinit) + added
     mean_ids: list[int] = []
     mean_over: int | None = None
