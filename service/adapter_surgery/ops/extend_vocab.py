@@ -586,7 +586,7 @@ def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, p
     if plan.rows or plan.rows_after != arch.vocab_rows:
         for n, key in enumerate(arch.vocab_tensors):
             _planning(ctx, f"initializing the rows of {key}", n, len(arch.vocab_tensors))
-            src = _patched(ckpt, key, stats[key], plan, spec, device, arch, ctx)
+            src = _patched(ckpt, key, stats[key], plan, spec, device, ctx)
             changes.replace[key] = src
             changed.append(ChangedTensor(name=key, shape_before=list(ckpt.info(key).shape), shape=list(src.shape)))
     for key in arch.other_vocab_tensors if plan.rows_after != arch.vocab_rows else []:
@@ -672,7 +672,7 @@ def _stats(ckpt: Checkpoint, key: str, plan: VocabPlan, device: torch.device, co
 
 
 def _patched(ckpt: Checkpoint, key: str, stats: RowStats, plan: VocabPlan, spec: ExtendVocabSpec,
-             device: torch.device, arch: Architecture, ctx: RunContext | None = None) -> TensorSource:
+             device: torch.device, ctx: RunContext | None = None) -> TensorSource:
     info = ckpt.info(key)
     dtype = info.torch_dtype
     row_shape = tuple(info.shape[1:])

@@ -49,8 +49,7 @@ def create_tensors(missing: list[str], target: nn.Module, spec: AttachHeadOption
         for name in names:
             local = name[len(mod_name) + 1:] if mod_name else name
             t = values[local].to(dtype).cpu().contiguous()
-            created.append(Created(name, t, _describe(name, t, module, mod_name, in_backbone, spec.init, init_range,
-                                                       num_layers)))
+            created.append(Created(name, t, _describe(name, t, module, in_backbone, spec.init, init_range, num_layers)))
     return created
 
 
@@ -84,7 +83,7 @@ def _transformers_init(target: nn.Module, mod_name: str, seed: int) -> dict[str,
     return {k: v.detach().float() for k, v in module.state_dict().items()}
 
 
-def _describe(name: str, t: torch.Tensor, module: nn.Module, mod_name: str, in_backbone: bool, init: str,
+def _describe(name: str, t: torch.Tensor, module: nn.Module, in_backbone: bool, init: str,
               init_range: float, num_layers: int) -> CreatedTensor:
     is_weight = name.endswith("weight") and t.dim() >= 2
     if not is_weight:

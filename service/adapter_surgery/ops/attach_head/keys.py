@@ -123,7 +123,7 @@ def _as_stored(ckpt: Checkpoint, target: nn.Module, expected: dict[str, tuple[in
         if key in mapped or name is None or name not in expected or name in claimed or is_head(name):
             continue
         if key not in layout.converted:
-            _check_shape(ckpt, key, tuple(ckpt.info(key).shape), name, expected[name], target)
+            _check_shape(key, tuple(ckpt.info(key).shape), name, expected[name], target)
             claimed = claimed | {name}
         found[key] = name
     fills: dict[str, list[str]] = {}
@@ -140,8 +140,7 @@ def _as_stored(ckpt: Checkpoint, target: nn.Module, expected: dict[str, tuple[in
     return found
 
 
-def _check_shape(ckpt: Checkpoint, key: str, shape: tuple[int, ...], name: str, want: tuple[int, ...],
-                 target: nn.Module) -> None:
+def _check_shape(key: str, shape: tuple[int, ...], name: str, want: tuple[int, ...], target: nn.Module) -> None:
     if shape != want:
         raise InvalidCheckpoint(f"tensor {key!r} has shape {list(shape)} but {type(target).__name__} expects "
                                 f"{list(want)} for {name!r}", field="checkpoint",

@@ -162,7 +162,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
     config = injection_config(lora_config(spec, init, task_type, arch), model, spec, arch)
     notes = [*ckpt.warnings, *arch.notes, *check_weights_fit_config(ckpt, model, arch)]
     targets, plan_notes = plan(config, model, ckpt, arch, spec)
-    check_memory(targets, init, spec, needs_weights, ctx.memory_limit_bytes)
+    check_memory(targets, init, needs_weights, ctx.memory_limit_bytes)
     # the config as peft injects it: its transformers-v5 MoE conversion adds the fused experts' rank/alpha patterns
     serving_notes, unable = servable.check_config(spec, bridge.converted_for_transformers(config, model), targets)
     base_path = f"{spec.output.rstrip('/')}/{RESIDUAL_DIR}" if decompose else spec.checkpoint

@@ -73,7 +73,7 @@ class Materializer:
             raise InvalidSpec(f"peft targeted {key}, which the request check did not expect", field="target_modules",
                               fix="Name the target modules explicitly.")
         if target.kind == "parameter":
-            self._create_parameter(target, base, config, create)
+            self._create_parameter(base, config, create)
             return
         dtype = base.weight.dtype
         shape = tuple(base.weight.shape)
@@ -92,7 +92,7 @@ class Materializer:
             release_freed_memory()
 
     @staticmethod
-    def _create_parameter(target: Target, base: nn.Module, config, create: Callable[[object], nn.Module]) -> None:
+    def _create_parameter(base: nn.Module, config, create: Callable[[object], nn.Module]) -> None:
         """peft's ``lora.ParamWrapper`` for a target parameter (data-free inits: :func:`targets.parameter_targets`).
 
         Every parameter of the module that holds it gets a zero-storage stand-in on the CPU meanwhile (peft places

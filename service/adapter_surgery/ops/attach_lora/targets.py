@@ -61,8 +61,7 @@ class Target:
 
 
 
-def check_memory(targets: list[Target], init: str, spec: AttachLoraSpec, needs_weights: bool,
-                  limit: int | None) -> None:
+def check_memory(targets: list[Target], init: str, needs_weights: bool, limit: int | None) -> None:
     """Refuse (503) before any weight is read when the adapter (float32, peft's copy and the saved one) plus the
     largest target's factorization (:func:`adapter_surgery.resources.decomposition_bytes`) cannot fit."""
     adapter = sum(2 * 4 * t.r * t.experts * (t.in_features + t.out_features) for t in targets)
