@@ -64,6 +64,7 @@ class Materializer:
         self.init = init
         self.spill = spill
         self.needs_weights = init not in DATA_FREE_INITS
+        self._freed_since_trim = 0
 
     def create(self, key: str, base: nn.Module, config, create: Callable[[object], nn.Module]) -> None:
         """:data:`peft_bridge.CreateHook`: give ``base`` its weight, let peft build the adapter, spill the
@@ -87,9 +88,19 @@ class Materializer:
         for name, p in lora.named_parameters():
             if "base_layer" not in name and p.device.type not in ("cpu", "meta"):
                 p.data = p.data.cpu()
+        freed = weight.numel() * weight.element_size()
         del weight
         if weights_needed:
+            self._trim_after(freed)
+
+    def _trim_after(self, freed: int) -> None:
+        """:func:`release_freed_memory` once :data:`TRIM_EVERY_BYTES` of weight temporaries were freed since the last
+        time (a trim walks the whole heap: after each of hundreds of small targets it cost 11% of a DoRA run), so
+        RSS stays within one target plus that much."""
+        self._freed_since_trim += freed
+        if self._freed_since_trim >= TRIM_EVERY_BYTES:
             release_freed_memory()
+            self._freed_since_trim = 0
 
     @staticmethod
     def _create_parameter(base: nn.Module, config, create: Callable[[object], nn.Module]) -> None:
@@ -138,6 +149,10 @@ class Materializer:
         if dora and residual.dtype != base.weight.dtype:  # the norm of the residual as written
             base.weight.data = residual.to(base.weight.dtype)
             bridge.update_magnitude(lora)
+
+
+#: Weight temporaries freed between two :func:`release_freed_memory` calls at most (bytes).
+TRIM_EVERY_BYTES = 64 << 20
 
 
 def release_freed_memory() -> None:
