@@ -24,6 +24,7 @@ renamed (LLaVA's ``lm_head.weight`` -> ``language_model.lm_head.weight``), else 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -67,14 +68,15 @@ class KeyMap:
 
         ``keys`` is the checkpoint's key set (or the :class:`~adapter_surgery.io.checkpoint.Checkpoint`: ``in``).
         """
-        inverse = self._inverse()
-        if name in inverse:
-            return inverse[name]
+        if name in self._inverse:
+            return self._inverse[name]
         if name in keys and name not in self.renamed and self.model_name(name) == name:  # type: ignore[operator]
             return name
         return None
 
+    @functools.cached_property
     def _inverse(self) -> dict[str, str]:
+        """Model name -> checkpoint key of :attr:`renamed`, built once (a LLaVA layout renames every key)."""
         return {v: k for k, v in self.renamed.items()}
 
 
