@@ -800,3 +800,17 @@ def test_sizing_fields_have_maxima_in_the_schema() -> None:
     assert lists and lists[0]["maxItems"] == 1024
     assert props["rank_pattern"]["maxProperties"] == 1024
     assert props["rank_pattern"]["additionalProperties"]["maximum"] == 65536
+
+
+@pytest.mark.parametrize(("kw", "field"), [
+    ({"target_modules": "(q_proj"}, "target_modules"),
+    ({"target_modules": ["q_proj"], "exclude_modules": "["}, "exclude_modules"),
+    ({"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": "("}, "layers_pattern"),
+], ids=["target_modules", "exclude_modules", "layers_pattern"])
+def test_an_invalid_regex_names_its_field(data_dir: Path, build, kw: dict, field: str) -> None:
+    src = build("FX-B")
+    with pytest.raises(InvalidSpec) as exc:
+        attach_lora(AttachLoraSpec(checkpoint=src, output="bad-regex", **kw), RunContext(data_dir))
+    assert exc.value.status == 422 and exc.value.field == field
+    assert exc.value.detail.startswith(f"{field} is not a valid regular expression")
+    assert not (data_dir / "bad-regex").exists()

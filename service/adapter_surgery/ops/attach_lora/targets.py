@@ -406,6 +406,22 @@ def text_only_hint(arch: Architecture | None, names: list[str]) -> str:
             if arch is not None and arch.text_module and picked else "")
 
 
+def _invalid_regex_field(spec: AttachLoraSpec) -> str:
+    """The request field whose pattern peft could not compile: ``target_modules``/``exclude_modules`` given as one
+    string are regexes, and so is each ``layers_pattern`` (peft puts it in its layer regex)."""
+    layers = spec.layers_pattern
+    fields = [("target_modules", [spec.target_modules] if isinstance(spec.target_modules, str) else []),
+              ("exclude_modules", [spec.exclude_modules] if isinstance(spec.exclude_modules, str) else []),
+              ("layers_pattern", [layers] if isinstance(layers, str) else list(layers or []))]
+    for field, patterns in fields:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error:
+                return field
+    return "target_modules"
+
+
 def matched_modules(cfg, model: nn.Module, spec: AttachLoraSpec, names: list[str]) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs peft's ``check_target_module_exists`` accepts; none is a 422."""
     listing = ", ".join(names)
@@ -416,8 +432,9 @@ def matched_modules(cfg, model: nn.Module, spec: AttachLoraSpec, names: list[str
         try:
             found = bridge.target_module_exists(cfg, key)
         except re.error as exc:
-            raise InvalidSpec(f"target_modules/exclude_modules is not a valid regular expression ({exc})",
-                              field="target_modules", fix="Fix the pattern, or send a list of names.") from None
+            field = _invalid_regex_field(spec)
+            raise InvalidSpec(f"{field} is not a valid regular expression ({exc})", field=field,
+                              fix="Fix the pattern, or send a list of names.") from None
         if found:
             matched.append((key, module))
     if not matched and spec.layers_to_transform is not None and not spec.exclude_modules:
