@@ -8,12 +8,11 @@ so each gets its own deep copy and the cached one is never handed out.
 
 from __future__ import annotations
 
-import copy
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from adapter_surgery.lru import CopyingLRU
 
 #: Tokenizers kept at most (each is tens of MB for a 100k-token vocabulary).
 TOKENIZER_CACHE_SIZE = 4
@@ -25,9 +24,7 @@ class TokenizerCache:
     thread-safe; callers get a deep copy."""
 
     def __init__(self, capacity: int = TOKENIZER_CACHE_SIZE) -> None:
-        self.capacity = capacity
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple, Any] = OrderedDict()
+        self._entries: CopyingLRU[Any] = CopyingLRU(capacity)
 
     @staticmethod
     def key(directory: Path, how: str) -> tuple:
@@ -42,19 +39,12 @@ class TokenizerCache:
     def get(self, directory: Path, how: str, load: Callable[[], Any]) -> Any:
         """A deep copy of the tokenizer ``load()`` gives for ``directory`` (loaded on a miss, then kept)."""
         key = self.key(directory, how)
-        with self._lock:  # copies one at a time: the cached object is never read by two threads at once
-            hit = self._entries.get(key)
-            if hit is not None:
-                self._entries.move_to_end(key)
-                return copy.deepcopy(hit)
+        hit = self._entries.get(key)
+        if hit is not None:
+            return hit
         tok = load()
-        kept = copy.deepcopy(tok)  # the caller may change its copy (add tokens) at once
-        with self._lock:
-            self._entries[key] = kept
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+        self._entries.put(key, tok)  # a copy: the caller may change its own (add tokens) at once
         return tok
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        self._entries.clear()

@@ -11,13 +11,10 @@ and shapes in the safetensors headers, and ``source`` says so.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import logging
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,6 +25,7 @@ from torch import nn
 from adapter_surgery.config_check import check_config, text_config
 from adapter_surgery.errors import InvalidCheckpoint
 from adapter_surgery.io.checkpoint import Checkpoint
+from adapter_surgery.lru import CopyingLRU
 from adapter_surgery.model.keys import KeyMap, key_map, layout_key
 
 EMBED_PATTERN = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|shared|"
@@ -162,9 +160,7 @@ class ArchitectureCache:
     """
 
     def __init__(self, capacity: int = ARCH_CACHE_SIZE) -> None:
-        self.capacity = capacity
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[str, Architecture] = OrderedDict()
+        self._entries: CopyingLRU[Architecture] = CopyingLRU(capacity)
 
     @staticmethod
     def key(ckpt: Checkpoint) -> str:
@@ -174,24 +170,16 @@ class ArchitectureCache:
 
     def get(self, ckpt: Checkpoint) -> Architecture:
         key = self.key(ckpt)
-        with self._lock:
-            hit = self._entries.get(key)
-            if hit is not None:
-                self._entries.move_to_end(key)
-                return copy.deepcopy(hit)
+        hit = self._entries.get(key)
+        if hit is not None:
+            return hit
         arch = _resolve(ckpt)
-        if arch.source != "config" or arch.notes:  # headers-only is cheap; notes may quote paths
-            return arch
-        with self._lock:
-            self._entries[key] = copy.deepcopy(arch)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+        if arch.source == "config" and not arch.notes:  # headers-only is cheap; notes may quote paths
+            self._entries.put(key, arch)
         return arch
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
+        self._entries.clear()
 
 
 @contextlib.contextmanager
