@@ -12,7 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from adapter_surgery.errors import InvalidCheckpoint
+from adapter_surgery.io import Checkpoint
 from adapter_surgery.lru import CopyingLRU
+from adapter_surgery.paths import without_dirs
 
 #: Tokenizers kept at most (each is tens of MB for a 100k-token vocabulary).
 TOKENIZER_CACHE_SIZE = 4
@@ -48,3 +51,24 @@ class TokenizerCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def load_tokenizer(ckpt: Checkpoint, *, lenient: bool = False):  # -> PreTrainedTokenizerBase | None
+    """The checkpoint's tokenizer with ``AutoTokenizer`` (``None`` without tokenizer files). Files that
+    ``transformers`` cannot load are a 422 on ``checkpoint``, or, ``lenient`` (the preservation report, which only
+    loses its text probe and special-token filter), ``None``."""
+    if not ckpt.has_tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    from adapter_surgery.model.roles import quiet_transformers
+
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(ckpt.directory), local_files_only=True)
+    except Exception as exc:  # transformers raises many kinds for broken tokenizer files
+        if lenient:
+            return None
+        raise InvalidCheckpoint(f"the tokenizer files could not be loaded ({type(exc).__name__}: "
+                                f"{without_dirs(str(exc), ckpt.directory)})",
+                                field="checkpoint", fix="Re-save the tokenizer with save_pretrained.") from None

@@ -20,9 +20,10 @@ from adapter_surgery.errors import InvalidSpec, NotEnoughMemory
 from adapter_surgery.io import Checkpoint
 from adapter_surgery.ops.common import RunContext
 from adapter_surgery.ops.runner import open_input
-from adapter_surgery.report import PreservationReport, VerifyOptions, load_tokenizer, not_derived, preservation_report
+from adapter_surgery.report import PreservationReport, VerifyOptions, not_derived, preservation_report
 from adapter_surgery.report.memory import estimate, float32_bytes
 from adapter_surgery.spec import StrictModel
+from adapter_surgery.tokenizer_cache import load_tokenizer
 
 __all__ = ["VerifyOptions", "VerifyPaths", "VerifyResult", "VerifySpec", "verify"]
 
@@ -70,7 +71,8 @@ def verify(spec: VerifySpec, ctx: RunContext) -> VerifyResult:
     pick_device(spec.device)
     check_config(base_ckpt)
     if base_ckpt.config is not None and patched_ckpt.config is not None:
-        reason = not_derived(base_ckpt, patched_ckpt, load_tokenizer(base_ckpt), load_tokenizer(patched_ckpt))
+        reason = not_derived(base_ckpt, patched_ckpt, load_tokenizer(base_ckpt, lenient=True),
+                             load_tokenizer(patched_ckpt, lenient=True))
         if reason is not None:
             raise InvalidSpec(f"the patched checkpoint is not derived from this base: {reason}", field="patched",
                               fix="Send as checkpoint the base the patched checkpoint was made from (the checkpoint "

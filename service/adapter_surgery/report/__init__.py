@@ -88,13 +88,14 @@ from adapter_surgery.report.models import (
     VerifyOptions,
     WeightInitName,
 )
-from adapter_surgery.report.probes import draw_probes, load_tokenizer, probe_inputs
+from adapter_surgery.report.probes import draw_probes, probe_inputs
 from adapter_surgery.report.run import load_model, run_model
 from adapter_surgery.spec import DeviceName
+from adapter_surgery.tokenizer_cache import load_tokenizer
 
 __all__ = ["HIDDEN_RATIO_MAX", "HIDDEN_RATIO_MIN", "KL_SLACK", "LOGIT_TOLERANCE", "AddedTokensCheck", "HeadCheck",
            "LayerRMS", "PreservationReport", "ProbeSummary", "StepFacts", "TensorStd", "VerifyOptions",
-           "WeightInitName", "available_memory", "compose_layer_maps", "load_model", "load_tokenizer", "not_derived",
+           "WeightInitName", "available_memory", "compose_layer_maps", "load_model", "not_derived",
            "preservation_report", "probe_inputs"]
 
 log = logging.getLogger("adapter_surgery")
@@ -169,8 +170,8 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
         if ckpts[role].config is None:
             raise Skip(f"the {role} checkpoint has no usable config.json ({ckpts[role].config_problem}), so it "
                         "cannot be run")
-    tok = load_tokenizer(ckpts["base"])
-    tok_p = load_tokenizer(ckpts["patched"])
+    tok = load_tokenizer(ckpts["base"], lenient=True)
+    tok_p = load_tokenizer(ckpts["patched"], lenient=True)
     reason = not_derived(ckpts["base"], ckpts["patched"], tok, tok_p,
                          patched_layers=None if layer_map is None else len(layer_map) - 1)
     if reason is not None:

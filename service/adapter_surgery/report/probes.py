@@ -8,20 +8,9 @@ from typing import Any
 import torch
 
 from adapter_surgery.io import Checkpoint
-from adapter_surgery.model.roles import quiet_transformers, resolve_architecture
+from adapter_surgery.model.roles import resolve_architecture
 from adapter_surgery.report.models import ProbeSummary, Skip, VerifyOptions
-
-
-def load_tokenizer(ckpt: Checkpoint):  # -> PreTrainedTokenizerBase | None
-    if not ckpt.has_tokenizer:
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        with quiet_transformers():
-            return AutoTokenizer.from_pretrained(str(ckpt.directory), local_files_only=True)
-    except Exception:  # a tokenizer that cannot load only costs the text probe and the special-token filter
-        return None
+from adapter_surgery.tokenizer_cache import load_tokenizer
 
 
 def _max_positions(cfg: dict[str, Any]) -> int | None:
@@ -40,7 +29,7 @@ def _old_vocab(ckpt: Checkpoint, tok) -> int:
 def probe_inputs(base: Path, options: VerifyOptions | None = None) -> list[torch.Tensor]:
     """The probe token ids (1-D int64 tensors) the report runs for ``base``: random ones, then the text."""
     ckpt = Checkpoint.open(base)
-    return draw_probes(ckpt, load_tokenizer(ckpt), options or VerifyOptions())[0]
+    return draw_probes(ckpt, load_tokenizer(ckpt, lenient=True), options or VerifyOptions())[0]
 
 
 def draw_probes(ckpt: Checkpoint, tok, opts: VerifyOptions) -> tuple[list[torch.Tensor], ProbeSummary]:

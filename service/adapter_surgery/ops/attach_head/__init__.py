@@ -60,7 +60,6 @@ from adapter_surgery.ops.attach_head.target import (
     auto_config,
     configured,
     embedding_dtype,
-    load_tokenizer,
     meta_model,
     target_class,
 )
@@ -68,6 +67,7 @@ from adapter_surgery.ops.common import FileInfo, RunContext
 from adapter_surgery.ops.runner import begin
 from adapter_surgery.paths import without_dirs
 from adapter_surgery.report import preservation_report
+from adapter_surgery.tokenizer_cache import load_tokenizer
 
 __all__ = ["MAX_LABELS", "STALE_BUFFERS", "TASK_MAPPINGS", "AttachHeadOptions", "AttachHeadResult", "AttachHeadSpec",
            "CreatedTensor", "DroppedTensor", "HeadInit", "PadToken", "ProblemType", "RenamedTensor", "Task",

@@ -53,20 +53,6 @@ def meta_model(cls: type[nn.Module], config) -> nn.Module:
         return cls(config)
 
 
-def load_tokenizer(ckpt: Checkpoint):  # -> PreTrainedTokenizerBase | None
-    if not ckpt.has_tokenizer:
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        with quiet_transformers():
-            return AutoTokenizer.from_pretrained(str(ckpt.directory), local_files_only=True)
-    except Exception as exc:  # transformers raises many kinds for broken tokenizer files
-        raise InvalidCheckpoint(f"the tokenizer files could not be loaded ({type(exc).__name__}: "
-                                f"{without_dirs(str(exc), ckpt.directory)})",
-                                field="checkpoint", fix="Re-save the tokenizer with save_pretrained.") from None
-
-
 def embedding_dtype(ckpt: Checkpoint, arch: Architecture) -> torch.dtype:
     dtype = ckpt.info(arch.input_embedding).torch_dtype
     return dtype if dtype is not None and dtype.is_floating_point else torch.float32
