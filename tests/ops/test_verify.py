@@ -23,22 +23,12 @@ from adapter_surgery.ops.verify import VerifySpec, verify
 from adapter_surgery.report import preservation_report
 from adapter_surgery.settings import Settings
 from tests.conftest import link_tree
-from tests.fixtures import make
-
-NEW = ["<a>", "<b>", "zzzq"]
+from tests.verified import extend, make_data
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    for name in ("FX-A", "FX-B", "FX-D", "FX-F"):
-        make(name, root)
-    return root
-
-
-def extend(data: Path, src: str, out: str, **options):
-    return extend_vocab(ExtendVocabSpec(checkpoint=src, output=out, tokens=NEW, verify=True, **options),
-                        RunContext(data))
+    return make_data(tmp_path_factory)
 
 
 def test_verify_op_with_and_without_the_head_init(data: Path) -> None:

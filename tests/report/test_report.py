@@ -20,21 +20,12 @@ from adapter_surgery.ops.extend_vocab import ExtendVocabSpec, extend_vocab
 from adapter_surgery.report import VerifyOptions, available_memory, preservation_report, probe_inputs
 from tests.conftest import tensors
 from tests.fixtures import make
-
-NEW = ["<a>", "<b>", "zzzq"]
+from tests.verified import NEW, extend, make_data
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    for name in ("FX-A", "FX-B", "FX-D", "FX-F"):
-        make(name, root)
-    return root
-
-
-def extend(data: Path, src: str, out: str, **options):
-    return extend_vocab(ExtendVocabSpec(checkpoint=src, output=out, tokens=NEW, verify=True, **options),
-                        RunContext(data))
+    return make_data(tmp_path_factory)
 
 
 # -- added tokens: Hewitt's bound and max |Δ logits| ----------------------------------------------------------
