@@ -7,6 +7,13 @@
 - ``attach-lora:<init>``: ``from_pretrained`` (bf16) + ``get_peft_model(LoraConfig(r=16, lora_alpha=32,
   target_modules="all-linear", ...))`` + ``save_pretrained`` (the adapter; for PiSSA peft mutates the base in
   memory and does not write it);
+- ``attach-lora:<init>+residual``: the same, then what peft's PiSSA/OLoRA guide does so that the adapter can be
+  trained later: the adapter saved with ``init_lora_weights = True`` and the residual base written
+  (``unload()`` + ``save_pretrained`` into ``OUT/base``), which is what ours writes;
+- ``convert-adapter``: peft's own conversion of a PiSSA adapter to a plain LoRA: the residual base
+  (``BASE/../PISSA_ADAPTER/base``, bf16) + ``PeftModel.from_pretrained`` (``TRAINED_ADAPTER``, a copy of the
+  PiSSA adapter standing for the trained one) +
+  ``save_pretrained(path_initial_model_for_weight_conversion=PISSA_ADAPTER)`` (the adapter as initialized);
 - ``attach-head``: ``AutoModelForSequenceClassification.from_pretrained(num_labels=3)`` (bf16), pad id set, +
   ``save_pretrained`` (model and tokenizer);
 - ``surgery``: the sequence of those: add tokens, load for sequence classification, resize (mean), save, LoRA on
@@ -30,6 +37,10 @@ NUM_LABELS = 3
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
 #: The adapter merge-lora folds in: beside ``base`` in a size's data directory (bench/run.py prepares it).
 ADAPTER = "bench-adapter"
+#: The PiSSA adapter (and its residual base) convert-adapter converts: beside ``base`` (bench/run.py prepares it).
+PISSA_ADAPTER = "bench-pissa"
+#: The "trained" PiSSA adapter: a copy of ``PISSA_ADAPTER``'s files (bench/workloads.py makes it).
+TRAINED_ADAPTER = "bench-pissa-trained"
 #: expand-blocks: new blocks, interleaved (LLaMA Pro added 8 to 32).
 NUM_BLOCKS = 4
 
@@ -51,11 +62,27 @@ def attach_lora(base: Path, out: Path, init: str) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    init, _, residual = init.partition("+")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
     torch.manual_seed(0)
     extra = {"use_dora": True} if init == "dora" else {"init_lora_weights": init} if init != "default" else {}
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA, **extra))
+    if residual:
+        model.peft_config["default"].init_lora_weights = True  # loading must not decompose the residual again
     model.save_pretrained(out)
+    if residual:
+        model.unload().save_pretrained(out / "base")
+
+
+def convert_adapter(base: Path, out: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pissa = base.parent / PISSA_ADAPTER
+    model = AutoModelForCausalLM.from_pretrained(pissa / "base", dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(model, base.parent / TRAINED_ADAPTER)
+    model.save_pretrained(out, path_initial_model_for_weight_conversion=str(pissa))
 
 
 def _head_model(base: Path, tok: object) -> object:
@@ -169,6 +196,8 @@ def main() -> None:
         merge_lora(base, out)
     elif op == "expand-blocks":
         expand_blocks(base, out)
+    elif op == "convert-adapter":
+        convert_adapter(base, out)
     else:
         raise SystemExit(f"unknown anchor {name!r}")
 

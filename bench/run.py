@@ -243,6 +243,8 @@ def run_pair(v: Variant, size: str, args: argparse.Namespace, mem_total: int) ->
         if r.get("error"):
             entry["skipped"] = f"could not prepare {name} ({op}): {r['error']}"
             return entry
+    if v.after_prepare is not None:
+        v.after_prepare(data)
     warm_page_cache(base)
     out, out_warm, out_anchor = data / "out-ours", data / "out-warm", data / "out-anchor"
     for p in (out, out_warm, out_anchor):
@@ -324,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     info.update(label=args.label, command=" ".join(["python bench/run.py", *shown]),
                 caps={"ours": args.cap_ours, "anchor": args.cap_anchor}, reps=args.reps, device=args.device)
     outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
     known = subprocess.run([sys.executable, "-c", "from adapter_surgery.ops import OPERATIONS; print(*OPERATIONS)"],
                            capture_output=True, text=True, env=_env()).stdout.split()
     info["uncovered"] = sorted(set(known) - {v.op for v in VARIANTS})  # operations added since workloads.py was

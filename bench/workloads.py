@@ -3,10 +3,12 @@ and what each needs (memory, real weights), so that a run can say why it skips a
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from anchors import ADAPTER, LORA, NEW_TOKENS, NUM_BLOCKS, NUM_LABELS
+from anchors import ADAPTER, LORA, NEW_TOKENS, NUM_BLOCKS, NUM_LABELS, PISSA_ADAPTER, TRAINED_ADAPTER
 
 #: The checkpoint (relative to a size's data directory) that verify compares with ``base``.
 PATCHED = "patched-ev"
@@ -24,6 +26,8 @@ class Variant:
     note: str = ""
     #: An input made once per size before the pair runs: (operation, its spec (device) -> dict, its output dir).
     prepare: tuple[str, Callable[[str], dict], str] | None = None
+    #: Run after ``prepare`` (and when its output is already there), on the size's data directory.
+    after_prepare: Callable[[Path], None] | None = None
 
     @property
     def key(self) -> str:
@@ -46,6 +50,22 @@ def _prepare_adapter(dev: str) -> dict:
     return {"checkpoint": "base", "output": ADAPTER, **LORA, "device": dev}
 
 
+def _prepare_pissa(dev: str) -> dict:
+    return {"checkpoint": "base", "output": PISSA_ADAPTER, **LORA, "init_lora_weights": "pissa_niter_4", "device": dev}
+
+
+def _convert(out: str, dev: str) -> dict:
+    return {"adapter": TRAINED_ADAPTER, "initial_adapter": PISSA_ADAPTER, "output": out, "base": "base"}
+
+
+def _copy_trained(data: Path) -> None:
+    """The "trained" adapter convert-adapter takes: a copy of the prepared PiSSA adapter's two files (the cost of
+    the conversion does not depend on the values; the service refuses the same directory twice)."""
+    (data / TRAINED_ADAPTER).mkdir(exist_ok=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(data / PISSA_ADAPTER / name, data / TRAINED_ADAPTER / name)
+
+
 def _surgery(out: str, dev: str) -> dict:
     return {"checkpoint": "base", "output": out, "steps": [
         {"op": "extend-vocab", "tokens": NEW_TOKENS, "init": "mean", "device": dev},
@@ -61,6 +81,10 @@ VARIANTS: list[Variant] = [
     Variant("attach-lora", "default", _lora(), "attach-lora:default", 0.3, note="r=16, all-linear, data-free"),
     Variant("attach-lora", "pissa_niter_4", _lora(init_lora_weights="pissa_niter_4"), "attach-lora:pissa_niter_4",
             2.2, reads_weights=True, note="ours also writes the residual base; peft only mutates it in memory"),
+    Variant("attach-lora", "pissa_niter_4+residual", _lora(init_lora_weights="pissa_niter_4"),
+            "attach-lora:pissa_niter_4+residual", 2.2, reads_weights=True,
+            note="the same request; the anchor also writes the residual base (unload + save_pretrained), as peft's "
+                 "PiSSA guide does to train the adapter later, and as ours does"),
     Variant("attach-lora", "dora", _lora(use_dora=True), "attach-lora:dora", 1.4, reads_weights=True),
     Variant("attach-head", "seq-cls-3", lambda out, dev: {"checkpoint": "base", "output": out, "num_labels": NUM_LABELS,
                                                          "task": "sequence_classification", "device": dev},
@@ -76,6 +100,11 @@ VARIANTS: list[Variant] = [
             "merge-lora", 1.6, reads_weights=True, prepare=("attach-lora", _prepare_adapter, ADAPTER),
             note="attach-lora's r=16 all-linear adapter folded in (B = 0 at init: the cost does not depend on the "
                  "values); the anchor: peft PeftModel.from_pretrained + merge_and_unload + save_pretrained"),
+    Variant("convert-adapter", "pissa-r16", _convert, "convert-adapter", 1.6, reads_weights=True,
+            prepare=("attach-lora", _prepare_pissa, PISSA_ADAPTER), after_prepare=_copy_trained,
+            note="attach-lora's pissa_niter_4 adapter (standing for the trained one: the cost does not depend on the "
+                 "values) converted to a plain LoRA of rank 32; the anchor: peft's save_pretrained("
+                 "path_initial_model_for_weight_conversion=...) on the residual base"),
     Variant("expand-blocks", f"zero-{NUM_BLOCKS}", lambda out, dev: {"checkpoint": "base", "output": out,
                                                                      "num_blocks": NUM_BLOCKS, "device": dev},
             "expand-blocks", 1.6, reads_weights=True,
