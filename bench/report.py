@@ -1,6 +1,9 @@
 """Turn the bench's raw results into ``RESULTS.md`` (and ``results.png`` where matplotlib is installed).
 
 ``python bench/report.py [bench/results.json]`` rebuilds both from the JSON that ``bench/run.py`` wrote.
+``python bench/report.py A/results.json B/results.json ... --out bench`` merges several runs (each pair keeps the
+run it came from; every run's command, date and load average are listed) into one ``results.json``, ``RESULTS.md``
+and plot under ``--out``.
 """
 
 from __future__ import annotations
@@ -81,23 +84,52 @@ HEADER = ("| size | variant | ours process s | ours warm s | anchor s | anchor/o
           "anchor GB read / written (disk) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def markdown(results: dict[str, Any], plot: bool) -> str:
-    m = results["machine"]
+def merged(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results object from several runs of ``bench/run.py``: ``runs`` lists their machine records, each pair
+    says which run it came from (``run``, an index), ``startup`` is the first run's that measured it."""
+    out: dict[str, Any] = {"runs": [], "pairs": []}
+    for results in runs:
+        for m in _runs(results):
+            out["runs"].append(m)
+        base = len(out["runs"]) - len(_runs(results))
+        out["pairs"] += [{**p, "run": base + p.get("run", 0)} for p in results["pairs"]]
+        if "startup" not in out and results.get("startup", {}).get("reps"):
+            out["startup"] = results["startup"]
+    return out
+
+
+def _runs(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return results["runs"] if "runs" in results else [results["machine"]]
+
+
+def _run_lines(m: dict[str, Any], number: str) -> list[str]:
     v = m["versions"]
     load = " → ".join(" ".join(f"{x:.2f}" for x in m[k]) for k in ("load_start", "load_end") if k in m)
+    return [
+        f"{number}`{m['command']}` — {m['date']}, {m.get('seconds', 0) / 60:.0f} min, {m['reps']} rep(s), device "
+        f"`{m['device']}`, memory caps {m['caps']['ours']:g} GiB (ours) / {m['caps']['anchor']:g} GiB (anchors); "
+        f"load average (1/5/15 min) at start → end: {load}; adapter-surgery {v['adapter-surgery']}.",
+    ]
+
+
+def markdown(results: dict[str, Any], plot: bool) -> str:
+    runs = _runs(results)
+    m = runs[0]
+    v = m["versions"]
     lines = ["# Bench results", ""]
-    if m.get("label"):
-        lines += [f"> {m['label']}", ""]
+    for k, run in enumerate(runs):
+        if run.get("label"):
+            lines += [f"> {'run ' + str(k + 1) + ': ' if len(runs) > 1 else ''}{run['label']}", ""]
+    for k, run in enumerate(runs):
+        lines += _run_lines(run, f"{k + 1}. " if len(runs) > 1 else "")
     lines += [
-        f"`{m['command']}` — {m['date']}, {m.get('seconds', 0) / 60:.0f} min, {m['reps']} rep(s), device "
-        f"`{m['device']}`, memory caps {m['caps']['ours']:g} GiB (ours) / {m['caps']['anchor']:g} GiB (anchors).",
         "",
-        f"- Machine: {m['nproc']} CPUs ({m['affinity']} usable), {m['mem_total'] / 2**30:.1f} GiB RAM, {m['cpu']}; "
-        f"load average (1/5/15 min) at start → end: {load}.",
+        f"- Machine: {m['nproc']} CPUs ({m['affinity']} usable), {m['mem_total'] / 2**30:.1f} GiB RAM, {m['cpu']}.",
         f"- Versions: Python {m['python']}, torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, "
-        f"safetensors {v['safetensors']}, tokenizers {v['tokenizers']}, adapter-surgery {v['adapter-surgery']}.",
+        f"safetensors {v['safetensors']}, tokenizers {v['tokenizers']}.",
         "- Columns: see `bench/README.md`. Times are medians over reps; ratios are per rep, then the median. "
-        "Read/written are `rchar`/`wchar` (system calls; mmap access is not counted), (disk) is `write_bytes`.",
+        "Read/written are `rchar`/`wchar` (system calls; mmap access is not counted), (disk) is `write_bytes`."
+        + (" The run of each row is the number after its size." if len(runs) > 1 else ""),
         "",
     ]
     startup = [r["wall"] for r in results.get("startup", {}).get("reps", []) if not r.get("error")]
@@ -111,7 +143,8 @@ def markdown(results: dict[str, Any], plot: bool) -> str:
         lines += [f"## {op}", "", HEADER]
         notes: list[str] = []
         for pair in pairs:
-            label = f"| {pair['size']} ({pair['params'] / 1e9:.2f}B) | {pair['variant']} "
+            run = f" [{pair.get('run', 0) + 1}]" if len(runs) > 1 else ""
+            label = f"| {pair['size']} ({pair['params'] / 1e9:.2f}B){run} | {pair['variant']} "
             if pair.get("skipped"):
                 lines.append(label + "| skipped | | | | | | | | | | |")
                 notes.append(f"{pair['size']} {pair['variant']}: skipped: {pair['skipped']}.")
@@ -131,9 +164,11 @@ def markdown(results: dict[str, Any], plot: bool) -> str:
         variants = {p["variant"]: p.get("note", "") for p in pairs}
         notes += [f"`{k}`: {n}." for k, n in variants.items() if n]
         lines += [""] + [f"- {n}" for n in notes] + [""]
-    if m.get("uncovered"):
+    measured = {p["op"] for p in results["pairs"]}
+    uncovered = sorted({op for run in runs for op in run.get("uncovered", [])} - measured)
+    if uncovered:
         lines += [f"Operations of the service with no variant in `bench/workloads.py` (not measured): "
-                  f"{', '.join(m['uncovered'])}.", ""]
+                  f"{', '.join(uncovered)}.", ""]
     if plot:
         lines += [f"![time and peak RSS against model size]({PLOT})", ""]
     else:
@@ -193,6 +228,20 @@ def write(results: dict[str, Any], outdir: Path) -> None:
     (outdir / "RESULTS.md").write_text(markdown(results, plot))
 
 
+def main(argv: list[str]) -> None:
+    out = None
+    if "--out" in argv:
+        at = argv.index("--out")
+        out, argv = Path(argv[at + 1]), argv[:at] + argv[at + 2:]
+    sources = [Path(a) for a in argv] or [Path(__file__).with_name("results.json")]
+    results = merged([json.loads(p.read_text()) for p in sources]) if len(sources) > 1 else \
+        json.loads(sources[0].read_text())
+    outdir = out or sources[0].parent
+    outdir.mkdir(parents=True, exist_ok=True)
+    if len(sources) > 1 or out is not None:
+        (outdir / "results.json").write_text(json.dumps(results, indent=1))
+    write(results, outdir)
+
+
 if __name__ == "__main__":
-    src = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("results.json"))
-    write(json.loads(src.read_text()), src.parent)
+    main(sys.argv[1:])
