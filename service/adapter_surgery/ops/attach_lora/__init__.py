@@ -166,8 +166,8 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
     if ckpt.is_file or ckpt.config is None:
         raise InvalidCheckpoint(f"attach-lora needs the model directory with its config.json ({ckpt.config_problem})",
                                 field="checkpoint", fix="Send the save_pretrained directory, config.json included.")
-    arch = run.architecture(ckpt)
-    model = meta_model(ckpt)
+    arch, built = run.architecture_and_model(ckpt)
+    model = meta_model(ckpt, built)
     task_type = task_type_of(type(model).__name__)
     config = injection_config(lora_config(spec, init, task_type, arch), model, spec, arch)
     notes = [*ckpt.warnings, *arch.notes, *check_weights_fit_config(ckpt, model, arch)]
