@@ -164,6 +164,6 @@ def test_discard_advances_the_generator_as_float32_uniform_draws(words: int) -> 
         torch.empty(words).uniform_(-0.3, 0.3)
         expected = (torch.empty(100).uniform_(-1, 1), torch.randn(40))
         torch.manual_seed(123)
-        direct.discard(words, torch.empty(words // 2 + 1, dtype=torch.float64))
+        direct.discard(words, torch.empty(words // 2 + 1, dtype=torch.int64))
         got = (torch.empty(100).uniform_(-1, 1), torch.randn(40))
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))

@@ -56,13 +56,14 @@ def refusal(spec: AttachLoraSpec, init: str, config, targets: list[Target], mode
 def discard(words: int, scratch: torch.Tensor) -> None:
     """Advance the global CPU generator by ``words`` 32-bit outputs, as ``words`` float32 ``uniform_`` draws do.
 
-    On the CPU, ``uniform_`` takes one 32-bit output of the mt19937 engine per float32 element and two (``random64``)
-    per float64 element, whatever the bounds: a float64 draw over half as many elements consumes the same outputs at
-    about half the cost (``tests/ops/attach_lora/test_direct.py`` checks the stream after it). ``scratch``: float64,
-    at least ``words // 2`` elements.
+    On the CPU, ``uniform_`` takes one 32-bit output of the mt19937 engine per float32 element, whatever the bounds,
+    and ``random_()`` on int64 two (``random64``) per element: an int64 ``random_()`` over half as many elements
+    consumes the same outputs at about a third of the cost (no float transform; measured 1.7 against 5.5 ns per
+    output). ``tests/ops/attach_lora/test_direct.py`` checks the stream after it. ``scratch``: int64, at least
+    ``words // 2`` elements.
     """
     if words >= 2:
-        scratch[: words // 2].uniform_()
+        scratch[: words // 2].random_()
     if words % 2:
         torch.empty(1, dtype=torch.float32).uniform_()
 
@@ -73,7 +74,7 @@ def adapter_tensors(layers: list[bridge.PlannedLayer], init: str,
     """The saved adapter (keys as ``get_peft_model_state_dict``'s), drawn from the global RNG as ``peft`` draws
     it (module docstring), in ``layers``' order; tensors in ``dtype``."""
     most = max((layer.r * (layer.in_features + layer.out_features) for layer in layers), default=0)
-    scratch = torch.empty(most // 2 + 1, dtype=torch.float64)
+    scratch = torch.empty(most // 2 + 1, dtype=torch.int64)
     out: dict[str, torch.Tensor] = {}
     for layer in layers:
         discard(layer.r * layer.in_features + layer.out_features * layer.r, scratch)  # the two constructors
