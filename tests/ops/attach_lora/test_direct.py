@@ -34,10 +34,10 @@ FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Llama, GPT-2 (Conv1D), Qwen2 (q/k/v biases), Gemma 2 (tied embeddings), Mixtral (MoE: falls back), each in
-    float32 and bfloat16."""
+    """Llama, GPT-2 (Conv1D), Qwen2 (q/k/v biases), Gemma 2 (tied embeddings), Falcon (FalconLinear, a subclass of
+    nn.Linear), Mixtral (MoE: falls back), each in float32 and bfloat16."""
     root = tmp_path_factory.mktemp("direct")
-    for name in ("Llama", "GPT-2", "Qwen2", "Gemma 2", "Mixtral"):
+    for name in ("Llama", "GPT-2", "Qwen2", "Gemma 2", "Falcon", "Mixtral"):
         src = BY_NAME[name].build(root / f"{name}-fp32")
         model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
         model.to(torch.bfloat16).save_pretrained(str(root / f"{name}-bf16"))
@@ -96,6 +96,7 @@ CASES = [
                        "lora_dropout": 0.1}),
     ("Gemma 2-fp32", 6, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}),
     ("Gemma 2-bf16", 0, LLAMA_ALL),
+    ("Falcon-bf16", 8, LLAMA_ALL),
 ]
 
 
@@ -138,6 +139,19 @@ FALLBACKS = [
      "trainable_token_indices"),
     ("GPT-2-fp32", {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn"], "bias": "lora_only"}, "bias lora_only"),
 ]
+
+
+class _OtherLinear(torch.nn.Linear):
+    """A Linear subclass from another library (as a quantized Linear would be)."""
+
+
+def test_other_libraries_linear_subclasses_are_not_plain() -> None:
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+    from transformers.pytorch_utils import Conv1D
+
+    assert direct.plain_module(torch.nn.Linear(2, 3)) and direct.plain_module(Conv1D(3, 2))
+    assert direct.plain_module(FalconLinear(2, 3))
+    assert not direct.plain_module(_OtherLinear(2, 3)) and not direct.plain_module(torch.nn.Embedding(4, 2))
 
 
 @pytest.mark.parametrize(("src", "opts", "why"), FALLBACKS, ids=[w for _, _, w in FALLBACKS])

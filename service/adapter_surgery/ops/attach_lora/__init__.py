@@ -176,7 +176,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
     # the config as peft injects it: its transformers-v5 MoE conversion adds the fused experts' rank/alpha patterns
     serving_notes, unable = servable.check_config(spec, bridge.converted_for_transformers(config, model), targets)
     base_path = f"{spec.output.rstrip('/')}/{RESIDUAL_DIR}" if decompose else spec.checkpoint
-    fast = fast_path_refusal(spec, init, config, targets, model_dtype(ckpt)) is None
+    fast = fast_path_refusal(spec, init, config, targets, model, model_dtype(ckpt)) is None
     ctx.say(f"{len(targets)} target modules, init {init}")
 
     threads = torch.get_num_threads() if needs_weights else 1
@@ -210,9 +210,9 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
         seconds=run.seconds())
 
 
-def fast_path_refusal(spec: AttachLoraSpec, init: str, config, targets, dtype: torch.dtype) -> str | None:
+def fast_path_refusal(spec: AttachLoraSpec, init: str, config, targets, model, dtype: torch.dtype) -> str | None:
     """Why ``spec`` goes through peft's injection rather than :mod:`.direct` (None: it does not)."""
-    return direct.refusal(spec, init, config, targets, dtype)
+    return direct.refusal(spec, init, config, targets, model, dtype)
 
 
 def _direct(model, config, targets, init: str, dtype: torch.dtype):

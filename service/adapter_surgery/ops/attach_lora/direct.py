@@ -36,7 +36,18 @@ BASE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 UPCAST = (torch.bfloat16, torch.float16)
 
 
-def refusal(spec: AttachLoraSpec, init: str, config, targets: list[Target], model_dtype: torch.dtype) -> str | None:
+def plain_module(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or ``Conv1D`` as ``torch``/``transformers`` define them (subclasses included, such as
+    Falcon's ``FalconLinear``), which ``peft``'s ``dispatch_default`` wraps in its ``lora.Linear``; not a quantized or
+    other library's subclass, which another ``peft`` dispatcher may take."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D)) and type(module).__module__.startswith(("torch.nn.",
+                                                                                          "transformers."))
+
+
+def refusal(spec: AttachLoraSpec, init: str, config, targets: list[Target], model: nn.Module,
+            model_dtype: torch.dtype) -> str | None:
     """Why this request needs ``peft``'s injection (None: the fast path computes it)."""
     checks = (
         (init not in DIRECT_INITS, f"init {init}"),
@@ -48,6 +59,8 @@ def refusal(spec: AttachLoraSpec, init: str, config, targets: list[Target], mode
         (bool(getattr(config, "target_parameters", None)), "target_parameters"),
         (bool(config.ensure_weight_tying), "ensure_weight_tying"),
         (any(t.kind not in ("linear", "conv1d") for t in targets), "parameter targets"),
+        (not all(plain_module(model.get_submodule(t.name)) for t in targets if t.kind != "parameter"),
+         "a target of another Linear class"),
         (model_dtype not in BASE_DTYPES, f"base dtype {model_dtype}"),
     )
     return next((why for bad, why in checks if bad), None)

@@ -206,7 +206,8 @@ def plan_layers(model: nn.Module, config) -> tuple[object, list[PlannedLayer]]:
     peft applies it. ``model`` is left unchanged but for ``requires_grad`` (peft freezes the base).
 
     Returns the config as peft leaves it (what ``PeftModel.save_pretrained`` saves) and the layers. Only for targets
-    that are plain ``nn.Linear``/``Conv1D`` modules (TypeError otherwise).
+    that ``dispatch_default`` wraps in ``lora.Linear``: ``nn.Linear``/``Conv1D`` modules (TypeError otherwise; the
+    caller rules out other libraries' subclasses, :func:`direct.plain_module`).
     """
     import warnings
 
@@ -219,13 +220,13 @@ def plan_layers(model: nn.Module, config) -> tuple[object, list[PlannedLayer]]:
     class _DryLoraModel(LoraModel):
         def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key,
                                 **kwargs):  # type: ignore[override]
-            if kwargs.get("parameter_name") is not None or type(target) not in (nn.Linear, Conv1D):
+            if kwargs.get("parameter_name") is not None or not isinstance(target, (nn.Linear, Conv1D)):
                 raise TypeError(f"the fast path builds nn.Linear/Conv1D targets only, not {current_key}")
             r = lora_config.rank_pattern.get(get_pattern_key(lora_config.rank_pattern.keys(), current_key),
                                              lora_config.r)
             alpha = lora_config.alpha_pattern.get(get_pattern_key(lora_config.alpha_pattern.keys(), current_key),
                                                   lora_config.lora_alpha)
-            conv1d = type(target) is Conv1D
+            conv1d = isinstance(target, Conv1D)
             if conv1d and not lora_config.fan_in_fan_out:  # dispatch_default's words
                 warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting "
                               "fan_in_fan_out to True.", stacklevel=2)
