@@ -98,3 +98,11 @@ def test_the_catalog_agrees_with_the_operations() -> None:
     assert list(SUMMARIES) == list(OPERATIONS)
     assert {n: op.summary for n, op in OPERATIONS.items()} == SUMMARIES
     assert TOKEN_ENV == CLIENT_TOKEN_ENV and tuple(s.value for s in JobState) == JOB_STATES
+
+
+def test_a_local_operation_imports_no_job_queue(tmp_path: Path) -> None:
+    """A CLI run needs only the operation: the job queue (huey, redis, the job store) stays unimported."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"checkpoint": "missing", "output": "out", "r": 4}))
+    rc, heavy, out = _modules_after(["attach-lora", "--spec", str(spec), "--data-dir", str(tmp_path)])
+    assert rc == 2 and "torch" in heavy and "huey" not in heavy, out

@@ -62,3 +62,54 @@ def test_check_growable_refuses_a_vocabulary_buffer_of_another_shape() -> None:
         Architecture(**fields, ungrowable_vocab_tensors=["odd_bias"]).check_growable()
     assert err.value.field == "checkpoint" and "odd_bias" in str(err.value)
     assert "resize_token_embeddings" in err.value.fix
+
+
+def test_resolve_with_model_hands_over_the_model_it_built(data_dir: Path, build,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model built to resolve the architecture is given to the caller (built once per operation); a cache hit
+    built none (None), and the cached architecture stays a copy."""
+    src = build("FX-B")
+    built: list[object] = []
+    real = arch_module.build_meta_model
+
+    def counting(ckpt):
+        model, problem = real(ckpt)
+        built.append(model)
+        return model, problem
+
+    monkeypatch.setattr(arch_module, "build_meta_model", counting)
+    arch, model = arch_module.resolve_with_model(Checkpoint.open(data_dir / src))
+    assert model is built[0] and type(model).__name__ == arch.model_class == "LlamaForCausalLM"
+    assert arch == resolve_architecture(Checkpoint.open(data_dir / src))
+    cache = arch_module.ArchitectureCache()
+    first, first_model = arch_module.resolve_with_model(Checkpoint.open(data_dir / src), cache)
+    second, second_model = arch_module.resolve_with_model(Checkpoint.open(data_dir / src), cache)
+    assert first_model is built[2] and second_model is None and len(built) == 3
+    assert second == first and second is not first
+
+
+def test_attach_lora_builds_the_meta_model_once(data_dir: Path, build, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a cache (the CLI) the operation reuses the architecture's model; with one, a hit builds it once."""
+    from adapter_surgery.ops.attach_lora import AttachLoraSpec, attach_lora
+    from adapter_surgery.ops.attach_lora import targets as lora_targets
+    from adapter_surgery.ops.common import RunContext
+
+    src = build("FX-B")
+    built: list[str] = []
+    real = arch_module.build_meta_model
+
+    def counting(ckpt):
+        built.append(ckpt.root.name)
+        return real(ckpt)
+
+    monkeypatch.setattr(arch_module, "build_meta_model", counting)
+    monkeypatch.setattr(lora_targets, "build_meta_model", counting)
+    spec = {"checkpoint": src, "r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
+    attach_lora(AttachLoraSpec(output="a", **spec), RunContext(data_dir))
+    assert built == [src]
+    cache = arch_module.ArchitectureCache()
+    attach_lora(AttachLoraSpec(output="b", **spec), RunContext(data_dir, architectures=cache))
+    attach_lora(AttachLoraSpec(output="c", **spec), RunContext(data_dir, architectures=cache))
+    assert built == [src] * 3  # a miss (reused), then a hit (built once)
+    assert (data_dir / "a" / "adapter_model.safetensors").read_bytes() == \
+        (data_dir / "c" / "adapter_model.safetensors").read_bytes()

@@ -135,17 +135,30 @@ def resolve_architecture(ckpt: Checkpoint, cache: ArchitectureCache | None = Non
     return cache.get(ckpt) if cache is not None else _resolve(ckpt)
 
 
+def resolve_with_model(ckpt: Checkpoint, cache: ArchitectureCache | None = None,
+                       ) -> tuple[Architecture, nn.Module | None]:
+    """:func:`resolve_architecture`, and the meta-device model built for it (:func:`build_meta_model`), so that an
+    operation that needs that model too builds it once; None when none was built (an answer from ``cache``, roles
+    from headers). The model is the caller's (nothing else keeps it)."""
+    check_config(ckpt)
+    return cache.get_with_model(ckpt) if cache is not None else _resolve_with_model(ckpt)
+
+
 def _resolve(ckpt: Checkpoint) -> Architecture:
+    return _resolve_with_model(ckpt)[0]
+
+
+def _resolve_with_model(ckpt: Checkpoint) -> tuple[Architecture, nn.Module | None]:
     if ckpt.config is not None:
         model, problem = build_meta_model(ckpt)
         if model is not None:
-            return _from_model(ckpt, model)
+            return _from_model(ckpt, model), model
         arch = _from_headers(ckpt)
         arch.notes.append(f"config.json could not be used ({problem}); roles were taken from tensor names")
-        return arch
+        return arch, None
     arch = _from_headers(ckpt)
     arch.notes.append(f"roles were taken from tensor names ({ckpt.config_problem})")
-    return arch
+    return arch, None
 
 
 class ArchitectureCache:
@@ -169,14 +182,19 @@ class ArchitectureCache:
                           default=str)
 
     def get(self, ckpt: Checkpoint) -> Architecture:
+        return self.get_with_model(ckpt)[0]
+
+    def get_with_model(self, ckpt: Checkpoint) -> tuple[Architecture, nn.Module | None]:
+        """The architecture, and the meta-device model when this call built one (a miss; :func:`resolve_with_model`);
+        None on a hit."""
         key = self.key(ckpt)
         hit = self._entries.get(key)
         if hit is not None:
-            return hit
-        arch = _resolve(ckpt)
+            return hit, None
+        arch, model = _resolve_with_model(ckpt)
         if arch.source == "config" and not arch.notes:  # headers-only is cheap; notes may quote paths
             self._entries.put(key, arch)
-        return arch
+        return arch, model
 
     def clear(self) -> None:
         self._entries.clear()

@@ -14,13 +14,17 @@ from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapter_surgery.errors import SurgeryError
 from adapter_surgery.io import Checkpoint, atomic_output
 from adapter_surgery.io.atomic import check_output_path
-from adapter_surgery.model.roles import Architecture, resolve_architecture
+from adapter_surgery.model.roles import Architecture, resolve_architecture, resolve_with_model
 from adapter_surgery.ops.common import PathFields, RunContext
 from adapter_surgery.paths import resolve_under
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,11 @@ class Run:
     def architecture(self, ckpt: Checkpoint) -> Architecture:
         """``ckpt``'s tensor roles, from the service's cache when it has one."""
         return resolve_architecture(ckpt, self.ctx.architectures)
+
+    def architecture_and_model(self, ckpt: Checkpoint) -> tuple[Architecture, nn.Module | None]:
+        """:meth:`architecture`, and the meta-device model resolving it built (None on a cache hit): an operation
+        that needs the model too builds it only when this gives None (:func:`roles.resolve_with_model`)."""
+        return resolve_with_model(ckpt, self.ctx.architectures)
 
     def writing(self) -> AbstractContextManager[Path]:
         """The temporary output path to fill; renamed onto ``output`` when the block ends without an error."""

@@ -13,6 +13,7 @@ import inspect
 import json
 import re
 import tomllib
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -320,7 +321,70 @@ def check_tied_token_bias() -> None:
            "tied biased decoders can go, and token_layers_dropping_bias with it")
 
 
+def check_plan_layers() -> None:
+    name = "LoraModel(...) with a _create_and_replace that builds nothing"
+    cfg = lora(rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3}, use_rslora=True)
+    planned = tiny(torch.bfloat16)
+    saved, layers = bridge.plan_layers(planned, copy.deepcopy(cfg))
+    reference = inject(tiny(torch.bfloat16), copy.deepcopy(cfg))
+    expect(name, [x.name for x in layers] == TARGETS, f"planned {[x.name for x in layers]}, not {TARGETS}")
+    for layer in layers:
+        f = bridge.factors(reference.model.get_submodule(layer.name))
+        got = (layer.r, float(layer.lora_alpha), layer.scaling, [layer.r, layer.in_features],
+               [layer.out_features, layer.r], layer.base_dtype)
+        want = (f.r, f.lora_alpha, f.scaling, list(f.lora_A.shape), list(f.lora_B.shape), torch.bfloat16)
+        expect(name, got == want, f"{layer.name} planned as {got}, peft builds {want}")
+    mine, theirs = saved.to_dict(), reference.peft_config[bridge.ADAPTER_NAME].to_dict()
+    expect(name, mine == theirs, f"the config after planning {mine} differs from peft's after injection {theirs}")
+    expect(name, not any(bridge.is_lora_layer(m) for m in planned.modules()), "planning built LoRA layers")
+
+
+def check_fan_in_fan_out() -> None:
+    name = "dispatch_default's fan_in_fan_out rule"
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2() -> GPT2LMHeadModel:
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+
+    for model_fn, cfg in ((gpt2, lora(target_modules=["c_attn"])),
+                          (tiny, lora(fan_in_fan_out=True))):
+        with warnings.catch_warnings(record=True) as mine:
+            warnings.simplefilter("always")
+            saved, _ = bridge.plan_layers(model_fn(), copy.deepcopy(cfg))
+        with warnings.catch_warnings(record=True) as theirs:
+            warnings.simplefilter("always")
+            reference = inject(model_fn(), copy.deepcopy(cfg))
+        want = reference.peft_config[bridge.ADAPTER_NAME].fan_in_fan_out
+        expect(name, saved.fan_in_fan_out == want, f"fan_in_fan_out planned {saved.fan_in_fan_out}, peft sets {want}")
+        texts = [sorted({str(w.message) for w in ws if "fan_in_fan_out" in str(w.message)}) for ws in (mine, theirs)]
+        expect(name, texts[0] == texts[1] and texts[0], f"warnings {texts[0]} differ from peft's {texts[1]}")
+
+
+def check_update_layer_draws() -> None:
+    name = "LoraLayer.update_layer's draws"
+    from adapter_surgery.ops.attach_lora import direct
+
+    for dtype, init in ((torch.float32, True), (torch.bfloat16, "gaussian"), (torch.float16, True)):
+        cfg = lora(init_lora_weights=init, rank_pattern={"v_proj": 2})
+        _, layers = bridge.plan_layers(tiny(dtype), copy.deepcopy(cfg))
+        torch.manual_seed(5)
+        mine = direct.adapter_tensors(layers, "true" if init is True else init, torch.float32)
+        after_mine = torch.rand(8)
+        model = tiny(dtype)
+        torch.manual_seed(5)
+        theirs = get_peft_model_state_dict(get_peft_model(model, copy.deepcopy(cfg)))
+        after_theirs = torch.rand(8)
+        bad = [k for k in theirs if k not in mine or not torch.equal(mine[k], theirs[k])]
+        expect(name, not bad and mine.keys() == theirs.keys(), f"{dtype} {init}: tensors differ from "
+                                                              f"get_peft_model's: {bad or sorted(mine)}")
+        expect(name, torch.equal(after_mine, after_theirs), f"{dtype} {init}: the RNG stream differs afterwards")
+
+
 CHECKS: dict[str, Callable[[], None]] = {
+    "LoraModel(...) with a _create_and_replace that builds nothing": check_plan_layers,
+    "dispatch_default's fan_in_fan_out rule": check_fan_in_fan_out,
+    "LoraLayer.update_layer's draws": check_update_layer_draws,
     "BaseTuner._inject_parameters matching": check_inject_parameters,
     "ParamWrapper.parameter_name / is_transposed": check_param_wrapper,
     "TrainableTokensLayer.tied_adapter on a biased Linear": check_tied_token_bias,

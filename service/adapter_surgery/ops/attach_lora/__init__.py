@@ -1,9 +1,10 @@
 """Attach a LoRA adapter: ``adapter_config.json`` + ``adapter_model.safetensors`` exactly as ``peft`` saves them.
 
 The package, by concern (the plan flows one way, top to bottom): :mod:`.spec` (request, options, result),
-:mod:`.targets` (request checks, ``LoraConfig``, which modules and ranks), :mod:`.decompose` (each target's base
-weight handed to peft; PiSSA/OLoRA/DoRA), :mod:`.output` (the adapter files, the residual base, the result's
-targets), :mod:`.peft_bridge` (the only module that touches peft's internals), and here the operation.
+:mod:`.targets` (request checks, ``LoraConfig``, which modules and ranks), :mod:`.direct` (the fast path of the
+data-free inits ``true``/``"gaussian"``), :mod:`.decompose` (each target's base weight handed to peft;
+PiSSA/OLoRA/DoRA), :mod:`.output` (the adapter files, the residual base, the result's targets), :mod:`.peft_bridge`
+(the only module that touches peft's internals), and here the operation.
 
 How it works
 ------------
@@ -23,6 +24,14 @@ is given to it, and taken back right after (:mod:`.decompose`):
   (PiSSA, OLoRA) is written at once at its offset in the residual base's shard (created beforehand with every other
   tensor copied and room for the targets) and the tensor freed, so at most one target is in memory and each residual
   byte is written once.
+
+The fast path (:mod:`.direct`): for ``true`` and ``"gaussian"`` on plain Linear/Conv1D targets with nothing that
+needs peft's modules (no DoRA, biases, ``modules_to_save``, trainable tokens or parameter targets; base in
+float32/bfloat16/float16), peft's ``LoraModel`` runs with a ``_create_and_replace`` that builds nothing
+(:func:`peft_bridge.plan_layers`: peft's matching, config, ranks and alphas, in peft's order) and each target's
+``lora_A``/``lora_B`` is computed directly with the draws, casts and dtypes peft's layers would give it (the
+constructors' thrown-away draws only advance the generator). The files are byte-identical to the injection path's
+(tested against each other and ``get_peft_model``); everything else takes the injection path below.
 
 The adapter tensors are then taken from ``peft``'s ``get_peft_model_state_dict`` (keys
 ``base_model.model.<module>.lora_A.weight``, no adapter-name segment; DoRA's ``lora_magnitude_vector``) and written
@@ -74,8 +83,8 @@ from adapter_surgery.devices import pick_device
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
 from adapter_surgery.io import describe_files
 from adapter_surgery.ops.attach_head import without_dirs
+from adapter_surgery.ops.attach_lora import direct, servable
 from adapter_surgery.ops.attach_lora import peft_bridge as bridge
-from adapter_surgery.ops.attach_lora import servable
 from adapter_surgery.ops.attach_lora.decompose import Materializer, intra_op_threads, seeded_rng
 from adapter_surgery.ops.attach_lora.output import (
     Residuals,
@@ -113,6 +122,7 @@ from adapter_surgery.ops.attach_lora.targets import (
     injection_config,
     lora_config,
     meta_model,
+    model_dtype,
     plan,
     task_type_of,
 )
@@ -156,8 +166,8 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
     if ckpt.is_file or ckpt.config is None:
         raise InvalidCheckpoint(f"attach-lora needs the model directory with its config.json ({ckpt.config_problem})",
                                 field="checkpoint", fix="Send the save_pretrained directory, config.json included.")
-    arch = run.architecture(ckpt)
-    model = meta_model(ckpt)
+    arch, built = run.architecture_and_model(ckpt)
+    model = meta_model(ckpt, built)
     task_type = task_type_of(type(model).__name__)
     config = injection_config(lora_config(spec, init, task_type, arch), model, spec, arch)
     notes = [*ckpt.warnings, *arch.notes, *check_weights_fit_config(ckpt, model, arch)]
@@ -166,6 +176,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
     # the config as peft injects it: its transformers-v5 MoE conversion adds the fused experts' rank/alpha patterns
     serving_notes, unable = servable.check_config(spec, bridge.converted_for_transformers(config, model), targets)
     base_path = f"{spec.output.rstrip('/')}/{RESIDUAL_DIR}" if decompose else spec.checkpoint
+    fast = fast_path_refusal(spec, init, config, targets, model, model_dtype(ckpt)) is None
     ctx.say(f"{len(targets)} target modules, init {init}")
 
     threads = torch.get_num_threads() if needs_weights else 1
@@ -175,18 +186,20 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
         with run.writing() as tmp:
             tmp.mkdir(parents=True)
             spill = Residuals(ckpt, targets, tmp / RESIDUAL_DIR, ctx) if decompose else None
-            materializer = Materializer(ckpt, targets, device, init, spill)
-            tuner = _inject(model, config, materializer)
+            if fast:
+                saved_config, state, modules = _direct(model, config, targets, init, ADAPTER_DTYPES[spec.dtype])
+            else:
+                materializer = Materializer(ckpt, targets, device, init, spill)
+                tuner = _inject(model, config, materializer)
+                state = adapter_state_dict(tuner, ckpt, arch, ADAPTER_DTYPES[spec.dtype])
+                saved_config, modules = tuner.peft_config[bridge.ADAPTER_NAME], describe_targets(tuner, targets)
             ctx.say("adapter initialized")
-            state = adapter_state_dict(tuner, ckpt, arch, ADAPTER_DTYPES[spec.dtype])
             serving_notes += servable.check_keys(spec, state, unable)
-            save_adapter(tmp, state, tuner.peft_config[bridge.ADAPTER_NAME], base_path, task_type, type(model),
-                         decompose)
+            save_adapter(tmp, state, saved_config, base_path, task_type, type(model), decompose)
             residual = None
             if spill is not None:
                 residual = residual_base(ckpt, spill, base_path)
             files = [f for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) for f in describe_files(tmp / name)]
-            modules = describe_targets(tuner, targets)
     residual_note = [residual.note] if residual is not None else []
     warnings_out = [*notes, *plan_notes, *peft_warnings(caught), *residual_note, *serving_notes]
     return AttachLoraResult(
@@ -195,6 +208,23 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
         trainable_parameters=sum(t.numel() for t in state.values()), base_bytes_read=ckpt.bytes_read,
         residual_base=residual, warnings=list(dict.fromkeys(without_dirs(w, ctx.data_dir) for w in warnings_out)),
         seconds=run.seconds())
+
+
+def fast_path_refusal(spec: AttachLoraSpec, init: str, config, targets, model, dtype: torch.dtype) -> str | None:
+    """Why ``spec`` goes through peft's injection rather than :mod:`.direct` (None: it does not)."""
+    return direct.refusal(spec, init, config, targets, model, dtype)
+
+
+def _direct(model, config, targets, init: str, dtype: torch.dtype):
+    """The fast path (:mod:`.direct`): peft's config and targets without its layers, the tensors drawn directly.
+    Returns the config to save, the adapter's tensors and the result's targets."""
+    saved_config, layers = bridge.plan_layers(model, config)
+    planned = [t.name for t in targets]
+    if [layer.name for layer in layers] != planned:  # the planning pass and peft disagree: refuse rather than guess
+        extra = sorted({layer.name for layer in layers} ^ set(planned)) or planned
+        raise InvalidSpec(f"peft targets differ from the request check's ({extra[0]})", field="target_modules",
+                          fix="Name the target modules explicitly.")
+    return saved_config, direct.adapter_tensors(layers, init, dtype), direct.describe(layers, targets)
 
 
 def _inject(model, config, materializer: Materializer):

@@ -12,6 +12,7 @@ upgrade cannot change the adapters silently.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,11 @@ INTERNALS = {
     "BaseTuner._inject_parameters matching": "which parameters target_parameters names (matched_parameters)",
     "ParamWrapper.parameter_name / is_transposed": "a target parameter's wrapper, and its (in, out) axes",
     "TrainableTokensLayer.tied_adapter on a biased Linear": "token adapters that drop a tied decoder's bias",
+    "LoraModel(...) with a _create_and_replace that builds nothing": "the config and targets of the fast path "
+                                                                     "(plan_layers)",
+    "dispatch_default's fan_in_fan_out rule": "Linear/Conv1D set the config's fan_in_fan_out (plan_layers)",
+    "LoraLayer.update_layer's draws": "per target: nn.Linear(in, r) and nn.Linear(r, out) constructed, then "
+                                      "reset_lora_parameters on A, zeros on B (the fast path's RNG stream)",
 }
 #: Segments of a saved key that wrap the base module's own name (``peft``'s ``ModulesToSaveWrapper``,
 #: ``BaseTunerLayer.base_layer``, ``AuxiliaryTrainingWrapper.original_module``).
@@ -169,6 +175,77 @@ def inject(model: nn.Module, config, hook: CreateHook) -> nn.Module:
     tuner = _HookedLoraModel(model, config, ADAPTER_NAME)
     tuner._cast_adapter_dtype(ADAPTER_NAME, autocast_adapter_dtype=True)
     return tuner
+
+
+@dataclass(frozen=True)
+class PlannedLayer:
+    """One target as ``LoraModel._create_and_replace`` would build it: its rank and alpha (``rank_pattern``/
+    ``alpha_pattern`` via ``get_pattern_key``), the features of its ``nn.Linear``/``Conv1D`` (``Conv1D`` stores
+    (in, out)) and the dtype of its base weight."""
+
+    name: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    in_features: int
+    out_features: int
+    base_dtype: torch.dtype
+
+    @property
+    def scaling(self) -> float:
+        """s = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora`` (``LoraLayer.update_layer``)."""
+        return self.lora_alpha / math.sqrt(self.r) if self.use_rslora else self.lora_alpha / self.r
+
+
+def plan_layers(model: nn.Module, config) -> tuple[object, list[PlannedLayer]]:
+    """``peft``'s ``LoraModel(model, config, "default")`` with a ``_create_and_replace`` that builds nothing: peft's
+    own matching, config preparation (the transformers-v5 conversion, ``"all-linear"`` expanded, the minimal
+    ``target_modules``), checks and warnings run as in :func:`inject`, and each target it would build is listed,
+    in peft's order, with what ``_create_and_replace`` would give it. ``dispatch_default``'s rule on
+    ``fan_in_fan_out`` (True for ``Conv1D``, False for ``nn.Linear``, with its warning) is applied to the config as
+    peft applies it. ``model`` is left unchanged but for ``requires_grad`` (peft freezes the base).
+
+    Returns the config as peft leaves it (what ``PeftModel.save_pretrained`` saves) and the layers. Only for targets
+    that ``dispatch_default`` wraps in ``lora.Linear``: ``nn.Linear``/``Conv1D`` modules (TypeError otherwise; the
+    caller rules out other libraries' subclasses, :func:`direct.plain_module`).
+    """
+    import warnings
+
+    from peft.tuners.lora import LoraModel
+    from peft.utils.other import get_pattern_key
+    from transformers.pytorch_utils import Conv1D
+
+    layers: list[PlannedLayer] = []
+
+    class _DryLoraModel(LoraModel):
+        def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key,
+                                **kwargs):  # type: ignore[override]
+            if kwargs.get("parameter_name") is not None or not isinstance(target, (nn.Linear, Conv1D)):
+                raise TypeError(f"the fast path builds nn.Linear/Conv1D targets only, not {current_key}")
+            r = lora_config.rank_pattern.get(get_pattern_key(lora_config.rank_pattern.keys(), current_key),
+                                             lora_config.r)
+            alpha = lora_config.alpha_pattern.get(get_pattern_key(lora_config.alpha_pattern.keys(), current_key),
+                                                  lora_config.lora_alpha)
+            conv1d = isinstance(target, Conv1D)
+            if conv1d and not lora_config.fan_in_fan_out:  # dispatch_default's words
+                warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting "
+                              "fan_in_fan_out to True.", stacklevel=2)
+                lora_config.fan_in_fan_out = True
+            elif not conv1d and lora_config.fan_in_fan_out:
+                warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                              "Setting fan_in_fan_out to False.", stacklevel=2)
+                lora_config.fan_in_fan_out = False
+            n_in, n_out = tuple(target.weight.shape) if conv1d else (target.in_features, target.out_features)
+            layers.append(PlannedLayer(current_key, r, alpha, lora_config.use_rslora, n_in, n_out,
+                                       target.weight.dtype))
+
+    tuner = _DryLoraModel(model, config, ADAPTER_NAME)
+    return tuner.peft_config[ADAPTER_NAME], layers
+
+
+def lora_keys(name: str) -> tuple[str, str]:
+    """The saved keys of module ``name``'s ``lora_A`` and ``lora_B`` weights (``get_peft_model_state_dict``)."""
+    return f"{SAVED_PREFIX}{name}.lora_A.weight", f"{SAVED_PREFIX}{name}.lora_B.weight"
 
 
 class _PeftShell(nn.Module):

@@ -103,9 +103,11 @@ def check_init(spec: AttachLoraSpec) -> str:
                       fix=f"Use one of {supported}.")
 
 
-def meta_model(ckpt: Checkpoint) -> nn.Module:
-    """The checkpoint's model on the meta device, in the dtype ``from_pretrained`` (dtype 'auto') would load."""
-    model, problem = build_meta_model(ckpt)
+def meta_model(ckpt: Checkpoint, built: nn.Module | None = None) -> nn.Module:
+    """The checkpoint's model on the meta device, in the dtype ``from_pretrained`` (dtype 'auto') would load;
+    ``built``: the one resolving the architecture built (:meth:`Run.architecture_and_model`), used rather than a
+    second build."""
+    model, problem = (built, None) if built is not None else build_meta_model(ckpt)
     if model is None:
         raise InvalidCheckpoint(f"the model cannot be built from config.json ({problem})", field="checkpoint",
                                 fix="attach-lora needs a config.json that transformers can instantiate.")
