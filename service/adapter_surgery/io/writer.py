@@ -220,9 +220,16 @@ class RowPatchedTensor:
         return self.info.nbytes + extra
 
     def write(self, fd: int) -> None:
+        self.write_from(fd, 0)
+
+    def write_from(self, fd: int, start: int) -> None:
+        """Write the tensor's bytes from row ``start`` on (rows before it are already written; no override lies
+        there)."""
         rows = self.info.shape[0]
         row_bytes = self.info.nbytes // rows if rows else 0
-        cursor = 0
+        cursor = min(start, rows)
+        if any(row < cursor for row in self.overrides):
+            raise RuntimeError(f"an override lies before row {start}, which was already written")
         for row in sorted(self.overrides):
             _copy_range(self.path, self.info.begin + cursor * row_bytes, (row - cursor) * row_bytes, fd)
             _write_all(fd, tensor_bytes(self.overrides[row]))
@@ -230,6 +237,46 @@ class RowPatchedTensor:
         _copy_range(self.path, self.info.begin + cursor * row_bytes, (rows - cursor) * row_bytes, fd)
         if self.appended is not None:
             _write_all(fd, tensor_bytes(self.appended))
+
+
+@dataclass
+class DeferredRows:
+    """A :class:`RowPatchedTensor` whose new rows are still being computed (on another thread: statistics over the
+    rows, say) when the writer reaches it: its leading ``ready_rows`` source rows, which no override touches, are
+    copied by the kernel first, then ``resolve`` (e.g. a future's ``result``) gives the patched tensor and the rest
+    is written from it. So the computation overlaps the copy of everything written before the rows it changes.
+
+    Attributes:
+        info, path: the source tensor.
+        shape: the patched tensor's shape (known before its values: rows after, row shape).
+        ready_rows: source rows ``[0, ready_rows)`` are unchanged (override rows all lie at or after it).
+        resolve: returns the patched tensor (called once, on the writing thread; may block, may raise).
+    """
+
+    info: TensorInfo
+    path: Path
+    shape: tuple[int, ...]
+    ready_rows: int
+    resolve: Callable[[], RowPatchedTensor]
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+    @property
+    def nbytes(self) -> int:
+        rows = self.info.shape[0]
+        return self.info.nbytes // rows * self.shape[0] if rows else 0
+
+    def write(self, fd: int) -> None:
+        rows = self.info.shape[0]
+        ready = min(self.ready_rows, rows)
+        _copy_range(self.path, self.info.begin, ready * (self.info.nbytes // rows if rows else 0), fd)
+        patched = self.resolve()
+        if (patched.dtype, tuple(patched.shape), patched.info, patched.path) != \
+                (self.dtype, tuple(self.shape), self.info, self.path):
+            raise RuntimeError(f"the computed rows of {self.path.name} do not match the tensor planned")
+        patched.write_from(fd, ready)
 
 
 @dataclass
