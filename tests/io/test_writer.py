@@ -314,3 +314,50 @@ def test_deferred_rows_refuse_a_patch_that_does_not_fit_and_pass_errors_on(tmp_p
     with pytest.raises(ValueError, match="no trained rows"), atomic_output(tmp_path / "c") as tmp:
         write_checkpoint(ckpt, tmp, Changes(replace={"emb": DeferredRows(info, path, (12, 4), 6, fail)}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing half-written is left
+
+
+def test_a_rewritten_shard_is_written_back_while_it_is_written_then_fsynced_complete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SyncFollower: ``fdatasync`` each SYNC_STEP bytes made final during the write, one ``fsync`` of the complete
+    file, and write_checkpoint returns only after it (the caller's rename publishes durable shards)."""
+    from adapter_surgery.io import writer
+
+    ckpt = Checkpoint.open(_two_shards(tmp_path / "in"))
+    out = tmp_path / "out"
+    calls: list[tuple[str, int]] = []
+
+    monkeypatch.setattr(writer, "SYNC_STEP", 16)
+    import threading
+
+    synced = threading.Event()
+
+    def sized(kind: str, real):  # the file's size when each sync starts
+        def run(fd: int) -> None:
+            calls.append((kind, os.fstat(fd).st_size))
+            real(fd)
+            synced.set()
+        return run
+
+    monkeypatch.setattr(writer.os, "fdatasync", sized("fdatasync", os.fdatasync))
+    monkeypatch.setattr(writer.os, "fsync", sized("fsync", os.fsync))
+
+    class Waiting(NewTensor):  # the next tensor is written once the bytes so far are being written back
+        def write(self, fd: int) -> None:
+            assert synced.wait(timeout=30)
+            synced.clear()
+            super().write(fd)
+
+    g = torch.Generator().manual_seed(2)
+    rows = {f"r{i}": (Waiting(torch.randn(3, 4, generator=g)), "w") for i in range(4)}
+    synced.set()
+    written = write_checkpoint(ckpt, out, Changes(add=rows))
+    size = (out / "s2.safetensors").stat().st_size
+    assert calls[-1] == ("fsync", size) and [k for k, _ in calls].count("fsync") == 1
+    during = [n for k, n in calls if k == "fdatasync"]
+    assert len(during) >= 2 and during == sorted(during) and during[-1] < size
+    assert written["s2.safetensors"].sha256 == hashlib.sha256((out / "s2.safetensors").read_bytes()).hexdigest()
+
+    follower = writer.SyncFollower(out / "s2.safetensors")
+    follower.abandon()
+    with pytest.raises(OSError, match="abandoned"):
+        follower.run()
