@@ -354,7 +354,7 @@ def test_a_rewritten_shard_is_written_back_while_it_is_written_then_fsynced_comp
     size = (out / "s2.safetensors").stat().st_size
     assert calls[-1] == ("fsync", size) and [k for k, _ in calls].count("fsync") == 1
     during = [n for k, n in calls if k == "fdatasync"]
-    assert len(during) >= 2 and during == sorted(during) and during[-1] < size
+    assert len(during) >= 3 and during == sorted(during) and during[0] < size  # the first ones before the end
     assert written["s2.safetensors"].sha256 == hashlib.sha256((out / "s2.safetensors").read_bytes()).hexdigest()
 
     follower = writer.SyncFollower(out / "s2.safetensors")
