@@ -188,3 +188,15 @@ def test_bf16_blocks_convert_and_find_zero_rows_exactly_as_torch(monkeypatch: py
     slow = stats()
     assert fast.zero_rows == slow.zero_rows == [5, 300, 699] and fast.count == slow.count == 687
     assert torch.equal(fast.mean, slow.mean) and torch.equal(fast.covariance, slow.covariance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_zero_rows_are_found_in_the_stored_dtype_only_where_float32_is_exact(dtype: torch.dtype) -> None:
+    """fp16/fp32 rows are tested for zero as stored; float64 after the float32 conversion, as before (a float64
+    value below float32's range is zero in float32: the row counts as zero, as the statistics see it)."""
+    rows = torch.tensor([[0.0, -0.0], [float("nan"), 0.0], [-0.0, float("-inf")], [1e-300, 0.0], [3.0, 0.0]],
+                        dtype=torch.float64).to(dtype)
+    everyone = lambda f, n: torch.ones(n, dtype=torch.bool)  # noqa: E731
+    (first, x, has_entry, keep), = initializers.trained_blocks([(0, rows)], everyone, torch.device("cpu"))
+    assert first == 0 and x.dtype == torch.float32 and has_entry.all()
+    assert keep.tolist() == [False, True, True, False, True]

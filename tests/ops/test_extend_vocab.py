@@ -477,3 +477,22 @@ def test_statistics_overlapping_the_write_give_the_same_output(
     assert tree_digest(data_dir / "overlapped") == tree_digest(data_dir / "first")
     assert overlapped.model_dump(exclude={"output", "seconds"}) == first.model_dump(exclude={"output", "seconds"})
     assert bool(overlapped.untrained_existing) == (fixture == "FX-E")
+
+
+def test_a_vocabulary_without_trained_rows_fails_from_the_overlapped_write_and_leaves_nothing(
+        data_dir: Path, build) -> None:
+    """The statistics run beside the write: their refusal (every row with a token all zero) still reaches the caller
+    as the 422 it was, the partial output is removed, the input is untouched."""
+    from safetensors.torch import load_file, save_file
+
+    src = build("FX-B")
+    for shard in sorted((data_dir / src).glob("*.safetensors")):
+        t = load_file(str(shard))
+        if EMB in t:
+            t[EMB] = torch.zeros_like(t[EMB])
+            save_file(t, str(shard), metadata={"format": "pt"})
+    before = tree_digest(data_dir / src)
+    with pytest.raises(InvalidCheckpoint, match="has no trained rows"):
+        run(data_dir, src, tokens=["<a>"])
+    assert tree_digest(data_dir / src) == before
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted([src])
