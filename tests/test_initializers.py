@@ -156,3 +156,47 @@ def test_row_stats_in_blocks_matches_the_whole_tensor(monkeypatch: pytest.Monkey
     assert torch.equal(whole.mean, kept.mean(0))  # one block: exactly torch's mean
     assert torch.allclose(blocks.mean, kept.mean(0), rtol=0, atol=1e-6)
     assert torch.allclose(blocks.covariance, whole.covariance, rtol=1e-4, atol=1e-10)
+
+
+def test_bf16_blocks_convert_and_find_zero_rows_exactly_as_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The numpy path for bfloat16 (bits shifted into float32; zero rows from the bits without the sign) gives the
+    float32 values of ``Tensor.float`` bit for bit (NaN, inf, -0, subnormals) and the rows ``abs().amax().ne(0)``
+    keeps; the statistics over several reused blocks are those of the torch path."""
+    bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)  # every bfloat16 value
+    every = bits.view(torch.bfloat16).reshape(-1, 8)
+    x, nonzero = initializers._bf16_block(every, initializers.np.empty(every.numel() + 5, dtype="uint32"))
+    assert torch.equal(x.view(torch.int32), every.float().view(torch.int32))
+    assert torch.equal(nonzero, every.float().abs().amax(dim=1).ne(0))
+    special = torch.tensor([[0.0, -0.0], [float("nan"), 0.0], [-0.0, float("-inf")], [1e-40, 0.0]]).bfloat16()
+    _, nonzero = initializers._bf16_block(special, initializers.np.empty(8, dtype="uint32"))
+    assert nonzero.tolist() == [False, True, True, True]
+
+    rows = _correlated_rows(700, 16, seed=3).bfloat16()
+    rows[[5, 300, 699]] = 0
+    rows[301, 2] = -0.0
+    mask = torch.ones(700, dtype=torch.bool)
+    mask[40:50] = False
+    monkeypatch.setattr(initializers, "STATS_BLOCK_BYTES", 16 * 4 * 64)  # blocks of 64 rows, one buffer
+
+    def stats() -> initializers.RowStats:
+        return row_stats([(0, rows[:350]), (350, rows[350:])], lambda f, n: mask[f:f + n], torch.device("cpu"),
+                         covariance=True)
+
+    fast = stats()
+    monkeypatch.setattr(initializers, "_bf16_block", lambda part, out: (
+        part.float(), part.float().reshape(part.shape[0], -1).abs().amax(dim=1).ne(0)))
+    slow = stats()
+    assert fast.zero_rows == slow.zero_rows == [5, 300, 699] and fast.count == slow.count == 687
+    assert torch.equal(fast.mean, slow.mean) and torch.equal(fast.covariance, slow.covariance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_zero_rows_are_found_in_the_stored_dtype_only_where_float32_is_exact(dtype: torch.dtype) -> None:
+    """fp16/fp32 rows are tested for zero as stored; float64 after the float32 conversion, as before (a float64
+    value below float32's range is zero in float32: the row counts as zero, as the statistics see it)."""
+    rows = torch.tensor([[0.0, -0.0], [float("nan"), 0.0], [-0.0, float("-inf")], [1e-300, 0.0], [3.0, 0.0]],
+                        dtype=torch.float64).to(dtype)
+    everyone = lambda f, n: torch.ones(n, dtype=torch.bool)  # noqa: E731
+    (first, x, has_entry, keep), = initializers.trained_blocks([(0, rows)], everyone, torch.device("cpu"))
+    assert first == 0 and x.dtype == torch.float32 and has_entry.all()
+    assert keep.tolist() == [False, True, True, False, True]

@@ -56,6 +56,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 #: Hewitt (2021) samples new rows from N(mu, 1e-5 * Sigma).
@@ -225,13 +226,37 @@ ROW_INITS: dict[str, RowInit] = {
 }
 
 
+#: Stored dtypes whose float32 conversion is exact: a row is all zero (or holds a NaN) in the stored dtype exactly when
+#: it is in float32, so the zero test reads the stored rows (half the bytes of the float32 copy for fp16).
+_EXACT_IN_FLOAT32 = (torch.float16, torch.float32)
+
+
+def _bf16_block(part: torch.Tensor, out: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CPU bfloat16 block as ``(part.float(), row is not all zero)`` from its bits, with numpy's vectorized integer
+    kernels (about 5x faster here than torch's bfloat16 conversion and reductions, same values): bfloat16 is the top
+    half of a float32, so the float32 bits are the 16 bits shifted left by 16 (exactly what ``Tensor.float`` computes,
+    NaN payloads and subnormals included); a row is all zero when every value is +0 or -0, i.e. its bits without the
+    sign bit (``& 0x7fff``) are all 0 (NaN and inf are not zero, as with ``abs().amax().ne(0)``). The float32
+    block is written into ``out`` (flat uint32, at least ``part.numel()``: a buffer reused from block to block, so
+    that memory is touched once, not once per block), and is valid until the next call with that buffer."""
+    bits = part.contiguous().view(torch.int16).numpy().view(np.uint16)
+    wide = out[: bits.size].reshape(bits.shape)
+    np.left_shift(bits, 16, out=wide, dtype=np.uint32)
+    x = torch.from_numpy(wide.view(np.float32))
+    nonzero = np.bitwise_and(bits.reshape(bits.shape[0], -1), 0x7FFF).max(axis=1) != 0
+    return x, torch.from_numpy(nonzero)
+
+
 def trained_blocks(chunks: Iterable[tuple[int, torch.Tensor]], trained: Callable[[int, int], torch.Tensor],
                    device: torch.device) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Split ``(first_row, rows)`` chunks into blocks of at most :data:`STATS_BLOCK_BYTES` in float32 and yield
     ``(first_row, x, has_entry, keep)``: ``x`` the block in float32 on ``device`` (its stored shape), ``has_entry``
     from ``trained``, ``keep`` = has an entry and is not all zero (the rows the statistics use; a row is all zero
-    when its largest absolute value is 0, one reduction over the block instead of a boolean copy of it; NaN rows
-    count as not zero, as with ``ne(0).any()``)."""
+    when its largest absolute value is 0, one reduction over the block instead of a boolean copy of it, taken in the
+    stored dtype when its float32 conversion is exact; NaN rows count as not zero, as with ``ne(0).any()``).
+    ``chunks`` may reuse one buffer (:meth:`Checkpoint.scan_rows`), and a bfloat16 block's ``x`` is one reused
+    buffer: a consumer is done with a block (or copies it) before it asks for the next."""
+    scratch: np.ndarray | None = None  # the float32 block of a bfloat16 tensor, reused (see _bf16_block)
     for first, rows in chunks:
         n = rows.shape[0]
         if n == 0:
@@ -240,9 +265,17 @@ def trained_blocks(chunks: Iterable[tuple[int, torch.Tensor]], trained: Callable
         mask = trained(first, n)
         for lo in range(0, n, step):
             hi = min(n, lo + step)
-            x = rows[lo:hi].to(device).float()
+            part = rows[lo:hi].to(device)
             has_entry = mask[lo:hi].to(device)
-            keep = has_entry & x.reshape(hi - lo, -1).abs().amax(dim=1).ne(0)
+            if part.dtype == torch.bfloat16 and part.device.type == "cpu" and part[0].numel():
+                if scratch is None or scratch.size < part.numel():
+                    scratch = np.empty(step * rows[0].numel(), dtype=np.uint32)
+                x, nonzero = _bf16_block(part, scratch)
+            else:
+                x = part.float()
+                exact = part if part.dtype in _EXACT_IN_FLOAT32 else x  # half the bytes to scan for fp16
+                nonzero = exact.reshape(hi - lo, -1).abs().amax(dim=1).ne(0)
+            keep = has_entry & nonzero
             yield first + lo, x, has_entry, keep
 
 

@@ -237,3 +237,127 @@ def test_a_shard_is_hashed_while_it_is_written(tmp_path: Path) -> None:
         write_shard(tmp_path / "b.safetensors", [entries[0], ("bad", Broken(torch.zeros(2)))], None, follower=failed)
     worker.join(timeout=30)
     assert not worker.is_alive() and "abandoned" in str(errors[0])
+
+
+def _patched_emb(ckpt: Checkpoint) -> RowPatchedTensor:
+    return RowPatchedTensor(ckpt.info("emb"), ckpt.path_of("emb"), {6: torch.full((4,), 7.0).bfloat16()},
+                            torch.full((2, 4), -1.0).bfloat16())
+
+
+@pytest.mark.parametrize("failure", ["EXDEV", "ENOSYS", "EOPNOTSUPP", "after-a-partial-copy"])
+def test_a_copy_the_kernel_refuses_falls_back_to_reading_and_writing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    """``copy_file_range`` unsupported between two files (another filesystem, an old kernel, a filesystem without
+    it), or failing midway: the rest is copied through a bounded read/write loop, same bytes, same digest."""
+    import errno
+
+    from adapter_surgery.io import writer
+
+    ckpt = Checkpoint.open(_two_shards(tmp_path / "in"))
+    expected = write_checkpoint(ckpt, tmp_path / "kernel", Changes(replace={"emb": _patched_emb(ckpt)}))
+    real, calls = os.copy_file_range, []
+
+    def refuse(src: int, dst: int, count: int, offset_src: int | None = None, *args: object) -> int:
+        calls.append(count)
+        if failure == "after-a-partial-copy" and len(calls) == 1:
+            return real(src, dst, min(count, 5), offset_src)  # some bytes, then the failure
+        code = errno.EXDEV if failure == "after-a-partial-copy" else getattr(errno, failure)
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(writer.os, "copy_file_range", refuse)
+    monkeypatch.setattr(writer, "COPY_CHUNK", 3)  # several rounds of the read/write loop
+    got = write_checkpoint(ckpt, tmp_path / "loop", Changes(replace={"emb": _patched_emb(ckpt)}))
+    assert calls and got == expected
+    for name in ("s1.safetensors", "s2.safetensors"):
+        assert (tmp_path / "loop" / name).read_bytes() == (tmp_path / "kernel" / name).read_bytes()
+    assert got["s1.safetensors"].sha256 == hashlib.sha256((tmp_path / "loop/s1.safetensors").read_bytes()).hexdigest()
+
+
+def test_deferred_rows_copy_the_ready_rows_before_the_patch_is_resolved(tmp_path: Path) -> None:
+    """A :class:`DeferredRows` writes exactly the bytes of the patch it resolves to; its ready rows are in the file
+    when ``resolve`` is called (the copy overlaps the computation); the digest is the file's."""
+    from adapter_surgery.io.writer import DeferredRows
+
+    ckpt = Checkpoint.open(_two_shards(tmp_path / "in"))
+    expected = write_checkpoint(ckpt, tmp_path / "direct", Changes(replace={"emb": _patched_emb(ckpt)}))
+    info, out = ckpt.info("emb"), tmp_path / "deferred"
+    seen: list[int] = []
+
+    def resolve() -> RowPatchedTensor:
+        seen.append((out / "s1.safetensors").stat().st_size)
+        return _patched_emb(ckpt)
+
+    deferred = DeferredRows(info, ckpt.path_of("emb"), (12, 4), 6, resolve)
+    assert (deferred.dtype, deferred.nbytes) == ("BF16", 12 * 4 * 2)
+    got = write_checkpoint(ckpt, out, Changes(replace={"emb": deferred}))
+    assert got == expected
+    assert (out / "s1.safetensors").read_bytes() == (tmp_path / "direct/s1.safetensors").read_bytes()
+    # when resolve ran, the file held everything before emb and emb's 6 ready rows
+    assert seen == [Checkpoint.open(out).info("emb").begin + 6 * 4 * 2]
+
+
+def test_deferred_rows_refuse_a_patch_that_does_not_fit_and_pass_errors_on(tmp_path: Path) -> None:
+    from adapter_surgery.io.writer import DeferredRows
+
+    ckpt = Checkpoint.open(_two_shards(tmp_path / "in"))
+    info, path = ckpt.info("emb"), ckpt.path_of("emb")
+    early = DeferredRows(info, path, (12, 4), 7, lambda: _patched_emb(ckpt))  # the override (row 6) is before 7
+    with pytest.raises(RuntimeError, match="before row 7"), atomic_output(tmp_path / "a") as tmp:
+        write_checkpoint(ckpt, tmp, Changes(replace={"emb": early}))
+    wrong = DeferredRows(info, path, (13, 4), 6, lambda: _patched_emb(ckpt))
+    with pytest.raises(RuntimeError, match="do not match"), atomic_output(tmp_path / "b") as tmp:
+        write_checkpoint(ckpt, tmp, Changes(replace={"emb": wrong}))
+
+    def fail() -> RowPatchedTensor:
+        raise ValueError("no trained rows")
+
+    with pytest.raises(ValueError, match="no trained rows"), atomic_output(tmp_path / "c") as tmp:
+        write_checkpoint(ckpt, tmp, Changes(replace={"emb": DeferredRows(info, path, (12, 4), 6, fail)}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing half-written is left
+
+
+def test_a_rewritten_shard_is_written_back_while_it_is_written_then_fsynced_complete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SyncFollower: ``fdatasync`` each SYNC_STEP bytes made final during the write, one ``fsync`` of the complete
+    file, and write_checkpoint returns only after it (the caller's rename publishes durable shards)."""
+    from adapter_surgery.io import writer
+
+    ckpt = Checkpoint.open(_two_shards(tmp_path / "in"))
+    out = tmp_path / "out"
+    calls: list[tuple[str, int]] = []
+
+    monkeypatch.setattr(writer, "SYNC_STEP", 16)
+    import threading
+
+    synced = threading.Event()
+
+    def sized(kind: str, real):  # the file's size when each sync starts
+        def run(fd: int) -> None:
+            calls.append((kind, os.fstat(fd).st_size))
+            real(fd)
+            synced.set()
+        return run
+
+    monkeypatch.setattr(writer.os, "fdatasync", sized("fdatasync", os.fdatasync))
+    monkeypatch.setattr(writer.os, "fsync", sized("fsync", os.fsync))
+
+    class Waiting(NewTensor):  # the next tensor is written once the bytes so far are being written back
+        def write(self, fd: int) -> None:
+            assert synced.wait(timeout=30)
+            synced.clear()
+            super().write(fd)
+
+    g = torch.Generator().manual_seed(2)
+    rows = {f"r{i}": (Waiting(torch.randn(3, 4, generator=g)), "w") for i in range(4)}
+    synced.set()
+    written = write_checkpoint(ckpt, out, Changes(add=rows))
+    size = (out / "s2.safetensors").stat().st_size
+    assert calls[-1] == ("fsync", size) and [k for k, _ in calls].count("fsync") == 1
+    during = [n for k, n in calls if k == "fdatasync"]
+    assert len(during) >= 3 and during == sorted(during) and during[0] < size  # the first ones before the end
+    assert written["s2.safetensors"].sha256 == hashlib.sha256((out / "s2.safetensors").read_bytes()).hexdigest()
+
+    follower = writer.SyncFollower(out / "s2.safetensors")
+    follower.abandon()
+    with pytest.raises(OSError, match="abandoned"):
+        follower.run()

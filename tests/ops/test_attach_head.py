@@ -633,3 +633,27 @@ def test_moe_missing_expert_is_a_422(tmp_path: Path) -> None:
         run(tmp_path, "base", "out", task="sequence_classification", num_labels=3)
     assert err.value.field == "checkpoint" and "model.layers.1.mlp.experts.gate_up_proj" in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_service_reads_the_tokenizer_from_its_cache_and_writes_the_same_output(
+        data_dir: Path, build, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the service's tokenizer cache, attach-head loads the tokenizer once over two requests (a copy each time);
+    the outputs are those of a request that loads it itself."""
+    import importlib
+
+    from adapter_surgery.tokenizer_cache import TokenizerCache
+
+    ah = importlib.import_module("adapter_surgery.ops.attach_head")  # the package (its name is also the function's)
+
+    src = build("FX-B")
+    plain = run(data_dir, src, "plain", num_labels=3)
+    loads: list[str] = []
+    real = ah.load_tokenizer
+    monkeypatch.setattr(ah, "load_tokenizer", lambda ckpt, **kw: loads.append(ckpt.root.name) or real(ckpt, **kw))
+    cache = TokenizerCache()
+    for out in ("cached-1", "cached-2"):
+        spec = AttachHeadSpec(checkpoint=src, output=out, num_labels=3)
+        r = attach_head(spec, RunContext(data_dir, tokenizers=cache))
+        assert tree_digest(data_dir / out) == tree_digest(data_dir / "plain")
+        assert r.model_dump(exclude={"output", "seconds"}) == plain.model_dump(exclude={"output", "seconds"})
+    assert loads == [src] and plain.pad_token is not None

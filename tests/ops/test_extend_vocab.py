@@ -448,3 +448,51 @@ def test_bytes_read_are_the_vocabulary_tensors_once(data_dir: Path, build) -> No
     src = build("FX-B")
     r = run(data_dir, src, tokens=["<a>"])
     assert r.bytes_read == 2 * 128 * 32 * 2  # embed_tokens and lm_head, bf16, read once each
+
+
+@pytest.mark.parametrize(("fixture", "kw"), [
+    ("FX-B", {"tokens": ["<a>", "<b>", "<c>"]}),
+    ("FX-D", {"tokens": ["<a>", "<b>"], "init": "hewitt"}),  # new ids take padding rows: overrides, then appends
+    ("FX-E", {"tokens": ["<a>"]}),  # all-zero rows found by the statistics: the warning comes after the write
+    ("FX-C", {"tokens": ["<a>", "<b>"], "untie": True}),  # the untied head is the embedding's deferred patch
+])
+def test_statistics_overlapping_the_write_give_the_same_output(
+        data_dir: Path, build, monkeypatch: pytest.MonkeyPatch, fixture: str, kw: dict) -> None:
+    """The row statistics run on a worker while the writer copies (DeferredRows); the output files, digests and
+    result are those of the statistics computed first."""
+    ev = importlib.import_module("adapter_surgery.ops.extend_vocab")
+    from adapter_surgery.io.writer import DeferredRows
+
+    src = build(fixture)
+    deferred: list[str] = []
+    real_write = DeferredRows.write
+    monkeypatch.setattr(DeferredRows, "write", lambda self, fd: deferred.append(self.path.name) or real_write(self, fd))
+    overlapped = run(data_dir, src, "overlapped", **kw)
+    assert deferred  # the statistics ran beside the write
+    real = ev.vocab_changes
+    monkeypatch.setattr(ev, "vocab_changes", lambda *a, pool=None, **k: real(*a, **k))
+    deferred.clear()
+    first = run(data_dir, src, "first", **kw)
+    assert not deferred
+    assert tree_digest(data_dir / "overlapped") == tree_digest(data_dir / "first")
+    assert overlapped.model_dump(exclude={"output", "seconds"}) == first.model_dump(exclude={"output", "seconds"})
+    assert bool(overlapped.untrained_existing) == (fixture == "FX-E")
+
+
+def test_a_vocabulary_without_trained_rows_fails_from_the_overlapped_write_and_leaves_nothing(
+        data_dir: Path, build) -> None:
+    """The statistics run beside the write: their refusal (every row with a token all zero) still reaches the caller
+    as the 422 it was, the partial output is removed, the input is untouched."""
+    from safetensors.torch import load_file, save_file
+
+    src = build("FX-B")
+    for shard in sorted((data_dir / src).glob("*.safetensors")):
+        t = load_file(str(shard))
+        if EMB in t:
+            t[EMB] = torch.zeros_like(t[EMB])
+            save_file(t, str(shard), metadata={"format": "pt"})
+    before = tree_digest(data_dir / src)
+    with pytest.raises(InvalidCheckpoint, match="has no trained rows"):
+        run(data_dir, src, tokens=["<a>"])
+    assert tree_digest(data_dir / src) == before
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted([src])

@@ -192,6 +192,34 @@ class Checkpoint:
         for start in range(0, rows, step):
             yield start, self.read_rows(name, start, start + step)
 
+    def scan_rows(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+        """As :meth:`iter_rows`, for a reader that is done with each chunk before it asks for the next (statistics
+        over the rows): every chunk is read into the same buffer, so that memory is touched (page faults, zeroing)
+        once per tensor instead of once per chunk. A chunk is overwritten by the next one: copy what must outlive
+        it."""
+        info = self.info(name)
+        if info.torch_dtype is None or not info.shape:
+            yield from self.iter_rows(name, chunk_bytes)  # read_rows refuses it
+            return
+        rows = info.shape[0]
+        row_bytes = info.nbytes // rows if rows else 0
+        step = max(1, chunk_bytes // max(1, row_bytes))
+        buf = torch.empty(min(step, rows) * row_bytes, dtype=torch.uint8)
+        path = self.path_of(name)
+        with path.open("rb", buffering=0) as fh:
+            for start in range(0, rows, step):
+                stop = min(rows, start + step)
+                view = memoryview(buf.numpy())[: (stop - start) * row_bytes]
+                offset, done = info.begin + start * row_bytes, 0
+                while done < len(view):
+                    n = os.preadv(fh.fileno(), [view[done:]], offset + done)
+                    if n <= 0:
+                        raise InvalidCheckpoint(f"{path.name} ended while reading {name!r}", field="checkpoint")
+                    done += n
+                self.bytes_read += len(view)
+                chunk = buf[: len(view)].view(info.torch_dtype) if len(view) else torch.empty(0, dtype=info.torch_dtype)
+                yield start, chunk.reshape(stop - start, *info.shape[1:])
+
     def other_files(self) -> list[Path]:
         """Files of the model directory that are neither weights nor the index (config, tokenizer, ...)."""
         if self.is_file:

@@ -220,9 +220,16 @@ class RowPatchedTensor:
         return self.info.nbytes + extra
 
     def write(self, fd: int) -> None:
+        self.write_from(fd, 0)
+
+    def write_from(self, fd: int, start: int) -> None:
+        """Write the tensor's bytes from row ``start`` on (rows before it are already written; no override lies
+        there)."""
         rows = self.info.shape[0]
         row_bytes = self.info.nbytes // rows if rows else 0
-        cursor = 0
+        cursor = min(start, rows)
+        if any(row < cursor for row in self.overrides):
+            raise RuntimeError(f"an override lies before row {start}, which was already written")
         for row in sorted(self.overrides):
             _copy_range(self.path, self.info.begin + cursor * row_bytes, (row - cursor) * row_bytes, fd)
             _write_all(fd, tensor_bytes(self.overrides[row]))
@@ -230,6 +237,46 @@ class RowPatchedTensor:
         _copy_range(self.path, self.info.begin + cursor * row_bytes, (rows - cursor) * row_bytes, fd)
         if self.appended is not None:
             _write_all(fd, tensor_bytes(self.appended))
+
+
+@dataclass
+class DeferredRows:
+    """A :class:`RowPatchedTensor` whose new rows are still being computed (on another thread: statistics over the
+    rows, say) when the writer reaches it: its leading ``ready_rows`` source rows, which no override touches, are
+    copied by the kernel first, then ``resolve`` (e.g. a future's ``result``) gives the patched tensor and the rest
+    is written from it. So the computation overlaps the copy of everything written before the rows it changes.
+
+    Attributes:
+        info, path: the source tensor.
+        shape: the patched tensor's shape (known before its values: rows after, row shape).
+        ready_rows: source rows ``[0, ready_rows)`` are unchanged (override rows all lie at or after it).
+        resolve: returns the patched tensor (called once, on the writing thread; may block, may raise).
+    """
+
+    info: TensorInfo
+    path: Path
+    shape: tuple[int, ...]
+    ready_rows: int
+    resolve: Callable[[], RowPatchedTensor]
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+    @property
+    def nbytes(self) -> int:
+        rows = self.info.shape[0]
+        return self.info.nbytes // rows * self.shape[0] if rows else 0
+
+    def write(self, fd: int) -> None:
+        rows = self.info.shape[0]
+        ready = min(self.ready_rows, rows)
+        _copy_range(self.path, self.info.begin, ready * (self.info.nbytes // rows if rows else 0), fd)
+        patched = self.resolve()
+        if (patched.dtype, tuple(patched.shape), patched.info, patched.path) != \
+                (self.dtype, tuple(self.shape), self.info, self.path):
+            raise RuntimeError(f"the computed rows of {self.path.name} do not match the tensor planned")
+        patched.write_from(fd, ready)
 
 
 @dataclass
@@ -285,13 +332,10 @@ class Changes:
                        add=self.add | other.add, remove=self.remove | other.remove)
 
 
-class HashFollower:
-    """sha256 of a file while another thread writes it front to back: :meth:`run` (on a worker thread) reads each
-    range the writer reports complete (:meth:`advance`, the file offset after a whole write) from the page cache and
-    hashes it, so that the digest is ready about when the last byte is written instead of one more pass later
-    (on two cores the kernel's copy and the hash run side by side). Only bytes below a reported offset are read:
-    they are final, the writer never goes back (a shard with :class:`ReservedTensor` ranges filled later is hashed
-    after it is complete instead)."""
+class _Follower:
+    """Follows a file that another thread writes front to back: the writer reports how far it is final
+    (:meth:`advance`), that it is complete (:meth:`finish`) or that it failed (:meth:`abandon`); :meth:`_wait` (on
+    the follower's thread) waits for more."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -325,6 +369,15 @@ class HashFollower:
                 raise OSError(f"{self.path.name}: the write was abandoned")
             return self._mark, self._end
 
+
+class HashFollower(_Follower):
+    """sha256 of a file while another thread writes it front to back: :meth:`run` (on a worker thread) reads each
+    range the writer reports complete (:meth:`advance`, the file offset after a whole write) from the page cache and
+    hashes it, so that the digest is ready about when the last byte is written instead of one more pass later
+    (on two cores the kernel's copy and the hash run side by side). Only bytes below a reported offset are read:
+    they are final, the writer never goes back (a shard with :class:`ReservedTensor` ranges filled later is hashed
+    after it is complete instead)."""
+
     def run(self) -> str:
         """The hex sha256 of the whole file, once :meth:`finish` is called and every byte is hashed."""
         digest, done = hashlib.sha256(), 0
@@ -349,17 +402,57 @@ class HashFollower:
                 fh.close()
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # flushes the file's dirty pages whichever descriptor wrote them
-    finally:
-        os.close(fd)
+#: Bytes a :class:`SyncFollower` lets the writer get ahead before it starts writing them back.
+SYNC_STEP = 128 * 1024 * 1024
+
+
+class SyncFollower(_Follower):
+    """Makes a file durable while another thread writes it: :meth:`run` (on a worker thread) ``fdatasync``-s it each
+    time :data:`SYNC_STEP` more bytes are final, so that the disk writes the file during the copy instead of all of
+    it in one ``fsync`` after the last byte, then ``fsync``-s it once complete (that final sync is what makes it
+    durable, as before; the earlier ones only start the work sooner)."""
+
+    def run(self) -> None:
+        """Returns once the complete file is ``fsync``-ed (raises if the write was abandoned)."""
+        synced = 0
+        fd = os.open(self.path, os.O_RDONLY)  # syncing flushes the file's dirty pages whichever descriptor wrote them
+        try:
+            while True:
+                mark, end = self._wait(synced)
+                if end is not None:
+                    os.fsync(fd)
+                    return
+                if mark - synced >= SYNC_STEP:
+                    os.fdatasync(fd)
+                    synced = mark
+                else:
+                    self._wait(synced + SYNC_STEP - 1)  # a whole step more (or the end) before syncing again
+        finally:
+            os.close(fd)
+
+
+class Followers:
+    """Several followers of one file, told the same (a :class:`HashFollower` and a :class:`SyncFollower`)."""
+
+    def __init__(self, *followers: _Follower) -> None:
+        self.followers = followers
+
+    def advance(self, offset: int) -> None:
+        for f in self.followers:
+            f.advance(offset)
+
+    def finish(self, size: int) -> None:
+        for f in self.followers:
+            f.finish(size)
+
+    def abandon(self) -> None:
+        for f in self.followers:
+            f.abandon()
 
 
 def write_shard(path: Path, entries: Iterable[tuple[str, TensorSource]], metadata: dict[str, str] | None,
                 progress: Progress | WriteObserver | None = None, stage: str = "", *,
-                follower: HashFollower | None = None, sync: bool = True) -> int:
+                follower: _Follower | Followers | None = None, sync: bool = True) -> int:
     """Write a safetensors file at ``path`` from ``(name, source)`` pairs, in that order; return the data bytes.
 
     The header JSON is padded with spaces to a multiple of 8 bytes, as the reference writer does. ``progress``
@@ -379,7 +472,7 @@ def write_shard(path: Path, entries: Iterable[tuple[str, TensorSource]], metadat
 
 
 def _write_shard(path: Path, entries: list[tuple[str, TensorSource]], metadata: dict[str, str] | None,
-                 watch: WriteObserver, stage: str, follower: HashFollower | None, sync: bool) -> int:
+                 watch: WriteObserver, stage: str, follower: _Follower | Followers | None, sync: bool) -> int:
     header: dict[str, object] = {}
     if metadata is not None:
         header["__metadata__"] = metadata
@@ -458,12 +551,13 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
     ``known``). A rewritten shard is hashed from the page cache on a worker thread while it is written
     (:class:`HashFollower`), and its digest stored in ``cache`` under the written file (so that a request on this
     output, which links it, reads nothing); without ``hash_rewritten`` (the caller fills :class:`ReservedTensor`
-    ranges later and hashes then) its digest is None. Each rewritten shard is ``fsync``-ed on a worker thread while
-    the next one is written; every sync has returned when this returns, so the caller's rename publishes only
-    durable shards, as with a sync at the end of each write. A linked shard is never read: its digest is
-    ``cache``'s if known, else None. ``progress`` (a message callback, or a :class:`WriteObserver` such as the run
-    context) hears the bytes planned for the rewritten shards, then each tensor's bytes once written, and may stop
-    the write before each shard and tensor (the caller's ``atomic_output`` then removes what was written).
+    ranges later and hashes then) its digest is None. Each rewritten shard is written back to disk on a worker
+    thread while it is written (:class:`SyncFollower`: ``fdatasync`` every :data:`SYNC_STEP` bytes) and ``fsync``-ed
+    there once complete, while the next one is written; every sync has returned when this returns, so the caller's
+    rename publishes only durable shards, as with a sync at the end of each write. A linked shard is never read: its
+    digest is ``cache``'s if known, else None. ``progress`` (a message callback, or a :class:`WriteObserver` such as
+    the run context) hears the bytes planned for the rewritten shards, then each tensor's bytes once written, and may
+    stop the write before each shard and tensor (the caller's ``atomic_output`` then removes what was written).
     """
     watch = observer(progress)
     out.mkdir(parents=True, exist_ok=True)
@@ -485,8 +579,8 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
     watch.plan(f"rewriting {len(entries_of)} of {len(ckpt.shards)} shards",
                sum(src.nbytes for entries in entries_of.values() for _, src in entries))
     rewritten = 0
-    # a worker per rewritten shard hashes it while it is written (HashFollower) and another fsyncs it while the next
-    # is written; both are waited for before this returns (the caller renames the output into place after that)
+    # a worker per rewritten shard hashes it while it is written (HashFollower) and another writes it back and fsyncs
+    # it (SyncFollower); both are waited for before this returns (the caller renames the output into place after that)
     with ThreadPoolExecutor(max_workers=2 * max(1, len(entries_of))) as pool:
         pending: dict[Path, Future[str]] = {}
         syncs: list[Future[None]] = []
@@ -507,10 +601,13 @@ def write_checkpoint(ckpt: Checkpoint, out: Path, changes: Changes, progress: Pr
                 watch.say(stage)
                 entries = entries_of[shard]
                 follower = HashFollower(target) if hash_rewritten else None
+                syncer = SyncFollower(target)
+                target.touch()  # the followers open it while it is written
                 if follower is not None:
                     pending[target] = pool.submit(follower.run)
-                total += write_shard(target, entries, header.metadata, watch, stage, follower=follower, sync=False)
-                syncs.append(pool.submit(_fsync_path, target))
+                syncs.append(pool.submit(syncer.run))
+                both = Followers(syncer) if follower is None else Followers(follower, syncer)
+                total += write_shard(target, entries, header.metadata, watch, stage, follower=both, sync=False)
                 if follower is None:
                     written[target.name] = WrittenFile(target.name, target.stat().st_size, None)
                 kept = [n for n, _ in entries]

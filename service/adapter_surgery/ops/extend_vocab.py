@@ -16,6 +16,7 @@ import math
 import re
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -40,6 +41,7 @@ from adapter_surgery.initializers import (
 from adapter_surgery.io import Checkpoint, describe_files
 from adapter_surgery.io.writer import (
     Changes,
+    DeferredRows,
     NewTensor,
     RowPatchedTensor,
     TensorSource,
@@ -201,25 +203,32 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
                         "its weights hard-linked")
     warnings += _first_rows_warning(spec, plan)
     ctx.say(f"planned {len(plan.added)} new tokens, {arch.vocab_rows} -> {plan.rows_after} rows")
-    derived = vocab_changes(spec, ckpt, arch, plan, tok, device, ctx)
-    changes, changed, plan = derived.changes, derived.changed, derived.plan
-    warnings += derived.warnings
     single_file = output.suffix == ".safetensors"
-    if single_file and not ckpt.is_file:
-        raise InvalidSpec("a .safetensors output needs a bare .safetensors checkpoint", field="output",
-                          fix="Give a directory as output for a model directory.")
-    with run.writing() as tmp:
-        if single_file:
-            ctx.say("write single file")
-            write_single_file(ckpt, tmp, changes, ctx)
-            digests = {}
-        else:
-            shard_name = "model.safetensors" if ckpt.is_file else None
-            digests = write_checkpoint(ckpt, tmp, changes, ctx, shard_name=shard_name, cache=ctx.digests)
-            _write_side_files(ckpt, tmp, arch, plan, spec, tok)
-        files = describe_files(tmp, known=digests)
-        if single_file:  # the file's final name, not the temporary one
-            files = [dataclasses.replace(f, path=output.name) for f in files]
+    # a directory's vocabulary statistics run on a worker while the writer copies what precedes the rows they change
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="row-stats")
+    try:
+        derived = vocab_changes(spec, ckpt, arch, plan, tok, device, ctx, pool=None if single_file else pool)
+        changes, changed = derived.changes, derived.changed
+        if single_file and not ckpt.is_file:
+            raise InvalidSpec("a .safetensors output needs a bare .safetensors checkpoint", field="output",
+                              fix="Give a directory as output for a model directory.")
+        with run.writing() as tmp:
+            if single_file:
+                ctx.say("write single file")
+                write_single_file(ckpt, tmp, changes, ctx)
+                digests = {}
+            else:
+                shard_name = "model.safetensors" if ckpt.is_file else None
+                digests = write_checkpoint(ckpt, tmp, changes, ctx, shard_name=shard_name, cache=ctx.digests)
+                derived = derived.settled()  # every statistic has run (raises here, before the rename, if one failed)
+                _write_side_files(ckpt, tmp, arch, derived.plan, spec, tok)
+            files = describe_files(tmp, known=digests)
+            if single_file:  # the file's final name, not the temporary one
+                files = [dataclasses.replace(f, path=output.name) for f in files]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    plan = derived.plan
+    warnings += derived.warnings
     report = preservation_report(checkpoint, output, device=spec.device, progress=ctx.say) if spec.verify else None
     return ExtendVocabResult(
         output=spec.output, architecture_source=arch.source,
@@ -533,23 +542,42 @@ def _source_for(init, text: str | None, vocab: dict[str, int] | None, tok, where
 @dataclass(frozen=True)
 class VocabChanges:
     """What :func:`vocab_changes` derives from a plan: the tensor changes, the changed tensors as the result lists
-    them, the plan completed with what the row statistics found (untrained rows; re-initialized ones), warnings."""
+    them, the plan completed with what the row statistics found (untrained rows; re-initialized ones), warnings.
+
+    With statistics still running (:func:`vocab_changes` given a ``pool``), ``changes`` holds :class:`DeferredRows`
+    and ``plan``/``warnings`` are those known before the statistics: :meth:`settled` waits for them and completes
+    both (call it once the changes are written)."""
 
     changes: Changes
     changed: list[ChangedTensor]
     plan: VocabPlan
     warnings: list[str]
+    pending: Callable[[], tuple[VocabPlan, list[str]]] | None = None
+
+    def settled(self) -> VocabChanges:
+        """These changes with the statistics' findings in ``plan`` and ``warnings`` (waits for them)."""
+        if self.pending is None:
+            return self
+        plan, warnings = self.pending()
+        return dataclasses.replace(self, plan=plan, warnings=warnings, pending=None)
 
 
 def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, plan: VocabPlan, tok,
-                  device: torch.device, ctx: RunContext | None = None) -> VocabChanges:
+                  device: torch.device, ctx: RunContext | None = None,
+                  pool: Executor | None = None) -> VocabChanges:
     """The tensor changes of ``plan``: every vocabulary tensor of ``arch`` row-patched with its strategy values.
 
     Also finds existing tokens with all-zero rows (re-initialized with ``reinit_existing``: the returned plan has
     them; ``plan`` itself is left as it is), drops redundant tied heads and unties on request.
 
+    With ``pool`` (and without ``reinit_existing``, whose rows are known only from the statistics), each vocabulary
+    tensor's statistics and new rows are computed there, in the order the writer reaches the tensors, while the
+    caller writes: the tensors are :class:`DeferredRows` (their unchanged leading rows are copied meanwhile) and
+    the result's :meth:`VocabChanges.settled` completes the plan and warnings. The values are the same either way.
+
     Raises:
-        InvalidCheckpoint: a vocabulary tensor without any trained row.
+        InvalidCheckpoint: a vocabulary tensor without any trained row (with ``pool``: from the write, or from
+            :meth:`VocabChanges.settled`).
     """
     warnings: list[str] = []
     changes = Changes()
@@ -564,12 +592,50 @@ def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, p
         row_shape = tuple(ckpt.info(key).shape[1:])
         return reinit_hewitt or (n_hewitt > 0 and hewitt_needs_covariance(n_hewitt, row_shape))
 
-    stats = {}
-    for n, k in enumerate(arch.vocab_tensors):
+    def stats_of(n: int, k: str) -> RowStats:
         _planning(ctx, f"row statistics of {k}", n, len(arch.vocab_tensors))
         cov = need_cov(k)  # few hewitt rows: their draws are summed in the statistics pass (no second pass)
         draws = (n_hewitt, row_generator(spec.seed, k, "hewitt", device)) if n_hewitt and not cov else None
-        stats[k] = _stats(ckpt, k, plan, device, cov, draws)
+        return _stats(ckpt, k, plan, device, cov, draws)
+
+    grows = bool(plan.rows) or plan.rows_after != arch.vocab_rows
+    if pool is not None and not spec.reinit_existing and grows \
+            and all(ckpt.info(k).shape and ckpt.info(k).shape[0] for k in arch.vocab_tensors):
+        return _vocab_changes_overlapped(spec, ckpt, arch, plan, tok, device, ctx, pool, changes, warnings, stats_of)
+    stats = {k: stats_of(n, k) for n, k in enumerate(arch.vocab_tensors)}
+    plan, found = _untrained(spec, plan, stats, tok, arch)
+    warnings += found
+    changed: list[ChangedTensor] = []
+    if plan.rows or plan.rows_after != arch.vocab_rows:
+        for n, key in enumerate(arch.vocab_tensors):
+            _planning(ctx, f"initializing the rows of {key}", n, len(arch.vocab_tensors))
+            src = _patched(ckpt, key, stats[key], plan, spec, device, ctx)
+            changes.replace[key] = src
+            changed.append(ChangedTensor(name=key, shape_before=list(ckpt.info(key).shape), shape=list(src.shape)))
+    return _vocab_changes_rest(spec, ckpt, arch, plan, changes, changed, warnings)
+
+
+def _vocab_changes_rest(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, plan: VocabPlan,
+                        changes: Changes, changed: list[ChangedTensor], warnings: list[str],
+                        pending: Callable[[], tuple[VocabPlan, list[str]]] | None = None) -> VocabChanges:
+    """After the vocabulary tensors: the other vocabulary tensors zero-padded, the head untied on request."""
+    for key in arch.other_vocab_tensors if plan.rows_after != arch.vocab_rows else []:
+        src = zero_padded(ckpt, key, plan.rows_after)
+        changes.replace[key] = src
+        changed.append(ChangedTensor(name=key, shape_before=list(ckpt.info(key).shape), shape=list(src.shape)))
+    if spec.untie:
+        head, untied, note = _untie(changes.replace, ckpt, arch)
+        changes = changes.merged(head)
+        changed += untied
+        warnings += note
+    return VocabChanges(changes, changed, plan, warnings, pending)
+
+
+def _untrained(spec: ExtendVocabSpec, plan: VocabPlan, stats: dict[str, RowStats], tok,
+               arch: Architecture) -> tuple[VocabPlan, list[str]]:
+    """``plan`` with the existing tokens whose rows are all zero (untrained; re-initialized with
+    ``reinit_existing``), and the warning that says so."""
+    warnings: list[str] = []
     zero = sorted(set().union(*(set(s.zero_rows) for s in stats.values())))
     names = [None] * len(zero) if tok is None else tok.convert_ids_to_tokens(zero)
     untrained = [TokenId(token=name, id=i) for name, i in zip(names, zero, strict=True)]
@@ -582,23 +648,40 @@ def vocab_changes(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, p
         strategy = spec.init if spec.init != "subword_mean" else "mean"
         reinit = [_row_for(i, strategy, None, None, None, "init", arch.vocab_rows) for i in zero]
         plan = dataclasses.replace(plan, rows=[*plan.rows, *reinit], reinit=list(untrained))
+    return plan, warnings
+
+
+def _vocab_changes_overlapped(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Architecture, plan: VocabPlan, tok,
+                              device: torch.device, ctx: RunContext | None, pool: Executor, changes: Changes,
+                              warnings: list[str], stats_of: Callable[[int, str], RowStats]) -> VocabChanges:
+    """:func:`vocab_changes` with each vocabulary tensor's statistics and rows computed on ``pool`` (submitted in
+    the order the writer reaches the tensors: shard order, then offset) behind a :class:`DeferredRows`."""
+    shard_rank = {shard: i for i, shard in enumerate(ckpt.shards)}
+    order = sorted(arch.vocab_tensors, key=lambda k: (shard_rank[ckpt.weight_map[k]], ckpt.info(k).begin))
+    index = {k: n for n, k in enumerate(arch.vocab_tensors)}
+
+    def job(key: str) -> tuple[RowStats, RowPatchedTensor]:
+        stats = stats_of(index[key], key)
+        return stats, _patched(ckpt, key, stats, plan, spec, device, ctx)
+
+    futures = {k: pool.submit(job, k) for k in order}
     changed: list[ChangedTensor] = []
-    if plan.rows or plan.rows_after != arch.vocab_rows:
-        for n, key in enumerate(arch.vocab_tensors):
-            _planning(ctx, f"initializing the rows of {key}", n, len(arch.vocab_tensors))
-            src = _patched(ckpt, key, stats[key], plan, spec, device, ctx)
-            changes.replace[key] = src
-            changed.append(ChangedTensor(name=key, shape_before=list(ckpt.info(key).shape), shape=list(src.shape)))
-    for key in arch.other_vocab_tensors if plan.rows_after != arch.vocab_rows else []:
-        src = zero_padded(ckpt, key, plan.rows_after)
+    for key in arch.vocab_tensors:
+        info = ckpt.info(key)
+        ready = min([r.id for r in plan.rows if r.id < info.shape[0]], default=info.shape[0])
+        src = DeferredRows(info, ckpt.path_of(key), (max(plan.rows_after, info.shape[0]), *info.shape[1:]), ready,
+                           lambda f=futures[key]: f.result()[1])
         changes.replace[key] = src
-        changed.append(ChangedTensor(name=key, shape_before=list(ckpt.info(key).shape), shape=list(src.shape)))
-    if spec.untie:
-        head, untied, note = _untie(changes.replace, ckpt, arch)
-        changes = changes.merged(head)
-        changed += untied
-        warnings += note
-    return VocabChanges(changes, changed, plan, warnings)
+        changed.append(ChangedTensor(name=key, shape_before=list(info.shape), shape=list(src.shape)))
+
+    derived = _vocab_changes_rest(spec, ckpt, arch, plan, changes, changed, [])
+    before, notes = list(warnings), derived.warnings
+
+    def pending() -> tuple[VocabPlan, list[str]]:  # the warnings in the order vocab_changes gives them
+        found, more = _untrained(spec, plan, {k: f.result()[0] for k, f in futures.items()}, tok, arch)
+        return found, before + more + notes
+
+    return dataclasses.replace(derived, warnings=before + notes, pending=pending)
 
 
 def _untie(replaced: dict[str, TensorSource], ckpt: Checkpoint,
@@ -664,7 +747,7 @@ def _trained_mask(ckpt: Checkpoint, key: str, plan: VocabPlan) -> Callable[[int,
 def _stats(ckpt: Checkpoint, key: str, plan: VocabPlan, device: torch.device, covariance: bool,
            draws: tuple[int, torch.Generator] | None = None) -> RowStats:
     try:
-        return row_stats(ckpt.iter_rows(key), _trained_mask(ckpt, key, plan), device, covariance, draws)
+        return row_stats(ckpt.scan_rows(key), _trained_mask(ckpt, key, plan), device, covariance, draws)
     except ValueError:
         raise InvalidCheckpoint(f"tensor {key!r} has no trained rows (every row with a token is all zero)",
                                 field="checkpoint", fix="Use init 'normal' or 'zeros', which need no trained rows.") \
@@ -681,7 +764,7 @@ def _patched(ckpt: Checkpoint, key: str, stats: RowStats, plan: VocabPlan, spec:
         return torch.cat([ckpt.read_rows(key, i, i + 1) for i in ids]).to(device).float()
 
     def trained_rows() -> Iterator[torch.Tensor]:  # the rows row_stats counted, read again block by block
-        for _, x, _, keep in trained_blocks(ckpt.iter_rows(key), _trained_mask(ckpt, key, plan), device):
+        for _, x, _, keep in trained_blocks(ckpt.scan_rows(key), _trained_mask(ckpt, key, plan), device):
             sel = x if bool(keep.all()) else x[keep]
             yield sel.reshape(sel.shape[0], -1)
 
