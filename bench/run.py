@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     info.update(label=args.label, command=" ".join(["python bench/run.py", *shown]),
                 caps={"ours": args.cap_ours, "anchor": args.cap_anchor}, reps=args.reps, device=args.device)
     outdir = Path(args.out)
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir.mkdir(parents=True, exist_ok=True)  # results are written after each pair: the folder must exist
     known = subprocess.run([sys.executable, "-c", "from adapter_surgery.ops import OPERATIONS; print(*OPERATIONS)"],
                            capture_output=True, text=True, env=_env()).stdout.split()
     info["uncovered"] = sorted(set(known) - {v.op for v in VARIANTS})  # operations added since workloads.py was

@@ -184,6 +184,30 @@ class Checkpoint:
         """The whole tensor ``name`` in its stored dtype (use ``iter_rows`` for large ones)."""
         return self.read_rows(name)
 
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """The whole tensor ``name`` read into ``out`` (a contiguous CPU tensor of its stored dtype and shape, e.g. a
+        buffer reused from one tensor to the next, so that no fresh memory is faulted in); returns ``out``.
+
+        Raises:
+            InvalidCheckpoint: the file ends early. ValueError: ``out`` does not fit the tensor.
+        """
+        info = self.info(name)
+        if (out.dtype != info.torch_dtype or tuple(out.shape) != info.shape or not out.is_contiguous()
+                or out.device.type != "cpu"):
+            raise ValueError(f"{name} is {info.dtype} {list(info.shape)}; got a {out.dtype} {list(out.shape)} buffer")
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if info.nbytes else memoryview(b"")
+        if info.nbytes:
+            with self.path_of(name).open("rb", buffering=0) as fh:
+                done = 0
+                while done < info.nbytes:
+                    n = os.preadv(fh.fileno(), [view[done:]], info.begin + done)
+                    if n <= 0:
+                        raise InvalidCheckpoint(f"{self.path_of(name).name} ended while reading {name!r}",
+                                                field="checkpoint")
+                    done += n
+        self.bytes_read += info.nbytes
+        return out
+
     def iter_rows(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(first_row, rows)`` chunks of tensor ``name`` of at most ``chunk_bytes`` each."""
         info = self.info(name)

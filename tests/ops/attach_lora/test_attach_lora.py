@@ -423,17 +423,22 @@ def test_residual_base_plus_adapter_reproduces_the_base(data_dir: Path, build, f
 def test_weights_are_read_one_target_at_a_time(data_dir: Path, build, monkeypatch) -> None:
     src = build("FX-B")
     events: list[tuple[str, str]] = []
-    read, add = Checkpoint.read, _Residuals.add
+    read, read_into, add = Checkpoint.read, Checkpoint.read_into, _Residuals.add
 
     def tracking_read(self, name):
         events.append(("read", name))
         return read(self, name)
+
+    def tracking_read_into(self, name, out):  # PiSSA reads into a buffer reused from target to target
+        events.append(("read", name))
+        return read_into(self, name, out)
 
     def tracking_add(self, key, tensor):
         events.append(("spill", key))
         return add(self, key, tensor)
 
     monkeypatch.setattr(Checkpoint, "read", tracking_read)
+    monkeypatch.setattr(Checkpoint, "read_into", tracking_read_into)
     monkeypatch.setattr(_Residuals, "add", tracking_add)
     real_pwrite, pwritten = os.pwrite, []
     monkeypatch.setattr(os, "pwrite", lambda fd, data, at: pwritten.append(len(data)) or real_pwrite(fd, data, at))

@@ -1,11 +1,14 @@
 """attach-lora's decompositions and inits that read the base: each target's base weight handed to peft while it
-builds that target's adapter (PiSSA, OLoRA, DoRA; a zero-storage stand-in for data-free inits), OLoRA on Conv1D,
-and the RNG and thread set-up peft's inits run under. Formulas and sources: the package docstring."""
+builds that target's adapter (OLoRA, DoRA; a zero-storage stand-in for data-free inits), PiSSA and OLoRA on Conv1D
+computed here, and the RNG and thread set-up peft's inits run under. Formulas and sources: the package docstring."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
+import math
+import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -53,7 +56,9 @@ class Materializer:
     """Gives peft each target's base weight for the duration of its adapter's creation, then takes it back.
 
     Data-free inits get a zero-storage stand-in (right shape, dtype and device; peft reads only those). Others get
-    the weight read from the checkpoint onto ``device``; a changed weight (PiSSA, OLoRA) goes to ``spill``.
+    the weight read from the checkpoint onto ``device``; a changed weight (PiSSA, OLoRA) goes to ``spill``. PiSSA
+    runs here (:func:`pissa`, peft's ``pissa_init`` operation for operation) in buffers reused from one target to
+    the next (:class:`Workspace`), each residual written while the next target decomposes.
     """
 
     def __init__(self, ckpt: Checkpoint, targets: list[Target], device: torch.device, init: str,
@@ -65,6 +70,11 @@ class Materializer:
         self.spill = spill
         self.needs_weights = init not in DATA_FREE_INITS
         self._freed_since_trim = 0
+        decomposed = [t.info for t in targets if t.kind != "parameter" and t.info is not None]
+        self.work = Workspace(max((math.prod(i.shape) for i in decomposed), default=0), device)
+        self._turn = 0  # which of the two residual buffers the next target fills
+        read = [t for t in targets if t.kind != "parameter" and t.key is not None]
+        self._next = {a.name: b for a, b in itertools.pairwise(read)}  # peft's order: the model's
 
     def create(self, key: str, base: nn.Module, config, create: Callable[[object], nn.Module]) -> None:
         """:data:`peft_bridge.CreateHook`: give ``base`` its weight, let peft build the adapter, spill the
@@ -78,20 +88,94 @@ class Materializer:
             return
         dtype = base.weight.dtype
         shape = tuple(base.weight.shape)
-        weights_needed = self.needs_weights or config.use_dora
-        weight = self._weight(target, dtype, shape, config.use_dora, weights_needed)
-        base.weight = nn.Parameter(weight, requires_grad=False)
-        lora = self._create(target, config, create)
-        if self.spill is not None:
-            self._spill(target, base, lora, config.use_dora)
+        if self.needs_weights or config.use_dora:
+            self._prefetch(self._next.get(target.name))
+        if self.init.startswith("pissa") and self.spill is not None:
+            lora = self._create_pissa(target, base, config, create)
+        else:
+            weights_needed = self.needs_weights or config.use_dora
+            weight = self._weight(target, dtype, shape, config.use_dora, weights_needed)
+            base.weight = nn.Parameter(weight, requires_grad=False)
+            lora = self._create(target, config, create)
+            if self.spill is not None:
+                self._spill(target, base, lora, config.use_dora)
+            freed = weight.numel() * weight.element_size()
+            del weight
+            if weights_needed:
+                self._trim_after(freed)
         base.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False)
         for name, p in lora.named_parameters():
             if "base_layer" not in name and p.device.type not in ("cpu", "meta"):
                 p.data = p.data.cpu()
-        freed = weight.numel() * weight.element_size()
-        del weight
-        if weights_needed:
-            self._trim_after(freed)
+
+    def _create_pissa(self, target: Target, base: nn.Module, config,
+                      create: Callable[[object], nn.Module]) -> nn.Module:
+        """PiSSA on one target, as peft's ``update_layer`` runs it, in :attr:`work`'s buffers.
+
+        peft builds the layer with ``init_lora_weights=False`` (the same draws from the global RNG: the ``nn.Linear``
+        inits of A and B, no reset), then :func:`pissa` draws ``svd_lowrank``'s sample and sets A, B (cast to the
+        base dtype, as ``_move_adapter_to_device_of_base_layer`` casts them) and the residual. DoRA's magnitude is
+        then recomputed from the residual (peft's ``update_layer`` computes it after ``pissa_init``; here the layer
+        was built on W)."""
+        dtype = base.weight.dtype
+        dora = bool(config.use_dora)
+        stored = self.ckpt.read_into(target.key, self.work.take("stored", target.info.shape, target.info.torch_dtype,
+                                                                torch.device("cpu")))
+        seen_dtype = torch.float32 if dora else dtype  # what from_pretrained gives peft (DoRA: float32, see _weight)
+        if stored.device == self.device and stored.dtype == seen_dtype:
+            seen = stored
+        elif seen_dtype == torch.float32 or seen_dtype == stored.dtype:  # one exact copy (widening, or a move)
+            seen = self.work.take("float32" if seen_dtype == torch.float32 else "moved", stored.shape, seen_dtype)
+            seen.copy_(stored)
+        else:  # a rounding the stored values go through first, as from_pretrained would apply it
+            seen = stored.to(self.device, seen_dtype)
+        base.weight = nn.Parameter(seen, requires_grad=False)
+        used = copy.copy(config)
+        used.init_lora_weights = False
+        lora = create(used)
+        config.fan_in_fan_out = used.fan_in_fan_out  # peft sets it on the config it is given, as on its own
+        conv1d = target.kind == "conv1d"
+        w32 = seen if seen.dtype == torch.float32 else self.work.take("float32", seen.shape, torch.float32).copy_(seen)
+        w = w32.T if conv1d else w32  # peft: transpose(weight.to(float32), fan_in_fan_out), (out, in)
+        product = self.work.take("product", w.shape, torch.float32)
+        pissa(lora, self.init, w, product)
+        out = self.work.take(f"residual{self._turn}", target.info.shape, target.info.torch_dtype,
+                             torch.device("cpu"))
+        self._turn ^= 1
+        if dora:  # the base weight peft leaves (its residual, its layout), then as attach-lora always did with it
+            residual = w - product
+            base.weight.data = (residual.T if conv1d else residual).to(dtype)
+            written = base.weight.detach().to(target.info.torch_dtype)
+            out.copy_(written)
+            if written.dtype != base.weight.dtype:  # the norm of the residual as written
+                base.weight.data = written.to(base.weight.dtype)
+            bridge.update_magnitude(lora)
+            del residual, written
+        else:
+            torch.sub(w, product, out=product)  # W - s B A, elementwise as peft's ``weight - scaling * B @ A``
+            value = product.T if conv1d else product
+            if dtype not in (torch.float32, out.dtype):  # peft rounds to the base dtype, the residual to the stored
+                value = value.to(dtype)
+            out.copy_(value)
+        if dora or self.init == "pissa":  # temporaries outside the workspace (the exact SVD's U and V, DoRA's)
+            self._trim_after(out.numel() * 4)
+        self.spill.add(target.key, out)  # written on the spill's thread while the next target decomposes
+        return lora
+
+    def _prefetch(self, target: Target | None) -> None:
+        """Have the kernel start reading ``target``'s weight into the page cache (``posix_fadvise(WILLNEED)``, not
+        waited for), so that on a cold page cache the next target's read overlaps this one's arithmetic. A hint:
+        where it cannot be given, nothing happens."""
+        if target is None or target.info is None or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(self.ckpt.path_of(target.key), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, target.info.begin, target.info.nbytes, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
 
     def _trim_after(self, freed: int) -> None:
         """:func:`release_freed_memory` once :data:`TRIM_EVERY_BYTES` of weight temporaries were freed since the last
@@ -149,6 +233,60 @@ class Materializer:
         if dora and residual.dtype != base.weight.dtype:  # the norm of the residual as written
             base.weight.data = residual.to(base.weight.dtype)
             bridge.update_magnitude(lora)
+
+
+class Workspace:
+    """Tensors reused from one target to the next, by name: each is allocated once, for the largest target, and
+    lent as a view of the shape asked for.
+
+    A target's weight-sized temporaries allocated afresh cost page faults each time (glibc serves them with mmap and
+    gives them back on free): at 1B, 2.2M faults and 9 s of system time per PiSSA run, more than peft's whole
+    process spent. Reused, they are faulted in once; RSS stays at these buffers.
+    """
+
+    def __init__(self, numel: int, device: torch.device) -> None:
+        self.numel = numel
+        self.device = device
+        self._slots: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype,
+             device: torch.device | None = None) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` and ``dtype`` on ``device`` (default: the workspace's), aliasing what
+        ``name`` lent before: its content is whatever was left there."""
+        device = device or self.device
+        need = math.prod(shape) * dtype.itemsize
+        buf = self._slots.get(name)
+        if buf is None or buf.numel() < need or buf.device != device:
+            buf = torch.empty(max(need, self.numel * dtype.itemsize), dtype=torch.uint8, device=device)
+            self._slots[name] = buf
+        return buf[:need].view(dtype).view(shape)
+
+
+@torch.no_grad()
+def pissa(lora: nn.Module, init: str, w: torch.Tensor, product: torch.Tensor) -> None:
+    """peft's ``pissa_init`` on ``w`` (the base weight in float32, (out, in)), operation for operation: A and B set
+    on ``lora`` (cast to its parameters' dtype), s B A left in ``product`` (``w``'s shape, contiguous).
+
+    ``"pissa"``: W = V S U^T (``torch.linalg.svd``); ``"pissa_niter_N"``: ``torch.svd_lowrank(W, r, niter=N)``
+    (same sample from the global RNG as peft's call); S_r /= s; A = diag(sqrt(S_r)) U_r^T (r, in),
+    B = V_r diag(sqrt(S_r)) (out, r); the residual is W - (s B) A (Meng et al. 2024, "PiSSA: Principal Singular
+    Values and Singular Vectors Adaptation"; peft's ``LoraLayer.pissa_init``). Only where the results go differs:
+    the product is computed into ``product`` instead of fresh memory.
+    """
+    f = bridge.factors(lora)
+    if init == "pissa":
+        v, s, uh = torch.linalg.svd(w, full_matrices=False)
+        vr, sr, uhr = v[:, :f.r], s[:f.r], uh[:f.r]
+        sr /= f.scaling
+    else:
+        vr, sr, ur = torch.svd_lowrank(w, f.r, niter=int(init.split("_niter_")[-1]))
+        sr /= f.scaling
+        uhr = ur.t()
+    a = torch.diag(torch.sqrt(sr)) @ uhr
+    b = vr @ torch.diag(torch.sqrt(sr))
+    torch.matmul(f.scaling * b, a, out=product)
+    f.lora_A.data = a.to(f.lora_A.device, f.lora_A.dtype)
+    f.lora_B.data = b.to(f.lora_B.device, f.lora_B.dtype)
 
 
 #: Weight temporaries freed between two :func:`release_freed_memory` calls at most (bytes).

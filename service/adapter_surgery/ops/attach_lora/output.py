@@ -8,7 +8,7 @@ import dataclasses
 import os
 import shutil
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -17,7 +17,14 @@ from torch import nn
 from adapter_surgery.errors import InvalidCheckpoint
 from adapter_surgery.io import Checkpoint
 from adapter_surgery.io.header import TORCH_TO_SAFETENSORS
-from adapter_surgery.io.writer import Changes, ReservedTensor, WrittenFile, sha256_of, tensor_bytes, write_checkpoint
+from adapter_surgery.io.writer import (
+    Changes,
+    HashFollower,
+    ReservedTensor,
+    WrittenFile,
+    tensor_bytes,
+    write_checkpoint,
+)
 from adapter_surgery.model.roles import Architecture
 from adapter_surgery.ops.attach_lora import peft_bridge as bridge
 from adapter_surgery.ops.attach_lora.spec import ADAPTER_WEIGHTS, ResidualBase, TargetModule
@@ -29,8 +36,10 @@ class Residuals:
     """The residual base, each byte written once: a residual has its original's name, dtype and shape, so the
     rewritten shards' layout is known before peft runs. They are created first (every other tensor copied by the
     kernel, room reserved for each decomposed target, the index and side files as they are); each residual is then
-    written at its offset as peft produces it (memory: one target), and each rewritten shard hashed once at the end.
-    Untouched shards are linked."""
+    written at its offset as peft produces it (memory: one target), on a worker thread while the next target
+    decomposes, and each rewritten shard hashed once, from the page cache on another thread, as far as its bytes are
+    final (:class:`HashFollower`: up to the first range not yet written), so that the digests are ready about when
+    the last residual is written. Untouched shards are linked."""
 
     def __init__(self, ckpt: Checkpoint, targets: list[Target], dest: Path, ctx: RunContext) -> None:
         self.planned = {t.key: t.info for t in targets}
@@ -45,33 +54,112 @@ class Residuals:
         self._fds = {path: os.open(path, os.O_WRONLY) for path, _ in self._at.values()}
         self.done: set[str] = set()
         self.dest = dest
+        self._todo = [f for f in self.files.values() if not f.linked and f.sha256 is None]
+        # per rewritten file: its reserved ranges in file order, and the follower hashing what precedes the first
+        # one not yet written
+        self._ranges: dict[Path, list[tuple[int, str]]] = {dest / f.path: [] for f in self._todo}
+        for key, (path, info) in sorted(self._at.items(), key=lambda kv: kv[1][1].begin):
+            self._ranges[path].append((info.begin, key))
+        self._pool = ThreadPoolExecutor(max_workers=1 + len(self._todo))
+        self._followers = {path: HashFollower(path) for path in self._ranges}
+        self._digests = {path: self._pool.submit(f.run) for path, f in self._followers.items()}
+        self._pending: Future[None] | None = None
+        self._error: BaseException | None = None
+        for path in self._ranges:
+            self._advance(path)
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        path, info = self._at[key]
+        """Write ``tensor`` as the residual of ``key``, on the worker thread: ``tensor`` must stay unchanged until the
+        next :meth:`add` (or :meth:`close`) returns, which waits for this write."""
         planned = self.planned[key]
         if TORCH_TO_SAFETENSORS[tensor.dtype] != planned.dtype or tuple(tensor.shape) != planned.shape:
             raise RuntimeError(f"the residual of {key} is {tensor.dtype} {tuple(tensor.shape)}, not its original's "
                                f"{planned.dtype} {planned.shape}")
-        view, done = tensor_bytes(tensor), 0
+        self._wait()
+        self._pending = self._pool.submit(self._write, key, tensor_bytes(tensor))
+
+    def _write(self, key: str, view: memoryview) -> None:
+        path, info = self._at[key]
+        done = 0
         while done < len(view):
             done += os.pwrite(self._fds[path], view[done:], info.begin + done)
+        start_writeback(self._fds[path], info.begin, len(view))
         self.done.add(key)
+        self._advance(path)
+
+    def _advance(self, path: Path) -> None:
+        """Tell ``path``'s follower how far its bytes are final (all of them once every residual is written)."""
+        ranges = self._ranges[path]
+        while ranges and ranges[0][1] in self.done:
+            ranges.pop(0)
+        if ranges:
+            self._followers[path].advance(ranges[0][0])
+        else:
+            self._followers[path].finish(path.stat().st_size)
+
+    def _wait(self) -> None:
+        """Wait for the write in flight; its error is raised (and kept, for :meth:`finish`)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except BaseException as exc:
+                self._error = exc
+                raise
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.fsync(fd)
-            os.close(fd)
-        self._fds = {}
+        """Wait for the last write, sync and close the files (on failure too: the followers stop)."""
+        try:
+            self._wait()
+        finally:
+            for fd in self._fds.values():
+                os.fsync(fd)
+                os.close(fd)
+            self._fds = {}
+            if self.done != set(self.planned) or self._error is not None:
+                for follower in self._followers.values():
+                    follower.abandon()
+            self._pool.shutdown(wait=True)
 
     def finish(self) -> dict[str, WrittenFile]:
-        """Every output shard with its digest (the rewritten ones hashed now, once each)."""
+        """Every output shard with its digest (each rewritten one hashed once, while it was written)."""
         self.close()
+        if self._error is not None:
+            raise self._error
         if self.done != set(self.planned):  # a reserved range never written would read as zeros: refuse
             raise RuntimeError(f"peft produced no residual for {sorted(set(self.planned) - self.done)}")
-        todo = [f for f in self.files.values() if not f.linked and f.sha256 is None]
-        with ThreadPoolExecutor(max_workers=min(2, len(todo) or 1)) as pool:
-            digests = list(pool.map(lambda f: sha256_of(self.dest / f.path, self.cache), todo))
-        return {**self.files, **{f.path: dataclasses.replace(f, sha256=d) for f, d in zip(todo, digests, strict=True)}}
+        digests = {path: d.result() for path, d in self._digests.items()}
+        if self.cache is not None:  # a request on this output links these shards and reads nothing
+            for path, digest in digests.items():
+                self.cache.store(path, digest)
+        return {**self.files, **{f.path: dataclasses.replace(f, sha256=digests[self.dest / f.path])
+                                 for f in self._todo}}
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing ``[offset, offset + length)`` of ``fd`` to disk now, without waiting (Linux
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so that the ``fsync`` at the end finds little left to write: the
+    kernel would otherwise hold a 2 GB residual base dirty until that ``fsync`` (its background writeback starts at
+    10% of memory). A no-op where the call does not exist."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range():  # -> ctypes function | None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL("libc.so.6", use_errno=True).sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        return fn
+    except (OSError, AttributeError):  # not glibc on Linux: the fsync at the end does it all
+        return None
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
 
 
 def adapter_state_dict(tuner: nn.Module, ckpt: Checkpoint, arch: Architecture,
@@ -181,4 +269,5 @@ def peft_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
         if text:
             keep.append(f"peft: {text}")
     return keep
+
 
