@@ -113,3 +113,33 @@ def test_attach_lora_builds_the_meta_model_once(data_dir: Path, build, monkeypat
     assert built == [src] * 3  # a miss (reused), then a hit (built once)
     assert (data_dir / "a" / "adapter_model.safetensors").read_bytes() == \
         (data_dir / "c" / "adapter_model.safetensors").read_bytes()
+
+
+def test_merge_lora_builds_the_meta_model_once(data_dir: Path, build, monkeypatch: pytest.MonkeyPatch) -> None:
+    """merge-lora, like attach-lora: the architecture's model is reused on a miss, built once on a cache hit."""
+    import importlib
+
+    from adapter_surgery.ops.attach_lora import AttachLoraSpec, attach_lora
+    from adapter_surgery.ops.common import RunContext
+    from adapter_surgery.ops.merge_lora import MergeLoraSpec, merge_lora
+
+    src = build("FX-B")
+    attach_lora(AttachLoraSpec(checkpoint=src, output="lora", r=4, lora_alpha=8, target_modules="all-linear"),
+                RunContext(data_dir))
+    built: list[str] = []
+    real = arch_module.build_meta_model
+
+    def counting(ckpt):
+        built.append(ckpt.root.name)
+        return real(ckpt)
+
+    monkeypatch.setattr(arch_module, "build_meta_model", counting)
+    monkeypatch.setattr(importlib.import_module("adapter_surgery.ops.merge_lora"), "build_meta_model", counting)
+    spec = {"checkpoint": src, "adapters": [{"path": "lora"}]}
+    merge_lora(MergeLoraSpec(output="m1", **spec), RunContext(data_dir))
+    assert built == [src]
+    cache = arch_module.ArchitectureCache()
+    merge_lora(MergeLoraSpec(output="m2", **spec), RunContext(data_dir, architectures=cache))
+    merge_lora(MergeLoraSpec(output="m3", **spec), RunContext(data_dir, architectures=cache))
+    assert built == [src] * 3
+    assert sorted(p.name for p in (data_dir / "m1").iterdir()) == sorted(p.name for p in (data_dir / "m3").iterdir())

@@ -68,9 +68,9 @@ from adapter_surgery.io import Checkpoint, describe_files
 from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.writer import Changes, ComputedTensor, RowPatchedTensor, write_checkpoint
 from adapter_surgery.model.keys import KeyMap
-from adapter_surgery.model.roles import build_meta_model, resolve_architecture
+from adapter_surgery.model.roles import build_meta_model
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
-from adapter_surgery.ops.runner import begin
+from adapter_surgery.ops.runner import Run, begin
 from adapter_surgery.paths import resolve_under
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -292,14 +292,16 @@ class _Base:
         return found
 
 
-def _open_base(ckpt: Checkpoint) -> _Base:
+def _open_base(ckpt: Checkpoint, run: Run) -> _Base:
+    """The base's facts merge-lora needs: its architecture (the service's cache) and, from the meta-device model
+    (built once: the one resolving the architecture built, on a cache miss), its Conv1D and embedding modules."""
     if ckpt.is_file or ckpt.config is None:
         raise InvalidCheckpoint(f"merge-lora needs the model directory with its config.json ({ckpt.config_problem})",
                                 field="checkpoint", fix="Send the save_pretrained directory, config.json included.")
     from transformers.pytorch_utils import Conv1D
 
-    arch = resolve_architecture(ckpt)
-    model, problem = build_meta_model(ckpt)
+    arch, built = run.architecture_and_model(ckpt)
+    model, problem = (built, None) if built is not None else build_meta_model(ckpt)
     if model is None:
         raise InvalidCheckpoint(f"the model cannot be built from config.json ({problem})", field="checkpoint",
                                 fix="merge-lora needs a config.json that transformers can instantiate.")
@@ -633,7 +635,7 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
     if not all(math.isfinite(w) for w in weights):  # the request model refuses these; specs built without it
         raise InvalidSpec("adapter weights must be finite", field="adapters", fix="Send finite weights.")
     ckpt = run.open()
-    base = _open_base(ckpt)  # config.json checked against the weights first
+    base = _open_base(ckpt, run)  # config.json checked against the weights first
     adapters = [open_adapter(ctx.data_dir, a.path, f"adapters.{i}.path", i) for i, a in enumerate(spec.adapters)]
     for a in adapters:
         check_output_path(output, a.path, spec.overwrite, field="output")
