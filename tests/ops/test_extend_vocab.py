@@ -496,3 +496,31 @@ def test_a_vocabulary_without_trained_rows_fails_from_the_overlapped_write_and_l
         run(data_dir, src, tokens=["<a>"])
     assert tree_digest(data_dir / src) == before
     assert sorted(p.name for p in data_dir.iterdir()) == sorted([src])
+
+
+def test_overlapped_statistics_refuse_as_computed_first_when_several_tensors_fail(
+        data_dir: Path, build, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both vocabulary tensors without a trained row, the head stored first in its shard (the writer reaches it
+    first): the refusal names the tensor the statistics computed first name (the input embedding, arch order), not
+    the one the writer happened to reach first."""
+    from safetensors.torch import load_file, save_file
+
+    ev = importlib.import_module("adapter_surgery.ops.extend_vocab")
+    src = build("FX-B")
+    for shard in sorted((data_dir / src).glob("*.safetensors")):
+        t = load_file(str(shard))
+        for key in (EMB, HEAD):
+            if key in t:
+                t[key] = torch.zeros_like(t[key])
+        save_file(t, str(shard), metadata={"format": "pt"})
+
+    def refusal(**kw) -> str:
+        with pytest.raises(InvalidCheckpoint) as caught:
+            run(data_dir, src, "out", tokens=["<a>"], **kw)
+        return str(caught.value)
+
+    overlapped = refusal()
+    real = ev.vocab_changes
+    monkeypatch.setattr(ev, "vocab_changes", lambda *a, pool=None, **k: real(*a, **k))
+    assert overlapped == refusal() == f"tensor {EMB!r} has no trained rows (every row with a token is all zero)"
+    assert sorted(p.name for p in data_dir.iterdir()) == [src]

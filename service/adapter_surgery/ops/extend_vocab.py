@@ -660,17 +660,34 @@ def _vocab_changes_overlapped(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Arc
     order = sorted(arch.vocab_tensors, key=lambda k: (shard_rank[ckpt.weight_map[k]], ckpt.info(k).begin))
     index = {k: n for n, k in enumerate(arch.vocab_tensors)}
 
+    failed_stats: set[str] = set()  # keys whose statistics (not their rows) raised
+
     def job(key: str) -> tuple[RowStats, RowPatchedTensor]:
-        stats = stats_of(index[key], key)
+        try:
+            stats = stats_of(index[key], key)
+        except BaseException:
+            failed_stats.add(key)
+            raise
         return stats, _patched(ckpt, key, stats, plan, spec, device, ctx)
 
     futures = {k: pool.submit(job, k) for k in order}
+
+    def result(key: str) -> tuple[RowStats, RowPatchedTensor]:
+        """``key``'s job; when it failed, the error the statistics computed first would raise: the first tensor
+        (arch order) whose statistics failed, else the first whose rows failed (waits for every job)."""
+        try:
+            return futures[key].result()
+        except BaseException:
+            errors = {k: futures[k].exception() for k in arch.vocab_tensors}
+            failed = [k for k in arch.vocab_tensors if errors[k] is not None]
+            raise errors[next((k for k in failed if k in failed_stats), failed[0])] from None
+
     changed: list[ChangedTensor] = []
     for key in arch.vocab_tensors:
         info = ckpt.info(key)
         ready = min([r.id for r in plan.rows if r.id < info.shape[0]], default=info.shape[0])
         src = DeferredRows(info, ckpt.path_of(key), (max(plan.rows_after, info.shape[0]), *info.shape[1:]), ready,
-                           lambda f=futures[key]: f.result()[1])
+                           lambda k=key: result(k)[1])
         changes.replace[key] = src
         changed.append(ChangedTensor(name=key, shape_before=list(info.shape), shape=list(src.shape)))
 
@@ -678,7 +695,7 @@ def _vocab_changes_overlapped(spec: ExtendVocabSpec, ckpt: Checkpoint, arch: Arc
     before, notes = list(warnings), derived.warnings
 
     def pending() -> tuple[VocabPlan, list[str]]:  # the warnings in the order vocab_changes gives them
-        found, more = _untrained(spec, plan, {k: f.result()[0] for k, f in futures.items()}, tok, arch)
+        found, more = _untrained(spec, plan, {k: result(k)[0] for k in futures}, tok, arch)
         return found, before + more + notes
 
     return dataclasses.replace(derived, warnings=before + notes, pending=pending)
