@@ -455,6 +455,22 @@ def test_weights_are_read_one_target_at_a_time(data_dir: Path, build, monkeypatc
         assert f.sha256 == hashlib.sha256((out / f.path).read_bytes()).hexdigest() and not f.linked
 
 
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_residual_base_leaves_no_file_open(data_dir: Path, build, init: str) -> None:
+    """Four targets in one rewritten shard: the residual base's files are opened once each and all closed (a
+    service runs many requests: a descriptor left open per target would soon exhaust its limit)."""
+    src = build("FX-B")
+    fds = _open_fds()
+    result = run(data_dir, src, r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    assert len(result.residual_base.replaced_tensors) == 4 and len(result.residual_base.rewritten_shards) == 1
+    assert _open_fds() == fds
+
 # -- cost: data-free inits never read tensor data ---------------------------------------------------------------
 def _garble_data(ckpt_dir: Path) -> None:
     """Overwrite every byte of every shard's data region (headers intact): any read yields NaN/garbage."""

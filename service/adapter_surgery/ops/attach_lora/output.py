@@ -51,7 +51,7 @@ class Residuals:
             shutil.copyfile(path, dest / path.name)
         out = Checkpoint.open(dest)  # the headers just written: where each residual goes
         self._at = {k: (out.path_of(k), out.info(k)) for k in self.planned}
-        self._fds = {path: os.open(path, os.O_WRONLY) for path, _ in self._at.values()}
+        self._fds = {path: os.open(path, os.O_WRONLY) for path in dict.fromkeys(p for p, _ in self._at.values())}
         self.done: set[str] = set()
         self.dest = dest
         self._todo = [f for f in self.files.values() if not f.linked and f.sha256 is None]
