@@ -8,6 +8,7 @@ seeds, and every refusal through the core function and over HTTP.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import io
 import json
@@ -15,6 +16,7 @@ import os
 import shutil
 import struct
 import tarfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from adapter_surgery.ops.attach_lora.output import Residuals as _Residuals
 from adapter_surgery.ops.common import RunContext
 from adapter_surgery.ops.extend_vocab import ExtendVocabSpec, extend_vocab
 from adapter_surgery.settings import Settings
+from tests.conftest import tree_digest
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 60, 90, 7]])  # valid for every fixture (vocab >= 100)
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -470,6 +473,61 @@ def test_a_residual_base_leaves_no_file_open(data_dir: Path, build, init: str) -
     result = run(data_dir, src, r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
     assert len(result.residual_base.replaced_tensors) == 4 and len(result.residual_base.rewritten_shards) == 1
     assert _open_fds() == fds
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+def test_a_residual_base_whose_sync_fails_closes_everything_and_leaves_nothing(data_dir: Path, build,
+                                                                              monkeypatch) -> None:
+    """The residual base's final fsync fails (EIO, or ENOSPC on a filesystem that reports it there): the error
+    reaches the caller, every residual file is closed, the hashing threads end, nothing is left in the data
+    directory."""
+    src = build("FX-B")
+    before, threads, fds = tree_digest(data_dir / src), threading.active_count(), _open_fds()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if any(fd == f for f in spills):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    spills: list[int] = []
+    init = _Residuals.__init__
+
+    def recording_init(self, *a, **k):
+        init(self, *a, **k)
+        spills.extend(self._fds.values())
+
+    monkeypatch.setattr(_Residuals, "__init__", recording_init)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        run(data_dir, src, r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
+    assert spills and _open_fds() == fds and threading.active_count() == threads
+    assert tree_digest(data_dir / src) == before and sorted(p.name for p in data_dir.iterdir()) == [src]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("failing_write", [1, 4])
+def test_a_full_disk_while_residuals_are_written_leaves_nothing(data_dir: Path, build, monkeypatch, init: str,
+                                                                failing_write: int) -> None:
+    """ENOSPC from a residual's write on the worker thread (the first target's, or the last's, found only when the
+    files are closed): the error reaches the caller, no thread is left running, the input is untouched and nothing
+    is left in the data directory."""
+    src = build("FX-A")
+    before, threads = tree_digest(data_dir / src), threading.active_count()
+    real_pwrite, calls = os.pwrite, []
+
+    def pwrite(fd: int, data, at: int) -> int:
+        calls.append(at)
+        if len(calls) == failing_write:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, at)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(OSError) as caught:
+        run(data_dir, src, r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=init)
+    assert caught.value.errno == errno.ENOSPC and len(calls) == failing_write
+    assert threading.active_count() == threads
+    assert tree_digest(data_dir / src) == before and sorted(p.name for p in data_dir.iterdir()) == [src]
 
 # -- cost: data-free inits never read tensor data ---------------------------------------------------------------
 def _garble_data(ckpt_dir: Path) -> None:

@@ -108,18 +108,29 @@ class Residuals:
                 raise
 
     def close(self) -> None:
-        """Wait for the last write, sync and close the files (on failure too: the followers stop)."""
+        """Wait for the last write, sync and close the files; on failure too (of the write or of a sync) every file
+        is closed, the followers stop and the worker threads end, then the first error is raised."""
+        errors: list[BaseException] = []
         try:
             self._wait()
-        finally:
-            for fd in self._fds.values():
+        except BaseException as exc:
+            errors.append(exc)
+        for fd in self._fds.values():
+            try:
                 os.fsync(fd)
+            except OSError as exc:
+                errors.append(exc)
+            finally:
                 os.close(fd)
-            self._fds = {}
-            if self.done != set(self.planned) or self._error is not None:
-                for follower in self._followers.values():
-                    follower.abandon()
-            self._pool.shutdown(wait=True)
+        self._fds = {}
+        if errors and self._error is None:
+            self._error = errors[0]
+        if self.done != set(self.planned) or self._error is not None:
+            for follower in self._followers.values():
+                follower.abandon()
+        self._pool.shutdown(wait=True)
+        if errors:
+            raise errors[0]
 
     def finish(self) -> dict[str, WrittenFile]:
         """Every output shard with its digest (each rewritten one hashed once, while it was written)."""
