@@ -476,12 +476,23 @@ def test_a_residual_base_leaves_no_file_open(data_dir: Path, build, init: str) -
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+@pytest.mark.parametrize("write_fails", [False, True])
 def test_a_residual_base_whose_sync_fails_closes_everything_and_leaves_nothing(data_dir: Path, build,
-                                                                              monkeypatch) -> None:
-    """The residual base's final fsync fails (EIO, or ENOSPC on a filesystem that reports it there): the error
-    reaches the caller, every residual file is closed, the hashing threads end, nothing is left in the data
-    directory."""
+                                                                              monkeypatch, write_fails: bool) -> None:
+    """The residual base's final fsync fails (EIO, or ENOSPC on a filesystem that reports it there), alone or after
+    a residual's write failed too (a full disk): the error reaches the caller, every residual file is closed, the
+    hashing threads end (a follower left waiting for bytes that never come would also hang the process at exit),
+    nothing is left in the data directory."""
     src = build("FX-B")
+    if write_fails:
+        real_pwrite = os.pwrite
+
+        def pwrite(fd: int, data, at: int) -> int:
+            if fd in spills:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_pwrite(fd, data, at)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
     before, threads, fds = tree_digest(data_dir / src), threading.active_count(), _open_fds()
     real_fsync = os.fsync
 
@@ -499,7 +510,7 @@ def test_a_residual_base_whose_sync_fails_closes_everything_and_leaves_nothing(d
 
     monkeypatch.setattr(_Residuals, "__init__", recording_init)
     monkeypatch.setattr(os, "fsync", fsync)
-    with pytest.raises(OSError, match="Input/output error"):
+    with pytest.raises(OSError, match="No space left" if write_fails else "Input/output error"):
         run(data_dir, src, r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
     assert spills and _open_fds() == fds and threading.active_count() == threads
     assert tree_digest(data_dir / src) == before and sorted(p.name for p in data_dir.iterdir()) == [src]

@@ -109,8 +109,9 @@ class Residuals:
 
     def close(self) -> None:
         """Wait for the last write, sync and close the files; on failure too (of the write or of a sync) every file
-        is closed, the followers stop and the worker threads end, then the first error is raised."""
-        errors: list[BaseException] = []
+        is closed, the followers stop and the worker threads end, then the first error is raised (a write's error
+        already raised by :meth:`add` again: it, not a later sync's, is the cause the caller hears)."""
+        errors: list[BaseException] = [self._error] if self._error is not None else []
         try:
             self._wait()
         except BaseException as exc:
