@@ -181,3 +181,19 @@ def test_discard_advances_the_generator_as_float32_uniform_draws(words: int) -> 
         direct.discard(words, torch.empty(words // 2 + 1, dtype=torch.int64))
         got = (torch.empty(100).uniform_(-1, 1), torch.randn(40))
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+
+
+def test_peft_refusing_the_plan_is_a_422_on_the_fast_path(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ValueError/TypeError from peft while it plans the targets is a 422 naming target_modules, as in the
+    injection path, with nothing written."""
+    from adapter_surgery.errors import InvalidSpec
+
+    def refusing(model, config):
+        raise ValueError("Target modules {'nope'} not found in the base model.")
+
+    monkeypatch.setattr(bridge, "plan_layers", refusing)
+    with pytest.raises(InvalidSpec) as caught:
+        run(data, "Llama-fp32", "refused", 0, r=4, lora_alpha=8, target_modules="all-linear")
+    assert caught.value.field == "target_modules"
+    assert "peft could not attach this adapter" in str(caught.value) and "nope" in str(caught.value)
+    assert not (data / "refused").exists()

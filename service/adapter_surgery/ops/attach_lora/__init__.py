@@ -218,7 +218,10 @@ def fast_path_refusal(spec: AttachLoraSpec, init: str, config, targets, model, d
 def _direct(model, config, targets, init: str, dtype: torch.dtype):
     """The fast path (:mod:`.direct`): peft's config and targets without its layers, the tensors drawn directly.
     Returns the config to save, the adapter's tensors and the result's targets."""
-    saved_config, layers = bridge.plan_layers(model, config)
+    try:
+        saved_config, layers = bridge.plan_layers(model, config)
+    except (ValueError, TypeError) as exc:
+        raise _peft_refused(exc) from None
     planned = [t.name for t in targets]
     if [layer.name for layer in layers] != planned:  # the planning pass and peft disagree: refuse rather than guess
         extra = sorted({layer.name for layer in layers} ^ set(planned)) or planned
@@ -227,14 +230,19 @@ def _direct(model, config, targets, init: str, dtype: torch.dtype):
     return saved_config, direct.adapter_tensors(layers, init, dtype), direct.describe(layers, targets)
 
 
+def _peft_refused(exc: Exception) -> InvalidSpec:
+    """peft's own refusal of an adapter (a ValueError/TypeError while it plans or builds it), as a 422."""
+    return InvalidSpec(f"peft could not attach this adapter: {exc}", field="target_modules",
+                       fix="Check target_modules, modules_to_save and trainable_token_indices.")
+
+
 def _inject(model, config, materializer: Materializer):
     """peft's injection with :class:`Materializer` around each target (:func:`peft_bridge.inject`); peft's
     refusals become a 422; the residual base's files are closed whatever happens."""
     try:
         tuner = bridge.inject(model, config, materializer.create)
     except (ValueError, TypeError) as exc:
-        raise InvalidSpec(f"peft could not attach this adapter: {exc}", field="target_modules",
-                          fix="Check target_modules, modules_to_save and trainable_token_indices.") from None
+        raise _peft_refused(exc) from None
     finally:
         if materializer.spill is not None:
             materializer.spill.close()
