@@ -88,13 +88,9 @@ def test_resolve_with_model_hands_over_the_model_it_built(data_dir: Path, build,
     assert second == first and second is not first
 
 
-def test_attach_lora_builds_the_meta_model_once(data_dir: Path, build, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without a cache (the CLI) the operation reuses the architecture's model; with one, a hit builds it once."""
-    from adapter_surgery.ops.attach_lora import AttachLoraSpec, attach_lora
-    from adapter_surgery.ops.attach_lora import targets as lora_targets
-    from adapter_surgery.ops.common import RunContext
-
-    src = build("FX-B")
+def count_builds(monkeypatch: pytest.MonkeyPatch, *users: object) -> list[str]:
+    """The names of the checkpoints whose meta model is built from now on (``build_meta_model`` counted in roles and
+    in each module of ``users`` that imported it)."""
     built: list[str] = []
     real = arch_module.build_meta_model
 
@@ -102,8 +98,19 @@ def test_attach_lora_builds_the_meta_model_once(data_dir: Path, build, monkeypat
         built.append(ckpt.root.name)
         return real(ckpt)
 
-    monkeypatch.setattr(arch_module, "build_meta_model", counting)
-    monkeypatch.setattr(lora_targets, "build_meta_model", counting)
+    for module in (arch_module, *users):
+        monkeypatch.setattr(module, "build_meta_model", counting)
+    return built
+
+
+def test_attach_lora_builds_the_meta_model_once(data_dir: Path, build, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a cache (the CLI) the operation reuses the architecture's model; with one, a hit builds it once."""
+    from adapter_surgery.ops.attach_lora import AttachLoraSpec, attach_lora
+    from adapter_surgery.ops.attach_lora import targets as lora_targets
+    from adapter_surgery.ops.common import RunContext
+
+    src = build("FX-B")
+    built = count_builds(monkeypatch, lora_targets)
     spec = {"checkpoint": src, "r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
     attach_lora(AttachLoraSpec(output="a", **spec), RunContext(data_dir))
     assert built == [src]
@@ -126,15 +133,7 @@ def test_merge_lora_builds_the_meta_model_once(data_dir: Path, build, monkeypatc
     src = build("FX-B")
     attach_lora(AttachLoraSpec(checkpoint=src, output="lora", r=4, lora_alpha=8, target_modules="all-linear"),
                 RunContext(data_dir))
-    built: list[str] = []
-    real = arch_module.build_meta_model
-
-    def counting(ckpt):
-        built.append(ckpt.root.name)
-        return real(ckpt)
-
-    monkeypatch.setattr(arch_module, "build_meta_model", counting)
-    monkeypatch.setattr(importlib.import_module("adapter_surgery.ops.merge_lora"), "build_meta_model", counting)
+    built = count_builds(monkeypatch, importlib.import_module("adapter_surgery.ops.merge_lora"))
     spec = {"checkpoint": src, "adapters": [{"path": "lora"}]}
     merge_lora(MergeLoraSpec(output="m1", **spec), RunContext(data_dir))
     assert built == [src]
