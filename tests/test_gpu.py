@@ -152,14 +152,21 @@ def test_hewitt_on_cuda_follows_the_formula_and_is_seeded(data: Path) -> None:
 
 
 # -- attach-lora: PiSSA (exact SVD), DoRA norms ----------------------------------------------------------------
-def test_pissa_on_cuda_matches_the_cpu_sign_free(data: Path) -> None:
-    opts = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"], "init_lora_weights": "pissa"}
+def _adapters_on_both(data: Path, checkpoint: str, name: str, **opts: object) -> tuple[dict, dict]:
+    """attach-lora with ``opts`` on the CPU and on CUDA (outputs ``<name>-cpu``, ``<name>-cuda``); the two adapters'
+    tensors, which hold the same keys."""
     for dev in ("cpu", "cuda"):
-        attach_lora(AttachLoraSpec(checkpoint="gpt2-tied-tiny", output=f"pissa-{dev}", device=dev, **opts),
+        attach_lora(AttachLoraSpec(checkpoint=checkpoint, output=f"{name}-{dev}", device=dev, **opts),
                     RunContext(data))
-    cpu = tensors(data / "pissa-cpu" / "adapter_model.safetensors")
-    gpu = tensors(data / "pissa-cuda" / "adapter_model.safetensors")
+    cpu = tensors(data / f"{name}-cpu" / "adapter_model.safetensors")
+    gpu = tensors(data / f"{name}-cuda" / "adapter_model.safetensors")
     assert set(cpu) == set(gpu)
+    return cpu, gpu
+
+
+def test_pissa_on_cuda_matches_the_cpu_sign_free(data: Path) -> None:
+    cpu, gpu = _adapters_on_both(data, "gpt2-tied-tiny", "pissa", r=4, lora_alpha=8,
+                                 target_modules=["c_attn", "c_fc"], init_lora_weights="pissa")
     for key in (k for k in cpu if k.endswith("lora_A.weight")):
         b_key = key.replace("lora_A", "lora_B")
         product_cpu, product_gpu = cpu[b_key] @ cpu[key], gpu[b_key] @ gpu[key]  # sign per component cancels
@@ -175,13 +182,8 @@ def test_pissa_on_cuda_matches_the_cpu_sign_free(data: Path) -> None:
 
 
 def test_dora_magnitudes_on_cuda_match_the_cpu(data: Path) -> None:
-    opts = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "use_dora": True}
-    for dev in ("cpu", "cuda"):
-        attach_lora(AttachLoraSpec(checkpoint="llama-untied-tiny", output=f"dora-{dev}", device=dev, **opts),
-                    RunContext(data))
-    cpu = tensors(data / "dora-cpu" / "adapter_model.safetensors")
-    gpu = tensors(data / "dora-cuda" / "adapter_model.safetensors")
-    assert set(cpu) == set(gpu)
+    cpu, gpu = _adapters_on_both(data, "llama-untied-tiny", "dora", r=4, lora_alpha=8,
+                                 target_modules=["q_proj", "v_proj"], use_dora=True)
     magnitudes = [k for k in cpu if "lora_magnitude_vector" in k]
     assert magnitudes
     for k in magnitudes:  # ||W + s B A||_row with B = 0: the row norms of W in float32
