@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from adapter_surgery.ops.attach_lora import peft_bridge as bridge
+from adapter_surgery.ops.attach_lora.output import in_target_order, target_module
 from adapter_surgery.ops.attach_lora.spec import AttachLoraSpec, TargetModule
 from adapter_surgery.ops.attach_lora.targets import Target
 
@@ -108,12 +109,6 @@ def adapter_tensors(layers: list[bridge.PlannedLayer], init: str,
 def describe(layers: list[bridge.PlannedLayer], targets: list[Target]) -> list[TargetModule]:
     """Each adapted target as the result lists it (as :func:`output.describe_targets` does from peft's layers)."""
     by_name = {t.name: t for t in targets}
-    out = []
-    for layer in layers:
-        t = by_name[layer.name]
-        out.append(TargetModule(
-            name=t.name, kind=t.kind, in_features=t.in_features, out_features=t.out_features, experts=t.experts,
-            weight_dtype=t.weight_dtype, r=layer.r, lora_alpha=float(layer.lora_alpha), scaling=float(layer.scaling),
-            lora_A=[layer.r, layer.in_features], lora_B=[layer.out_features, layer.r]))
-    order = {n: i for i, n in enumerate(by_name)}
-    return sorted(out, key=lambda m: order[m.name])
+    return in_target_order([target_module(by_name[layer.name], layer.r, float(layer.lora_alpha), float(layer.scaling),
+                                          [layer.r, layer.in_features], [layer.out_features, layer.r])
+                            for layer in layers], targets)

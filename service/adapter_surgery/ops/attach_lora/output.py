@@ -262,13 +262,24 @@ def describe_targets(tuner: nn.Module, targets: list[Target]) -> list[TargetModu
         name = bridge.wrapped_parameter(name, module) or name  # a target parameter: its own name
         if name not in by_name or not bridge.is_lora_layer(module):
             continue
-        t, f = by_name[name], bridge.factors(module)
-        out.append(TargetModule(
-            name=name, kind=t.kind, in_features=t.in_features, out_features=t.out_features, experts=t.experts,
-            weight_dtype=t.weight_dtype, r=f.r, lora_alpha=f.lora_alpha, scaling=f.scaling,
-            lora_A=list(f.lora_A.shape), lora_B=list(f.lora_B.shape)))
-    order = {n: i for i, n in enumerate(by_name)}
-    return sorted(out, key=lambda m: order[m.name])
+        f = bridge.factors(module)
+        out.append(target_module(by_name[name], f.r, f.lora_alpha, f.scaling, list(f.lora_A.shape),
+                                 list(f.lora_B.shape)))
+    return in_target_order(out, targets)
+
+
+def target_module(t: Target, r: int, lora_alpha: float, scaling: float, lora_A: list[int],
+                  lora_B: list[int]) -> TargetModule:
+    """One adapted target as the result lists it: what planning found (``t``) and what its adapter got."""
+    return TargetModule(name=t.name, kind=t.kind, in_features=t.in_features, out_features=t.out_features,
+                        experts=t.experts, weight_dtype=t.weight_dtype, r=r, lora_alpha=lora_alpha, scaling=scaling,
+                        lora_A=lora_A, lora_B=lora_B)
+
+
+def in_target_order(modules: list[TargetModule], targets: list[Target]) -> list[TargetModule]:
+    """``modules`` in the planned targets' order."""
+    order = {t.name: i for i, t in enumerate(targets)}
+    return sorted(modules, key=lambda m: order[m.name])
 
 
 def peft_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
