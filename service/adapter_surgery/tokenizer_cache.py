@@ -53,19 +53,30 @@ class TokenizerCache:
         self._entries.clear()
 
 
-def load_tokenizer(ckpt: Checkpoint, *, lenient: bool = False):  # -> PreTrainedTokenizerBase | None
+def load_tokenizer(ckpt: Checkpoint, *, lenient: bool = False, cache: TokenizerCache | None = None,
+                   fast_without_config: bool = False):  # -> PreTrainedTokenizerBase | None
     """The checkpoint's tokenizer with ``AutoTokenizer`` (``None`` without tokenizer files). Files that
     ``transformers`` cannot load are a 422 on ``checkpoint``, or, ``lenient`` (the preservation report, which only
-    loses its text probe and special-token filter), ``None``."""
+    loses its text probe and special-token filter), ``None``.
+
+    ``cache``: the service's, which hands out a copy of the tokenizer it keeps. ``fast_without_config``: without a
+    usable config.json (which ``AutoTokenizer`` reads too), ``tokenizer.json`` is loaded with
+    ``PreTrainedTokenizerFast`` directly (extend-vocab, which also takes bare weights with tokenizer files)."""
     if not ckpt.has_tokenizer:
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from adapter_surgery.model.roles import quiet_transformers
 
-    try:
+    fast_only = fast_without_config and ckpt.config is None and (ckpt.directory / "tokenizer.json").is_file()
+    cls = PreTrainedTokenizerFast if fast_only else AutoTokenizer
+
+    def load():  # -> PreTrainedTokenizerBase
         with quiet_transformers():
-            return AutoTokenizer.from_pretrained(str(ckpt.directory), local_files_only=True)
+            return cls.from_pretrained(str(ckpt.directory), local_files_only=True)
+
+    try:
+        return load() if cache is None else cache.get(ckpt.directory, cls.__name__, load)
     except Exception as exc:  # transformers raises many kinds for broken tokenizer files
         if lenient:
             return None

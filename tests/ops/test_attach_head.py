@@ -639,17 +639,16 @@ def test_the_service_reads_the_tokenizer_from_its_cache_and_writes_the_same_outp
         data_dir: Path, build, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the service's tokenizer cache, attach-head loads the tokenizer once over two requests (a copy each time);
     the outputs are those of a request that loads it itself."""
-    import importlib
+    from transformers import AutoTokenizer
 
     from adapter_surgery.tokenizer_cache import TokenizerCache
-
-    ah = importlib.import_module("adapter_surgery.ops.attach_head")  # the package (its name is also the function's)
 
     src = build("FX-B")
     plain = run(data_dir, src, "plain", num_labels=3)
     loads: list[str] = []
-    real = ah.load_tokenizer
-    monkeypatch.setattr(ah, "load_tokenizer", lambda ckpt, **kw: loads.append(ckpt.root.name) or real(ckpt, **kw))
+    real = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        lambda path, **kw: loads.append(Path(path).name) or real(path, **kw))
     cache = TokenizerCache()
     for out in ("cached-1", "cached-2"):
         spec = AttachHeadSpec(checkpoint=src, output=out, num_labels=3)

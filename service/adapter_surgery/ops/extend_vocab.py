@@ -60,7 +60,7 @@ from adapter_surgery.ops.common import (
 )
 from adapter_surgery.ops.runner import begin
 from adapter_surgery.report import PreservationReport, preservation_report
-from adapter_surgery.tokenizer_cache import TokenizerCache
+from adapter_surgery.tokenizer_cache import TokenizerCache, load_tokenizer
 
 #: New rows per request at most (pad_to_multiple_of or num_new_tokens beyond this is a mistake, not a model).
 MAX_NEW_ROWS = 1 << 20
@@ -291,21 +291,7 @@ def _load_tokenizer(ckpt: Checkpoint, spec: ExtendVocabSpec,
     if spec.num_new_tokens:
         raise InvalidSpec("num_new_tokens is for checkpoints without a tokenizer; this one has one",
                           field="num_new_tokens", fix="List the new tokens in tokens.")
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    directory = str(ckpt.directory)
-    # AutoTokenizer reads config.json too; without a usable one, load tokenizer.json directly
-    fast_only = ckpt.config is None and (ckpt.directory / "tokenizer.json").is_file()
-    cls = PreTrainedTokenizerFast if fast_only else AutoTokenizer
-
-    def load():  # -> PreTrainedTokenizerBase
-        return cls.from_pretrained(directory, local_files_only=True)
-
-    try:
-        return load() if cache is None else cache.get(ckpt.directory, cls.__name__, load)
-    except Exception as exc:  # transformers raises many kinds for broken tokenizer files
-        raise InvalidCheckpoint(f"the tokenizer files could not be loaded ({type(exc).__name__}: {exc})",
-                                field="checkpoint", fix="Re-save the tokenizer with save_pretrained.") from None
+    return load_tokenizer(ckpt, cache=cache, fast_without_config=True)
 
 
 #: The planning loops check for a cancel and report progress every this many tokens or rows.

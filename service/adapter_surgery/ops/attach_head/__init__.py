@@ -113,7 +113,7 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
                       fix="Use fewer labels, or give the service more memory.")
     config = auto_config(ckpt)
     target_cls = target_class(config, spec.task)
-    tok = _tokenizer(ckpt, ctx)
+    tok = load_tokenizer(ckpt, cache=ctx.tokenizers)  # only read here (pad and eos ids): the cache's copy
     pad = plan_pad(spec, ckpt, arch, config, tok, device)
     ctx.say(f"target {target_cls.__name__}, pad id {pad.info.id if pad.info else None}")
     config = configured(config, id2label, problem_type, pad, arch)
@@ -140,11 +140,3 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
         vocab_size_before=arch.vocab_rows, vocab_size_after=pad.rows_after, files=[FileInfo.of(f) for f in files],
         warnings=[without_dirs(w, ctx.data_dir) for w in warnings], seconds=run.seconds(),
         report=report)
-
-
-def _tokenizer(ckpt, ctx: RunContext):  # -> PreTrainedTokenizerBase | None
-    """The checkpoint's tokenizer, only read here (pad and eos ids): in the service a copy of the one its cache keeps
-    (``ctx.tokenizers``, shared with extend-vocab's ``AutoTokenizer`` loads), which costs half the CPU of a load."""
-    if ctx.tokenizers is None or not ckpt.has_tokenizer:
-        return load_tokenizer(ckpt)
-    return ctx.tokenizers.get(ckpt.directory, "AutoTokenizer", lambda: load_tokenizer(ckpt))
