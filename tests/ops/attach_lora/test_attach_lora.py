@@ -493,7 +493,7 @@ def test_a_residual_base_whose_sync_fails_closes_everything_and_leaves_nothing(d
             return real_pwrite(fd, data, at)
 
         monkeypatch.setattr(os, "pwrite", pwrite)
-    before, threads, fds = tree_digest(data_dir / src), threading.active_count(), _open_fds()
+    before, threads, fds = tree_digest(data_dir / src), set(threading.enumerate()), _open_fds()
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
@@ -512,7 +512,7 @@ def test_a_residual_base_whose_sync_fails_closes_everything_and_leaves_nothing(d
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(OSError, match="No space left" if write_fails else "Input/output error"):
         run(data_dir, src, r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
-    assert spills and _open_fds() == fds and threading.active_count() == threads
+    assert spills and _open_fds() == fds and set(threading.enumerate()) <= threads  # none of its threads left
     assert tree_digest(data_dir / src) == before and sorted(p.name for p in data_dir.iterdir()) == [src]
 
 
@@ -524,7 +524,7 @@ def test_a_full_disk_while_residuals_are_written_leaves_nothing(data_dir: Path, 
     files are closed): the error reaches the caller, no thread is left running, the input is untouched and nothing
     is left in the data directory."""
     src = build("FX-A")
-    before, threads = tree_digest(data_dir / src), threading.active_count()
+    before, threads = tree_digest(data_dir / src), set(threading.enumerate())
     real_pwrite, calls = os.pwrite, []
 
     def pwrite(fd: int, data, at: int) -> int:
@@ -537,7 +537,7 @@ def test_a_full_disk_while_residuals_are_written_leaves_nothing(data_dir: Path, 
     with pytest.raises(OSError) as caught:
         run(data_dir, src, r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=init)
     assert caught.value.errno == errno.ENOSPC and len(calls) == failing_write
-    assert threading.active_count() == threads
+    assert set(threading.enumerate()) <= threads  # none of its threads left (others may end meanwhile)
     assert tree_digest(data_dir / src) == before and sorted(p.name for p in data_dir.iterdir()) == [src]
 
 # -- cost: data-free inits never read tensor data ---------------------------------------------------------------
