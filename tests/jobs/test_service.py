@@ -297,3 +297,46 @@ def test_warm_imports_load_what_the_operations_use() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "service")})
     assert out.stdout.split() == ["[]", "[]", "True"], out.stderr[-2000:]
+
+
+def test_recovery_leaves_a_job_that_finished_after_the_listing(data_dir: Path) -> None:
+    """The recovery loop lists running jobs, then judges each: a job of this process that finished in between (its
+    final save done, then gone from the running set) keeps its outcome instead of becoming "Worker died"."""
+    service = JobService(Settings(data_dir=data_dir, heartbeat_seconds=0.2))
+    try:
+        running = JobRecord(job=Job(id=uuid.uuid4().hex, operation="extend-vocab", state=JobState.running,
+                                    created_at=datetime.now(UTC)),
+                            spec={"checkpoint": "m", "output": "o"}, host=os.uname().nodename, pid=os.getpid(),
+                            heartbeat=time.time())
+        service.store.insert(running)
+        done = running.model_copy(deep=True)
+        done.job.state = JobState.succeeded
+        service.store.save(done)
+        stale_listing = service.store.with_state  # the listing taken before the final save
+        service.store.with_state = lambda state: [running] if state == JobState.running else stale_listing(state)
+        assert service.recover() == []
+        assert service.get(running.job.id).state == JobState.succeeded
+        service.store.with_state = stale_listing
+        # a record of this process that is still running and not running here (its final save was lost): failed
+        service.store.save(running)
+        assert service.recover() == [running.job.id]
+        assert service.get(running.job.id).problem["title"] == "Worker died"
+    finally:
+        service.stop_workers()
+
+
+def test_a_job_is_listed_as_running_here_until_its_outcome_is_saved(data_dir: Path, build) -> None:
+    client = make_client(data_dir)
+    service = jobs_of(client)
+    seen: list[bool] = []
+    save = service.store.save
+
+    def recording_save(rec: JobRecord) -> None:
+        if rec.job.state == JobState.succeeded:
+            seen.append(rec.job.id in service._running)
+        save(rec)
+
+    service.store.save = recording_save  # type: ignore[method-assign]
+    r = client.post("/extend-vocab", json={"checkpoint": build("FX-B"), "output": "o", **SPEC})
+    assert r.status_code == 200, r.text
+    assert seen == [True]

@@ -471,10 +471,10 @@ class JobService:
         finally:
             beat_stop.set()
             beat.join()
-            with self._lock:
-                self._running.pop(job_id, None)
         with run.lock:
             self._finish(rec, state, result=result, problem=problem)
+        with self._lock:  # only now: while it is listed here, this process's recovery never takes the job for dead
+            self._running.pop(job_id, None)
 
     def _finish(self, rec: JobRecord, state: JobState, *, result: dict[str, Any] | None = None,
                 problem: dict[str, Any] | None = None) -> None:
@@ -553,8 +553,13 @@ class JobService:
         """Mark ``failed`` every running job whose worker is gone; return their ids. With ``sweep_outputs``, remove
         their temporary files beside their outputs now (start-up does it through :meth:`sweep`)."""
         failed = []
-        for rec in self.store.with_state(JobState.running):
-            if not self._dead(rec):
+        for listed in self.store.with_state(JobState.running):
+            if not self._dead(listed):
+                continue
+            # the listing may predate the job's final save (its worker finished meanwhile, then left ``_running``
+            # or exited): only a record that is still running now is failed
+            rec = self.store.load(listed.job.id)
+            if rec is None or rec.job.state != JobState.running or (rec.host, rec.pid) != (listed.host, listed.pid):
                 continue
             worker = rec.job.worker or "?"
             self._finish(rec, JobState.failed, problem={
