@@ -86,15 +86,26 @@ HEADER = ("| size | variant | ours process s | ours warm s | anchor s | anchor/o
 
 def merged(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One results object from several runs of ``bench/run.py``: ``runs`` lists their machine records, each pair
-    says which run it came from (``run``, an index), ``startup`` is the first run's that measured it."""
-    out: dict[str, Any] = {"runs": [], "pairs": []}
+    says which run it came from (``run``, an index), ``startup`` is the last run's that measured it. A pair measured
+    again by a later run (same size, operation and variant) replaces the earlier one, so re-measuring what a change
+    touched updates a merged ``results.json`` in place (``report.py bench/results.json new/results.json --out
+    bench``); a run none of whose pairs is kept is dropped from ``runs``."""
+    runs_out: list[dict[str, Any]] = []
+    pairs: dict[tuple[str, str, str], dict[str, Any]] = {}
+    startup = None
     for results in runs:
-        for m in _runs(results):
-            out["runs"].append(m)
-        base = len(out["runs"]) - len(_runs(results))
-        out["pairs"] += [{**p, "run": base + p.get("run", 0)} for p in results["pairs"]]
-        if "startup" not in out and results.get("startup", {}).get("reps"):
-            out["startup"] = results["startup"]
+        base = len(runs_out)
+        runs_out += _runs(results)
+        for p in results["pairs"]:
+            pairs[(p["size"], p["op"], p["variant"])] = {**p, "run": base + p.get("run", 0)}
+        if results.get("startup", {}).get("reps"):
+            startup = results["startup"]
+    used = sorted({p["run"] for p in pairs.values()})
+    renumber = {old: new for new, old in enumerate(used)}
+    out: dict[str, Any] = {"runs": [runs_out[i] for i in used],
+                           "pairs": [{**p, "run": renumber[p["run"]]} for p in pairs.values()]}
+    if startup is not None:
+        out["startup"] = startup
     return out
 
 
