@@ -130,3 +130,17 @@ def test_an_initial_adapter_of_another_base_or_the_adapter_itself_is_refused(dat
     assert e.value.field == "initial_adapter" and "same directory" in e.value.detail
     assert tree_digest(data_dir) == before and not (data_dir / "converted").exists()
     convert(data_dir)  # the real pair still converts
+
+
+@pytest.mark.parametrize("output", ["BASE", "BASE/sub"], ids=["the-base", "inside-the-base"])
+def test_an_output_overlapping_the_base_is_refused_even_with_overwrite(data_dir: Path, build, output: str) -> None:
+    """``"output": <base>, "overwrite": true`` replaced the original checkpoint by the converted adapter (200)."""
+    base = build("FX-B")
+    init = attach(data_dir, base, "init", target_modules=["q_proj"], init_lora_weights="pissa", r=4)
+    shutil.copytree(init, data_dir / "trained", ignore=shutil.ignore_patterns("base"))
+    train(data_dir / "trained", scale=0.02)
+    before = tree_digest(data_dir)
+    with pytest.raises(InvalidSpec) as e:
+        convert(data_dir, base=base, output=output.replace("BASE", base), overwrite=True)
+    assert e.value.field == "output" and "overlaps the input checkpoint" in e.value.detail
+    assert tree_digest(data_dir) == before

@@ -77,14 +77,15 @@ def convert_adapter(spec: ConvertAdapterSpec, ctx: RunContext) -> ConvertAdapter
     started = time.perf_counter()
     trained = open_adapter(ctx.data_dir, spec.adapter, "adapter")
     initial = open_adapter(ctx.data_dir, spec.initial_adapter, "initial_adapter")
-    run = begin_output(ctx, spec.output, spec.overwrite, [trained.path, initial.path], started)
-    base = None
+    base, inputs = None, [trained.path, initial.path]
     if spec.base is not None:
         base_path = resolve_under(ctx.data_dir, spec.base, "base")
         if not base_path.exists():
             raise InvalidSpec(f"base {spec.base!r} does not exist", field="base",
                               fix="Name the original checkpoint under the data directory, or leave base out.")
         base = spec.base
+        inputs.append(base_path)  # the output may not replace it either (overwrite: true would delete the base)
+    run = begin_output(ctx, spec.output, spec.overwrite, inputs, started)
     config = _check_pair(trained, initial)
     _check_same_base(trained, initial, ctx.data_dir)
     pairs = _lora_pairs(trained)
