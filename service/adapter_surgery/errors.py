@@ -155,3 +155,11 @@ class JobStoreUnavailable(SurgeryError):
 
     status = 503
     title = "Job store unavailable"
+
+
+class NoWorker(SurgeryError):
+    """A request that waits for its result, sent to a service whose jobs run on separate workers (Redis queue) while
+    none is running: it would wait for ever (503)."""
+
+    status = 503
+    title = "No worker"

@@ -184,6 +184,15 @@ def test_readyz_in_redis_mode_needs_a_live_worker(data_dir: Path) -> None:
         job = client.post("/extend-vocab", json={"checkpoint": "c", "output": "o", **SPEC},
                           headers={"Prefer": "respond-async"}).json()
         assert job["state"] == JobState.queued
+        # a request that waits for its result would wait for ever: 503 at once, nothing queued (it hung)
+        queued = jobs_of(client).store.count(JobState.queued)
+        r = client.post("/extend-vocab", json={"checkpoint": "c", "output": "o2", **SPEC})
+        problem = assert_problem(r, 503)
+        assert problem["title"] == "No worker" and "respond-async" in problem["fix"], problem
+        r = client.post("/extend-vocab", files={"file": ("model.safetensors", b"x")},
+                        data={"spec": '{"tokens": ["<a>"]}'})
+        assert assert_problem(r, 503)["title"] == "No worker"
+        assert jobs_of(client).store.count(JobState.queued) == queued
 
 
 def test_worker_consumer_beats(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

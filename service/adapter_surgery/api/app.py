@@ -99,9 +99,11 @@ async def _run_json(op: Operation, body: bytes, settings: Settings, jobs: JobSer
     except ValidationError as exc:
         return problems.validation_problem(list(exc.errors()))
     spec = _with_default_device(spec, settings)
-    job = await job_routes.submit(jobs, op.name, spec.model_dump(mode="json", exclude_unset=True))
     if job_routes.wants_async(request):
-        return job_routes.accepted(job)
+        return job_routes.accepted(await job_routes.submit(jobs, op.name, spec.model_dump(mode="json",
+                                                                                          exclude_unset=True)))
+    await run_in_threadpool(jobs.require_worker)
+    job = await job_routes.submit(jobs, op.name, spec.model_dump(mode="json", exclude_unset=True))
     job = await job_routes.await_job(jobs, job.id, request)
     if job.state == JobState.succeeded:
         return JSONResponse(job.result)
@@ -117,6 +119,7 @@ async def _run_upload(op: Operation, request: Request, settings: Settings, jobs:
                                 "run asynchronously (Prefer: respond-async)", field="Prefer",
                                 fix="Drop the Prefer header, or place the checkpoint under the data directory and "
                                     "send the JSON form, which can.")
+    await run_in_threadpool(jobs.require_worker)
     upload = await receive_upload(request, settings, op.options)  # streamed to the scratch area, unpacked
     try:
         spec = _with_default_device(op.spec.model_validate(upload.spec_fields()), settings)

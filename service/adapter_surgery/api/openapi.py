@@ -173,8 +173,9 @@ def responses(op: Operation, result_header: str = RESULT_HEADER) -> dict[int | s
         422: _problem("Invalid request or checkpoint; names the field and the fix."),
         429: _problem("The job queue is full; retry after Retry-After seconds.",
                       {"Retry-After": _header("Seconds to wait before retrying.", type="integer", minimum=0)}),
-        503: _problem("Not enough memory for this request (the estimate exceeds what is available), or the job store "
-                      "(Redis, the queue's SQLite file) cannot be reached."),
+        503: _problem("Not enough memory for this request (the estimate exceeds what is available), the job store "
+                      "(Redis, the queue's SQLite file) cannot be reached, or (Redis queue) no worker runs to answer "
+                      "a request that waits for its result."),
         507: _problem("The disk is full (ENOSPC/EDQUOT); nothing was left at the output (or the job record or upload "
                       "could not be written in the data directory)."),
     }

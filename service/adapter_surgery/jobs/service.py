@@ -41,6 +41,7 @@ from adapter_surgery.errors import (
     Cancelled,
     InvalidSpec,
     NotFound,
+    NoWorker,
     QueueFull,
     SurgeryError,
     validation_problem_body,
@@ -340,6 +341,24 @@ class JobService:
                                f"{HEARTBEAT_MISSES * self.settings.heartbeat_seconds:g} s); start one with "
                                "'adapter-surgery worker'")
         return True, "ok"
+
+    def require_worker(self) -> None:
+        """Before a request that waits for its job (no ``Prefer: respond-async``): with a Redis queue and no live
+        ``adapter-surgery worker``, it would wait for ever; refuse it at once (an asynchronous request is queued: a
+        worker started later takes it).
+
+        Raises:
+            NoWorker: no worker sent a heartbeat within the last few intervals (as ``/readyz``).
+        """
+        if self.embedded:
+            return
+        with store_errors(self.store.where, self.store.data_dir):
+            live = self.store.live_workers()
+        if not live:
+            raise NoWorker(f"no adapter-surgery worker is running (none sent a heartbeat in the last "
+                           f"{HEARTBEAT_MISSES * self.settings.heartbeat_seconds:g} s), so the request would wait "
+                           "for ever", fix="Start one with 'adapter-surgery worker' (same ADAPTER_SURGERY_QUEUE_URL "
+                           "and data directory), or send Prefer: respond-async to queue the job until one runs.")
 
     def beat(self) -> None:
         """Register this process as a live worker for ``HEARTBEAT_MISSES`` heartbeat intervals."""
