@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapter_surgery.api import observability
 from adapter_surgery.api.app import create_app
 from adapter_surgery.logs import JsonFormatter, configure_logging
 from adapter_surgery.settings import Settings
@@ -225,3 +227,14 @@ def test_configure_logging_replaces_handlers(capsys: pytest.CaptureFixture[str])
         for h in saved:
             root.addHandler(h)
         root.setLevel(level)
+
+
+def test_readyz_full_volume(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file can still be created on a full volume: the free space is checked too (every job answered 507 while
+    /readyz said ready)."""
+    usage = shutil.disk_usage
+    monkeypatch.setattr(observability.shutil, "disk_usage", lambda p: usage(p)._replace(free=(1 << 20) + 1))
+    r = client.get("/readyz")
+    assert r.status_code == 503 and "1.0 MiB free, under the 64 MiB" in r.json()["checks"]["data_dir"], r.text
+    monkeypatch.undo()
+    assert client.get("/readyz").status_code == 200

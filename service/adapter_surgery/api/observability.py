@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,8 @@ PREFIX = "adapter_surgery"
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+#: Less free space than this on the data directory's volume: not ready (every job would answer 507).
+MIN_FREE_BYTES = 64 << 20
 
 
 class HttpMetrics:
@@ -89,7 +92,8 @@ class JobCollector(Collector):
 
 
 def _probe_data_dir(data_dir: Path) -> str | None:
-    """None when a file can be created and removed in ``data_dir``; else why not."""
+    """None when a file can be created and removed in ``data_dir`` and its volume has :data:`MIN_FREE_BYTES` free;
+    else why not."""
     probe = data_dir / f".adapter-surgery-readyz-{uuid.uuid4().hex}"
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -98,6 +102,10 @@ def _probe_data_dir(data_dir: Path) -> str | None:
         probe.unlink()
     except OSError as exc:
         return f"the data directory {data_dir} is not writable ({exc.strerror or exc})"
+    free = shutil.disk_usage(data_dir).free
+    if free < MIN_FREE_BYTES:
+        return (f"the data directory's volume has {free / 2**20:.1f} MiB free, under the {MIN_FREE_BYTES >> 20} MiB "
+                "a job needs to write anything (every job would answer 507)")
     return None
 
 
