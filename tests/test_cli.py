@@ -14,6 +14,7 @@ import pytest
 from adapter_surgery.catalog import SUMMARIES
 from adapter_surgery.cli import main
 from adapter_surgery.ops import OPERATIONS
+from tests.jobs.helpers import free_port
 
 
 def test_extend_vocab_from_a_spec_file(data_dir: Path, build, capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,3 +107,16 @@ def test_a_local_operation_imports_no_job_queue(tmp_path: Path) -> None:
     spec.write_text(json.dumps({"checkpoint": "missing", "output": "out", "r": 4}))
     rc, heavy, out = _modules_after(["attach-lora", "--spec", str(spec), "--data-dir", str(tmp_path)])
     assert rc == 2 and "torch" in heavy and "huey" not in heavy, out
+
+
+@pytest.mark.parametrize("command", ["worker", "serve"])
+def test_an_unreachable_job_store_is_one_problem_not_a_traceback(command: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ADAPTER_SURGERY_QUEUE_URL", f"redis://127.0.0.1:{free_port()}/0")  # nothing listens
+    argv = [command, "--data-dir", str(tmp_path)] + (["--port", str(free_port())] if command == "serve" else [])
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    problem = json.loads(err)
+    assert problem["title"] == "Job store unavailable" and "cannot be reached" in problem["detail"]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapter_surgery.catalog import SUMMARIES
 from adapter_surgery.cli_remote import add_jobs_parser, add_remote_arguments, run_remote
+from adapter_surgery.errors import SurgeryError
 
 if TYPE_CHECKING:
     from adapter_surgery.ops.common import ProgressEvent
@@ -66,7 +67,7 @@ def _run_operation(name: str, args: argparse.Namespace) -> int:
     _import_torch_stack()
     from pydantic import ValidationError
 
-    from adapter_surgery.errors import SurgeryError, validation_problem_body
+    from adapter_surgery.errors import validation_problem_body
     from adapter_surgery.jobs.runner import run_operation
     from adapter_surgery.ops import OPERATIONS
     from adapter_surgery.ops.common import RunContext
@@ -138,9 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log_json)
         try:
             app = create_app(settings)
+            app.state.jobs.store.ping()  # unreachable: this problem, rather than uvicorn's start-up traceback
         except ValueError as exc:  # unusable settings (an empty or unreadable token file...)
             _problem({"title": "Invalid settings", "detail": str(exc)})
             return 2
+        except SurgeryError as exc:  # the job store (Redis) cannot be reached
+            _problem(exc.to_problem())
+            return 1
         # our access log (one JSON line per request, with its request id) replaces uvicorn's
         uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=30, log_config=None,
                     access_log=False)
@@ -155,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides: dict[str, Any] = {"data_dir": Path(args.data_dir)} if args.data_dir else {}
         if args.workers is not None:
             overrides["workers"] = args.workers
-        JobService(Settings(**overrides)).run_consumer()
+        try:
+            JobService(Settings(**overrides)).run_consumer()
+        except SurgeryError as exc:  # the job store (Redis) cannot be reached: one problem, no traceback
+            _problem(exc.to_problem())
+            return 1
         return 0
     if args.command == "openapi":
         from adapter_surgery.api.app import create_app
