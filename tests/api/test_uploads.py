@@ -189,6 +189,23 @@ def test_archive_member_count_limit(data_dir: Path, kind: str) -> None:
     assert "no .safetensors" in problem["detail"]
 
 
+@pytest.mark.parametrize("members", [["a/model.safetensors", "b/model.safetensors"],
+                                     ["a/model.safetensors", "b/c/model.safetensors"]], ids=["siblings", "uneven"])
+def test_an_archive_of_two_model_directories_is_refused(tmp_path: Path, members: list[str]) -> None:
+    """One of them was patched silently (the shallowest first found)."""
+    src = tmp_path / "u.zip"
+    src.write_bytes(_zip(dict.fromkeys(members, b"x")))
+    with pytest.raises(uploads.InvalidCheckpoint) as e:
+        uploads.unpack_upload("m.zip", src, tmp_path / "w", 10**9, 100)
+    assert e.value.field == "file" and "2 model directories ('a/', " in e.value.detail
+
+
+def test_an_adapter_archive_with_its_residual_base_inside_is_one_checkpoint(tmp_path: Path) -> None:
+    src = tmp_path / "u.zip"
+    src.write_bytes(_zip(dict.fromkeys(["ad/adapter_model.safetensors", "ad/base/model.safetensors"], b"x")))
+    assert uploads.unpack_upload("m.zip", src, tmp_path / "w", 10**9, 100) == "input/ad"
+
+
 def test_zip_end_record_claiming_too_many_members(tmp_path: Path) -> None:
     raw = bytearray(_zip({"a": b"1"}))
     end = raw.rfind(b"PK\x05\x06")

@@ -288,11 +288,18 @@ def unpack_upload(filename: str, src: Path, work: Path, limit: int, max_members:
         raise InvalidCheckpoint(f"uploaded file {filename!r} is neither .safetensors nor a .zip/.tar archive",
                                 field="file", fix="Upload a .safetensors file, or a .zip/.tar of a model directory.")
     src.unlink(missing_ok=True)
-    weights = sorted(target.rglob("*.safetensors"), key=lambda p: len(p.parts))
-    if not weights:
+    holding = {p.parent for p in target.rglob("*.safetensors")}
+    if not holding:
         raise InvalidCheckpoint("the uploaded archive holds no .safetensors file", field="file",
                                 fix="Archive a model directory saved with save_pretrained.")
-    return str(weights[0].parent.relative_to(work))
+    # the checkpoint: the one directory holding weights that no other one holds (a PiSSA adapter's base/ is inside)
+    roots = sorted(d for d in holding if not any(o in d.parents for o in holding))
+    if len(roots) > 1:
+        names = ", ".join(repr(str(d.relative_to(target)) + "/") for d in roots[:4])
+        raise InvalidCheckpoint(f"the uploaded archive holds {len(roots)} model directories ({names}"
+                                f"{', ...' if len(roots) > 4 else ''}); which one to patch is ambiguous",
+                                field="file", fix="Archive one model directory per upload.")
+    return str(roots[0].relative_to(work))
 
 
 def _reason(exc: BaseException) -> str:
