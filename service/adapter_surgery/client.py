@@ -402,7 +402,8 @@ class Client:
         ``dest`` defaults to ``<file stem>.<operation><suffix of the answer>`` beside the upload. The file
         appears complete or not at all (written beside it, then renamed); an existing ``dest`` is refused
         unless ``overwrite``. Returns ``(dest, result)``, the result JSON from the ``X-Adapter-Surgery-Result``
-        header (``"truncated": true`` when the service shortened it to fit a header).
+        header; when the service shortened it to fit a header (``"truncated": true``), the whole result from its
+        job (``GET /jobs/{job}``).
         """
         name = self._name(operation)
         src = Path(file_path)
@@ -422,7 +423,10 @@ class Client:
             except httpx.TransportError as exc:
                 raise ServiceUnreachable(f"POST {self.base_url.rstrip('/')}/{name}: {type(exc).__name__}: "
                                          f"{exc}") from exc
-        return target, json.loads(response.headers.get(RESULT_HEADER) or "{}")
+        result = json.loads(response.headers.get(RESULT_HEADER) or "{}")
+        if result.get("truncated") and isinstance(result.get("job"), str):
+            result = self.get_job(result["job"]).result or result
+        return target, result
 
     # -- jobs --
 

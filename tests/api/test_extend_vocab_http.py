@@ -243,6 +243,8 @@ def test_large_results_fit_in_the_header(client: TestClient, data_dir: Path, bui
     result = json.loads(header)
     assert result["truncated"] is True and result["vocab_size_after"] == 4096
     assert result["padding_rows_total"] == 4096 - 101
+    whole = client.get(f"/jobs/{result['job']}").json()["result"]  # where the whole result is
+    assert len(whole["padding_rows"]) == 4096 - 101 and whole["files"] and "truncated" not in whole
 
 
 def test_hostile_files_get_422_not_500(client: TestClient, data_dir: Path) -> None:

@@ -132,7 +132,7 @@ async def _run_upload(op: Operation, request: Request, settings: Settings, jobs:
     if job.state != JobState.succeeded:
         upload.discard()
         return job_routes.problem_of(job)
-    return await answer_upload(upload, job.result or {})  # streamed from disk, then removed
+    return await answer_upload(upload, job.result or {}, job.id)  # streamed from disk, then removed
 
 
 def app_from_env() -> FastAPI:

@@ -154,7 +154,8 @@ def responses(op: Operation, result_header: str = RESULT_HEADER) -> dict[int | s
               "headers": {
                   result_header: _header(
                       f"Upload form only: the result ({op.result.__name__}) as ASCII JSON, at most 7 KiB (long "
-                      'lists cut to their first items with "<key>_total", and "truncated": true).', False),
+                      'lists cut to their first items with "<key>_total", "truncated": true, and "job": the id whose '
+                      'GET /jobs/{id} answers the whole result).', False),
                   "Content-Disposition": _header("Upload form only: attachment; filename=...", False)}}
     return {
         200: ok,

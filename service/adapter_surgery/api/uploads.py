@@ -408,9 +408,10 @@ class ScratchFileResponse(FileResponse):
             await run_in_threadpool(shutil.rmtree, self.scratch, True)
 
 
-async def answer_upload(upload: ReceivedUpload, result: dict[str, Any]) -> Response:
+async def answer_upload(upload: ReceivedUpload, result: dict[str, Any], job_id: str | None = None) -> Response:
     """The answer to an upload: the output (``upload.work / "output"``) streamed from disk, ``result`` in the
-    ``X-Adapter-Surgery-Result`` header; the scratch directory is removed once it is sent."""
+    ``X-Adapter-Surgery-Result`` header (shortened: with ``job_id``, where ``GET /jobs/{id}`` has all of it); the
+    scratch directory is removed once it is sent."""
     try:
         path, media, name = await run_in_threadpool(pack_output, upload.work / "output", upload.filename,
                                                     upload.work)
@@ -418,20 +419,20 @@ async def answer_upload(upload: ReceivedUpload, result: dict[str, Any]) -> Respo
         upload.discard()
         raise
     return ScratchFileResponse(path, upload.work, media_type=media, filename=name,
-                               headers={RESULT_HEADER: result_header(result)})
+                               headers={RESULT_HEADER: result_header(result, job_id)})
 
 
-def result_header(result: dict[str, Any]) -> str:
+def result_header(result: dict[str, Any], job_id: str | None = None) -> str:
     """The result as ASCII JSON for a response header, at most ``MAX_RESULT_HEADER`` bytes (proxies cap headers
     at 8-16 KB): long lists are cut to their first items (with ``<key>_total``), then dropped if still too long,
-    and ``"truncated": true`` says so."""
+    and ``"truncated": true`` says so, with ``"job": job_id``: ``GET /jobs/{job}`` answers the whole result."""
     def dump(doc: dict[str, Any]) -> str:
         return json.dumps(doc, ensure_ascii=True, separators=(",", ":"))
 
     text = dump(result)
     if len(text) <= MAX_RESULT_HEADER:
         return text
-    short: dict[str, Any] = {"truncated": True}
+    short: dict[str, Any] = {"truncated": True} | ({"job": job_id} if job_id else {})
     for key, value in result.items():
         if isinstance(value, list) and len(value) > 8:
             short[key], short[f"{key}_total"] = value[:8], len(value)
