@@ -120,3 +120,35 @@ def test_an_existing_file_is_never_overwritten(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         PlannedFile(tmp_path / "out", _plan(_tensors()), set())
     assert (tmp_path / "out").read_bytes() == b"kept"
+
+
+def test_the_bytes_in_flight_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the worker held in its first write, the caller hands over tensors up to ``IN_FLIGHT`` bytes and then
+    waits (memory does not grow with the file); once the worker goes on, everything is written as planned."""
+    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(6)}  # 4000 bytes each
+    plan = _plan(tensors)
+    monkeypatch.setattr(planned, "IN_FLIGHT", 8000)
+    gate, real = threading.Event(), os.pwrite
+
+    def pwrite(fd: int, data, at: int) -> int:
+        if at > 0:  # a tensor's bytes (the header is written at 0)
+            gate.wait()
+        return real(fd, data, at)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with PlannedFile(tmp_path / "out", plan, set()) as out:
+        out.put("t0", tensors["t0"])
+        out.put("t1", tensors["t1"])
+        third = threading.Thread(target=out.put, args=("t2", tensors["t2"]))
+        third.start()
+        third.join(timeout=0.5)
+        held = third.is_alive()
+        gate.set()
+        third.join()
+        for name in ("t3", "t4", "t5"):
+            out.put(name, tensors[name])
+        written = out.finish()
+    assert held, "the third tensor was taken past the budget of two"
+    save_file(tensors, str(tmp_path / "ref"), metadata={"format": "pt"})
+    assert (tmp_path / "out").read_bytes() == (tmp_path / "ref").read_bytes()
+    assert written.sha256 == hashlib.sha256((tmp_path / "ref").read_bytes()).hexdigest()

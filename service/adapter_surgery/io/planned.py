@@ -8,17 +8,19 @@ be zero (``lora_B`` at init) is a hole, which reads as zeros and is never writte
 (:meth:`PlannedFile.put`) is written at its offset on a worker thread while the caller computes the next one
 (``os.pwrite``, ``hashlib`` on large buffers and ``os.preadv`` release the GIL), and the file is hashed on that
 thread in file order as far as its bytes are final: a zero tensor from a reused zero buffer, the tensor just written
-from memory when it is the next in file order, an earlier one read back from the page cache. At most two tensors are
-in flight (one queued, one being written). Any failure (the write's, such as ENOSPC, or the caller's, such as a
-cancel) stops and joins the worker and removes the file: nothing half-written, no thread left.
+from memory when it is the next in file order, an earlier one read back from the page cache. The bytes handed over
+and not yet written are bounded (:data:`IN_FLIGHT`; one larger tensor goes alone), so that the caller runs ahead
+while the worker hashes a stretch an out-of-order tensor has just made final, and memory does not grow with the
+file. Any failure (the write's, such as ENOSPC, or the caller's, such as a cancel) stops and joins the worker and
+removes the file: nothing half-written, no thread left.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import queue
 import threading
+from collections import deque
 from pathlib import Path
 from types import TracebackType
 
@@ -29,9 +31,10 @@ from adapter_surgery.io.writer import WrittenFile, tensor_bytes
 
 #: Bytes per zero-buffer hash and per read-back.
 CHUNK = 4 * 1024 * 1024
-#: Tensors handed over and not yet written, besides the one being written.
-QUEUED = 1
-_STOP = object()
+#: Bytes handed over and not yet written (one tensor larger than this is handed over alone). attach-lora's
+#: ``write_adapter`` alone at the 7B shape (lora_A up to 0.7 MB at r=16): 0.275 s with 32 MiB against 0.366 s with
+#: one tensor at a time (median of 15, load average 4 on 2 cores; 8 and 64 MiB alike, 0.288 and 0.282 s).
+IN_FLIGHT = 32 * 1024 * 1024
 
 
 class PlannedFile:
@@ -52,7 +55,10 @@ class PlannedFile:
         self._digest = hashlib.sha256(plan.header)
         self._zeros = bytes(CHUNK)
         self._buf = bytearray(CHUNK)
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=QUEUED)
+        self._cond = threading.Condition()
+        self._pending: deque[tuple[int, memoryview]] = deque()
+        self._in_flight = 0  # bytes in self._pending and being written
+        self._stopping = False
         self._error: BaseException | None = None
         self._closed = False
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
@@ -75,7 +81,8 @@ class PlannedFile:
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         """Hand ``tensor`` over to be written as ``name`` (its bytes in its own dtype, the plan's size); blocks while
-        :data:`QUEUED` others wait. ``tensor`` must not change afterwards. Raises the worker's error, if any."""
+        it would take the bytes in flight over :data:`IN_FLIGHT`. ``tensor`` must not change afterwards. Raises the
+        worker's error, if any."""
         if self._error is not None:
             raise self._error
         i = self._index.get(name)
@@ -84,7 +91,14 @@ class PlannedFile:
         view = tensor_bytes(tensor)
         if len(view) != self.plan.tensors[i].nbytes:
             raise ValueError(f"{name} has {len(view)} bytes; the plan gives it {self.plan.tensors[i].nbytes}")
-        self._queue.put((i, view))
+        with self._cond:
+            self._cond.wait_for(lambda: self._error is not None or not self._in_flight
+                                or self._in_flight + len(view) <= IN_FLIGHT)
+            if self._error is not None:
+                raise self._error
+            self._pending.append((i, view))
+            self._in_flight += len(view)
+            self._cond.notify_all()
 
     def finish(self) -> WrittenFile:
         """Wait for the last write, hash what remains and close the file; its size and sha256. On an error
@@ -111,14 +125,11 @@ class PlannedFile:
         self._remove()
 
     def _stop(self) -> None:
-        """Tell the worker there is nothing more and wait for it to end (it drains the queue even after an error,
-        so this never waits on a full queue for long)."""
-        while self._worker.is_alive():
-            try:
-                self._queue.put(_STOP, timeout=0.1)
-                break
-            except queue.Full:
-                continue
+        """Tell the worker there is nothing more and wait for it to end: after what is pending is written, or at
+        once after an error (what is pending is dropped)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
         self._worker.join()
 
     def _remove(self) -> None:
@@ -128,16 +139,26 @@ class PlannedFile:
         self.path.unlink(missing_ok=True)
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not _STOP:
-            if self._error is not None:
-                continue  # drain what the caller handed over before it heard of the error
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._stopping)
+                if not self._pending:
+                    return
+                i, view = self._pending[0]
             try:
-                i, view = item  # type: ignore[misc]
                 _pwrite_all(self._fd, view, self.plan.tensors[i].begin)
                 self._written[i] = True
                 self._hash_forward((i, view))
             except BaseException as exc:  # the caller hears it at its next put, or at finish
-                self._error = exc
+                with self._cond:
+                    self._error = exc
+                    self._pending.clear()
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._pending.popleft()
+                self._in_flight -= len(view)
+                self._cond.notify_all()
 
     def _hash_forward(self, fresh: tuple[int, memoryview] | None) -> None:
         """Hash the tensors whose bytes are final, in file order, from the first not hashed yet; ``fresh``: the
