@@ -30,8 +30,11 @@ needs peft's modules (no DoRA, biases, ``modules_to_save``, trainable tokens or 
 float32/bfloat16/float16), peft's ``LoraModel`` runs with a ``_create_and_replace`` that builds nothing
 (:func:`peft_bridge.plan_layers`: peft's matching, config, ranks and alphas, in peft's order) and each target's
 ``lora_A``/``lora_B`` is computed directly with the draws, casts and dtypes peft's layers would give it (the
-constructors' thrown-away draws only advance the generator). The files are byte-identical to the injection path's
-(tested against each other and ``get_peft_model``); everything else takes the injection path below.
+constructors' thrown-away draws only advance the generator). Its weights file is laid out from the plan (the
+order and header ``save_file`` gives) and written while A is drawn: each A written at its offset and the file hashed
+on a worker thread while the next is drawn, each (zero) B a hole (:mod:`adapter_surgery.io.planned`), so the digest
+is ready with the file. The files are byte-identical to the injection path's (tested against each other and
+``get_peft_model``); everything else takes the injection path below.
 
 The adapter tensors are then taken from ``peft``'s ``get_peft_model_state_dict`` (keys
 ``base_model.model.<module>.lora_A.weight``, no adapter-name segment; DoRA's ``lora_magnitude_vector``) and written
