@@ -10,8 +10,11 @@ fast path cannot compute are checked to take peft's injection.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
+import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -45,11 +48,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Taken:
-    """Which path each run took: direct.adapter_tensors and bridge.inject calls counted."""
+    """Which path each run took: direct.write_adapter and bridge.inject calls counted."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.direct = self.inject = 0
-        tensors, inject = direct.adapter_tensors, bridge.inject
+        tensors, inject = direct.write_adapter, bridge.inject
 
         def counted_tensors(*a, **kw):
             self.direct += 1
@@ -59,7 +62,7 @@ class Taken:
             self.inject += 1
             return inject(*a, **kw)
 
-        monkeypatch.setattr(direct, "adapter_tensors", counted_tensors)
+        monkeypatch.setattr(direct, "write_adapter", counted_tensors)
         monkeypatch.setattr(bridge, "inject", counted_inject)
 
 
@@ -197,3 +200,40 @@ def test_peft_refusing_the_plan_is_a_422_on_the_fast_path(data: Path, monkeypatc
     assert caught.value.field == "target_modules"
     assert "peft could not attach this adapter" in str(caught.value) and "nope" in str(caught.value)
     assert not (data / "refused").exists()
+
+
+@pytest.mark.parametrize("failure", ["full disk", "cancel"])
+def test_a_failure_while_the_fast_path_writes_leaves_nothing(data: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             failure: str) -> None:
+    """ENOSPC from a lora_A write on the worker thread, or a cancel between draws: the error reaches the caller,
+    the worker thread has ended, no output (or temporary) is left, and the next request's RNG stream is its own
+    (its files equal a run that never saw the failure)."""
+    from adapter_surgery.errors import Cancelled
+
+    before = {p.name for p in data.iterdir()}
+    threads = set(threading.enumerate())
+    opts = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
+    taken = Taken(monkeypatch)
+    polls: list[int] = []
+    if failure == "full disk":
+        real = os.pwrite
+
+        def pwrite(fd: int, view, at: int) -> int:
+            if at > 0:  # a tensor's bytes (the header is written at 0)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd, view, at)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        ctx, expected = RunContext(data), OSError
+    else:
+        ctx = RunContext(data, should_cancel=lambda: polls.append(1) or len(polls) > 3)
+        expected = Cancelled
+    with pytest.raises(expected):
+        attach_lora(AttachLoraSpec(checkpoint="Llama-fp32", output="failed", seed=0, **opts), ctx)
+    assert taken.direct == 1 and {p.name for p in data.iterdir()} == before
+    assert set(threading.enumerate()) <= threads
+    monkeypatch.undo()
+    again = run(data, "Llama-fp32", f"after-{failure}", 0, **opts)
+    fresh = run(data, "Llama-fp32", f"fresh-{failure}", 0, **opts)
+    for name in FILES:
+        assert (data / again.output / name).read_bytes() == (data / fresh.output / name).read_bytes(), name

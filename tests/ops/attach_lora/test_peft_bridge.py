@@ -369,7 +369,8 @@ def check_update_layer_draws() -> None:
         cfg = lora(init_lora_weights=init, rank_pattern={"v_proj": 2})
         _, layers = bridge.plan_layers(tiny(dtype), copy.deepcopy(cfg))
         torch.manual_seed(5)
-        mine = direct.adapter_tensors(layers, "true" if init is True else init, torch.float32)
+        mine = dict(direct.drawn(layers, "true" if init is True else init, torch.float32))
+        mine |= {bridge.lora_keys(layer.name)[1]: torch.zeros(layer.out_features, layer.r) for layer in layers}
         after_mine = torch.rand(8)
         model = tiny(dtype)
         torch.manual_seed(5)

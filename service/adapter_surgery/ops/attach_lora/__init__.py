@@ -30,8 +30,11 @@ needs peft's modules (no DoRA, biases, ``modules_to_save``, trainable tokens or 
 float32/bfloat16/float16), peft's ``LoraModel`` runs with a ``_create_and_replace`` that builds nothing
 (:func:`peft_bridge.plan_layers`: peft's matching, config, ranks and alphas, in peft's order) and each target's
 ``lora_A``/``lora_B`` is computed directly with the draws, casts and dtypes peft's layers would give it (the
-constructors' thrown-away draws only advance the generator). The files are byte-identical to the injection path's
-(tested against each other and ``get_peft_model``); everything else takes the injection path below.
+constructors' thrown-away draws only advance the generator). Its weights file is laid out from the plan (the
+order and header ``save_file`` gives) and written while A is drawn: each A written at its offset and the file hashed
+on a worker thread while the next is drawn, each (zero) B a hole (:mod:`adapter_surgery.io.planned`), so the digest
+is ready with the file. The files are byte-identical to the injection path's (tested against each other and
+``get_peft_model``); everything else takes the injection path below.
 
 The adapter tensors are then taken from ``peft``'s ``get_peft_model_state_dict`` (keys
 ``base_model.model.<module>.lora_A.weight``, no adapter-name segment; DoRA's ``lora_magnitude_vector``) and written
@@ -93,6 +96,7 @@ from adapter_surgery.ops.attach_lora.output import (
     peft_warnings,
     residual_base,
     save_adapter,
+    save_adapter_config,
 )
 from adapter_surgery.ops.attach_lora.spec import (
     ADAPTER_CONFIG,
@@ -180,6 +184,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
     ctx.say(f"{len(targets)} target modules, init {init}")
 
     threads = torch.get_num_threads() if needs_weights else 1
+    dtype = ADAPTER_DTYPES[spec.dtype]
     with (_LOCK, seeded_rng(spec.seed, device), intra_op_threads(threads),
           warnings.catch_warnings(record=True) as caught):
         warnings.simplefilter("always")
@@ -187,25 +192,31 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
             tmp.mkdir(parents=True)
             spill = Residuals(ckpt, targets, tmp / RESIDUAL_DIR, ctx) if decompose else None
             if fast:
-                saved_config, state, modules = _direct(model, config, targets, init, ADAPTER_DTYPES[spec.dtype])
+                saved_config, layers, modules = _direct(model, config, targets)
+                serving_notes += servable.check_keys(spec, direct.adapter_keys(layers), unable)
+                known = {ADAPTER_WEIGHTS: direct.write_adapter(tmp / ADAPTER_WEIGHTS, layers, init, dtype,
+                                                               ctx.check_cancelled)}
+                parameters = direct.trainable_parameters(layers)
+                save_adapter_config(tmp, saved_config, base_path, task_type, type(model), decompose)
             else:
                 materializer = Materializer(ckpt, targets, device, init, spill)
                 tuner = _inject(model, config, materializer)
-                state = adapter_state_dict(tuner, ckpt, arch, ADAPTER_DTYPES[spec.dtype])
+                state = adapter_state_dict(tuner, ckpt, arch, dtype)
                 saved_config, modules = tuner.peft_config[bridge.ADAPTER_NAME], describe_targets(tuner, targets)
+                serving_notes += servable.check_keys(spec, state, unable)
+                save_adapter(tmp, state, saved_config, base_path, task_type, type(model), decompose)
+                known, parameters = {}, sum(t.numel() for t in state.values())
             ctx.say("adapter initialized")
-            serving_notes += servable.check_keys(spec, state, unable)
-            save_adapter(tmp, state, saved_config, base_path, task_type, type(model), decompose)
             residual = None
             if spill is not None:
                 residual = residual_base(ckpt, spill, base_path)
-            files = [f for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) for f in describe_files(tmp / name)]
+            files = [f for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) for f in describe_files(tmp / name, known)]
     residual_note = [residual.note] if residual is not None else []
     warnings_out = [*notes, *plan_notes, *peft_warnings(caught), *residual_note, *serving_notes]
     return AttachLoraResult(
         output=spec.output, task_type=task_type, base_model_name_or_path=base_path,
         adapter_files=[FileInfo.of(f) for f in files], target_modules=modules,
-        trainable_parameters=sum(t.numel() for t in state.values()), base_bytes_read=ckpt.bytes_read,
+        trainable_parameters=parameters, base_bytes_read=ckpt.bytes_read,
         residual_base=residual, warnings=list(dict.fromkeys(without_dirs(w, ctx.data_dir) for w in warnings_out)),
         seconds=run.seconds())
 
@@ -215,9 +226,9 @@ def fast_path_refusal(spec: AttachLoraSpec, init: str, config, targets, model, d
     return direct.refusal(spec, init, config, targets, model, dtype)
 
 
-def _direct(model, config, targets, init: str, dtype: torch.dtype):
-    """The fast path (:mod:`.direct`): peft's config and targets without its layers, the tensors drawn directly.
-    Returns the config to save, the adapter's tensors and the result's targets."""
+def _direct(model, config, targets):
+    """The fast path's plan (:mod:`.direct`): peft's config and targets without its layers. Returns the config to
+    save, the layers to draw and the result's targets."""
     try:
         saved_config, layers = bridge.plan_layers(model, config)
     except (ValueError, TypeError) as exc:
@@ -227,7 +238,7 @@ def _direct(model, config, targets, init: str, dtype: torch.dtype):
         extra = sorted({layer.name for layer in layers} ^ set(planned)) or planned
         raise InvalidSpec(f"peft targets differ from the request check's ({extra[0]})", field="target_modules",
                           fix="Name the target modules explicitly.")
-    return saved_config, direct.adapter_tensors(layers, init, dtype), direct.describe(layers, targets)
+    return saved_config, layers, direct.describe(layers, targets)
 
 
 def _peft_refused(exc: Exception) -> InvalidSpec:

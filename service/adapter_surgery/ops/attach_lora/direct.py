@@ -9,9 +9,10 @@ weights from the global RNG: r*in then out*r float32 values, thrown away), then 
 ``get_peft_model``'s ``_cast_adapter_dtype(autocast_adapter_dtype=True)`` back to float32 when that dtype is
 float16/bfloat16. Here the thrown-away draws only advance the generator (:func:`discard`), A is drawn on a tensor of
 its shape with the same function, and both take the same casts, then the request's ``dtype``. Which modules, their
-ranks and alphas, and the config saved still come from ``peft`` (:func:`peft_bridge.plan_layers`), so the files are
-byte-identical to the injection path's (``tests/ops/attach_lora/test_direct.py`` checks both against each other
-and against ``get_peft_model``).
+ranks and alphas, and the config saved still come from ``peft`` (:func:`peft_bridge.plan_layers`). The weights file
+is laid out from the plan before any draw (:func:`adapter_layout`: ``save_file``'s order and header) and written
+while A is drawn (:func:`write_adapter`), so the files are byte-identical to the injection path's
+(``tests/ops/attach_lora/test_direct.py`` checks both against each other and against ``get_peft_model``).
 
 Anything else (other inits, DoRA, biases, ``modules_to_save``, trainable tokens, parameter targets, other module
 types or base dtypes) goes through ``peft``'s injection (:func:`refusal` says why).
@@ -20,12 +21,18 @@ types or base dtypes) goes through ``peft``'s injection (:func:`refusal` says wh
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from adapter_surgery.io.header import TORCH_TO_SAFETENSORS
+from adapter_surgery.io.layout import Layout, layout
+from adapter_surgery.io.planned import PlannedFile
+from adapter_surgery.io.writer import WrittenFile
 from adapter_surgery.ops.attach_lora import peft_bridge as bridge
-from adapter_surgery.ops.attach_lora.output import in_target_order, target_module
+from adapter_surgery.ops.attach_lora.output import SAFETENSORS_METADATA, in_target_order, target_module
 from adapter_surgery.ops.attach_lora.spec import AttachLoraSpec, TargetModule
 from adapter_surgery.ops.attach_lora.targets import Target
 
@@ -83,13 +90,13 @@ def discard(words: int, scratch: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def adapter_tensors(layers: list[bridge.PlannedLayer], init: str,
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The saved adapter (keys as ``get_peft_model_state_dict``'s), drawn from the global RNG as ``peft`` draws
-    it (module docstring), in ``layers``' order; tensors in ``dtype``."""
+def drawn(layers: list[bridge.PlannedLayer], init: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each ``lora_A`` (its saved key, as ``get_peft_model_state_dict``'s, and the tensor in ``dtype``), drawn from
+    the global RNG as ``peft`` draws it (module docstring), in ``layers``' order; each ``lora_B`` is zero and not
+    drawn. Lazily: each draw happens when the consumer asks for the next tensor (nothing else may use the global
+    RNG meanwhile)."""
     most = max((layer.r * (layer.in_features + layer.out_features) for layer in layers), default=0)
     scratch = torch.empty(most // 2 + 1, dtype=torch.int64)
-    out: dict[str, torch.Tensor] = {}
     for layer in layers:
         discard(layer.r * layer.in_features + layer.out_features * layer.r, scratch)  # the two constructors
         a = torch.empty(layer.r, layer.in_features)
@@ -100,10 +107,41 @@ def adapter_tensors(layers: list[bridge.PlannedLayer], init: str,
         a = a.to(layer.base_dtype)
         if a.dtype in UPCAST:
             a = a.to(torch.float32)
-        a_key, b_key = bridge.lora_keys(layer.name)
-        out[a_key] = a.to(dtype)
-        out[b_key] = torch.zeros(layer.out_features, layer.r, dtype=dtype)
-    return out
+        yield bridge.lora_keys(layer.name)[0], a.to(dtype)
+
+
+def adapter_keys(layers: list[bridge.PlannedLayer]) -> list[str]:
+    """The adapter's tensor names in ``get_peft_model_state_dict``'s order: per target (``layers``' order) lora_A,
+    then lora_B."""
+    return [key for layer in layers for key in bridge.lora_keys(layer.name)]
+
+
+def adapter_layout(layers: list[bridge.PlannedLayer], dtype: torch.dtype) -> Layout:
+    """The adapter file as ``save_file`` lays out ``get_peft_model_state_dict``'s tensors (``lora_A`` (r, in),
+    ``lora_B`` (out, r), all in ``dtype``) with peft's ``{"format": "pt"}`` metadata."""
+    shapes = [shape for layer in layers for shape in ((layer.r, layer.in_features), (layer.out_features, layer.r))]
+    name = TORCH_TO_SAFETENSORS[dtype]
+    return layout([(key, name, shape) for key, shape in zip(adapter_keys(layers), shapes, strict=True)],
+                  SAFETENSORS_METADATA)
+
+
+def write_adapter(path: Path, layers: list[bridge.PlannedLayer], init: str, dtype: torch.dtype,
+                  check_cancelled: Callable[[], None]) -> WrittenFile:
+    """Write the adapter's weights file at ``path``, byte-identical to ``save_file`` of its tensors: each
+    ``lora_A`` written and hashed on a worker thread while the next one is drawn, each ``lora_B`` (zero) a hole
+    (:class:`PlannedFile`). ``check_cancelled`` runs after each ``lora_A`` is handed over, before the next draw; on
+    any error the file is removed and the worker has ended."""
+    zeros = {bridge.lora_keys(layer.name)[1] for layer in layers}
+    with PlannedFile(path, adapter_layout(layers, dtype), zeros) as out:
+        for key, a in drawn(layers, init, dtype):
+            out.put(key, a)
+            check_cancelled()
+        return out.finish()
+
+
+def trainable_parameters(layers: list[bridge.PlannedLayer]) -> int:
+    """The adapter's parameter count: r * (in + out) per target."""
+    return sum(layer.r * (layer.in_features + layer.out_features) for layer in layers)
 
 
 def describe(layers: list[bridge.PlannedLayer], targets: list[Target]) -> list[TargetModule]:

@@ -222,12 +222,22 @@ def from_checkpoint(key: str, meta: torch.Tensor, model: nn.Module, ckpt: Checkp
     return value.to(meta.dtype)
 
 
+#: The metadata ``PeftModel.save_pretrained`` gives the adapter's safetensors file.
+SAFETENSORS_METADATA = {"format": "pt"}
+
+
 def save_adapter(out: Path, state: dict[str, torch.Tensor], config, base_path: str, task_type: str | None,
-                  model_class: type, decompose: bool) -> None:
+                 model_class: type, decompose: bool) -> None:
     """Write the adapter as ``PeftModel.save_pretrained`` does (safetensors + ``{"format": "pt"}``, config JSON)."""
     from safetensors.torch import save_file
 
-    save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(state, str(out / ADAPTER_WEIGHTS), metadata=SAFETENSORS_METADATA)
+    save_adapter_config(out, config, base_path, task_type, model_class, decompose)
+
+
+def save_adapter_config(out: Path, config, base_path: str, task_type: str | None, model_class: type,
+                        decompose: bool) -> None:
+    """Write ``adapter_config.json`` as ``PeftModel.save_pretrained`` does, pointing at ``base_path``."""
     cfg = copy.deepcopy(config)
     cfg.base_model_name_or_path = base_path
     cfg.inference_mode = True
