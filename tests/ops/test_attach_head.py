@@ -689,3 +689,21 @@ def test_a_config_pad_id_is_named_by_the_tokenizer_with_or_without_the_cache(dat
                         RunContext(data, tokenizers=cache))
         assert tree_digest(data / out) == tree_digest(data / "plain")
         assert r.model_dump(exclude={"output", "seconds"}) == plain.model_dump(exclude={"output", "seconds"})
+
+
+def test_unloadable_tokenizer_files_are_a_422_with_or_without_the_cache(data: Path) -> None:
+    """Tokenizer files transformers cannot load: the same 422 on ``checkpoint`` (no data-dir path in it) whether the
+    request loads the tokenizer itself or reads it through the service's cache, nothing written, nothing kept."""
+    from adapter_surgery.tokenizer_cache import TokenizerCache
+
+    src = link_tree(data / "llama-untied-tiny", data / "bad-tok")
+    (src / "tokenizer.json").unlink()  # a link to the fixture's file: replaced, not written through
+    (src / "tokenizer.json").write_text("{not json")
+    cache = TokenizerCache()
+    for out, ctx in (("plain", RunContext(data)), ("cached", RunContext(data, tokenizers=cache))):
+        with pytest.raises(InvalidCheckpoint) as err:
+            attach_head(AttachHeadSpec(checkpoint="bad-tok", output=out, num_labels=2), ctx)
+        assert err.value.field == "checkpoint" and "tokenizer files could not be loaded" in str(err.value)
+        assert str(data) not in str(err.value) and not (data / out).exists()
+    # nothing was kept: the next read of that directory is a miss, which calls its loader
+    assert cache.read(src, "AutoTokenizer", lambda: ["loaded again"], len) == 1
