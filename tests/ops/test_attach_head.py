@@ -678,16 +678,16 @@ def test_a_config_pad_id_is_named_by_the_tokenizer_with_or_without_the_cache(dat
     (src / "config.json").unlink()  # a link to the fixture's file: replaced, not written through
     (src / "config.json").write_text(json.dumps(doc))
     token = AutoTokenizer.from_pretrained(str(src)).convert_ids_to_tokens(5)
-    plain = run(data, "cfg-pad", "plain", num_labels=2)
+    plain = run(data, "cfg-pad", "cfg-pad-plain", num_labels=2)
     assert plain.pad_token is not None
     assert (plain.pad_token.id, plain.pad_token.token, plain.pad_token.source) == (5, token, "config")
-    assert config(data / "plain")["pad_token_id"] == 5
-    assert AutoTokenizer.from_pretrained(str(data / "plain")).pad_token_id == 5
+    assert config(data / "cfg-pad-plain")["pad_token_id"] == 5
+    assert AutoTokenizer.from_pretrained(str(data / "cfg-pad-plain")).pad_token_id == 5
     cache = TokenizerCache()
-    for out in ("cached-1", "cached-2"):  # a miss, then a hit
+    for out in ("cfg-pad-cached-1", "cfg-pad-cached-2"):  # a miss, then a hit
         r = attach_head(AttachHeadSpec(checkpoint="cfg-pad", output=out, num_labels=2),
                         RunContext(data, tokenizers=cache))
-        assert tree_digest(data / out) == tree_digest(data / "plain")
+        assert tree_digest(data / out) == tree_digest(data / "cfg-pad-plain")
         assert r.model_dump(exclude={"output", "seconds"}) == plain.model_dump(exclude={"output", "seconds"})
 
 
@@ -700,7 +700,7 @@ def test_unloadable_tokenizer_files_are_a_422_with_or_without_the_cache(data: Pa
     (src / "tokenizer.json").unlink()  # a link to the fixture's file: replaced, not written through
     (src / "tokenizer.json").write_text("{not json")
     cache = TokenizerCache()
-    for out, ctx in (("plain", RunContext(data)), ("cached", RunContext(data, tokenizers=cache))):
+    for out, ctx in (("bad-tok-plain", RunContext(data)), ("bad-tok-cached", RunContext(data, tokenizers=cache))):
         with pytest.raises(InvalidCheckpoint) as err:
             attach_head(AttachHeadSpec(checkpoint="bad-tok", output=out, num_labels=2), ctx)
         assert err.value.field == "checkpoint" and "tokenizer files could not be loaded" in str(err.value)
