@@ -37,3 +37,20 @@ def test_cached_tokenizers_give_the_outputs_of_a_fresh_load(data_dir: Path, buil
     tok_json.write_text(json.dumps(doc))
     again = run("c4", ["<new>", "<y>"], cached=True)
     assert [t["token"] for t in again["existing"]] == ["<new>"]
+
+
+def test_a_read_leaves_the_kept_tokenizer_as_it_was(data_dir: Path, build) -> None:
+    """attach-head reads the pad and eos tokens off the kept tokenizer (no copy); extend-vocab then gets its copy of
+    that same kept tokenizer: its output is that of a fresh load, as when no read came before."""
+    from adapter_surgery.ops.attach_head import AttachHeadSpec, attach_head
+
+    src = build("FX-B")
+    tokens = ["<a>", {"content": "<s1>", "special": True}]
+    fresh = extend_vocab(ExtendVocabSpec(checkpoint=src, output="fresh", tokens=tokens), RunContext(data_dir))
+    cache = TokenizerCache()
+    for out in ("head-1", "head-2"):  # a miss (loads and keeps it), then a read of the kept one
+        attach_head(AttachHeadSpec(checkpoint=src, output=out, num_labels=2), RunContext(data_dir, tokenizers=cache))
+    got = extend_vocab(ExtendVocabSpec(checkpoint=src, output="after-reads", tokens=tokens),
+                       RunContext(data_dir, tokenizers=cache))
+    assert got.model_dump(exclude={"output", "seconds"}) == fresh.model_dump(exclude={"output", "seconds"})
+    assert tree_digest(data_dir / "after-reads") == tree_digest(data_dir / "fresh")

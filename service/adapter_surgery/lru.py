@@ -6,10 +6,11 @@ from __future__ import annotations
 import copy
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class CopyingLRU(Generic[T]):
@@ -28,6 +29,18 @@ class CopyingLRU(Generic[T]):
                 return None
             self._entries.move_to_end(key)
             return copy.deepcopy(hit)
+
+    def read(self, key: Hashable, read: Callable[[T], R]) -> R | None:
+        """``read`` applied to the kept entry itself, under the lock and without a copy (``None`` on a miss): for a
+        caller that only looks at a few facts of a large object, where :meth:`get`'s deep copy would cost more than
+        the look. ``read`` must not change the entry nor return it (or a part of it that is not a copy), and must
+        not return ``None``."""
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None:
+                return None
+            self._entries.move_to_end(key)
+            return read(hit)
 
     def put(self, key: Hashable, value: T) -> None:
         """Keep a deep copy of ``value`` (the caller may go on changing its own)."""

@@ -3,12 +3,14 @@ the pooler, tied embeddings, the HTTP form, bad input; and the real SmolLM2 / Mi
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from transformers import (
     BertForTokenClassification,
 )
 
+from adapter_surgery import lru
 from adapter_surgery.api.app import create_app
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
 from adapter_surgery.initializers import expected_std
@@ -637,8 +640,9 @@ def test_moe_missing_expert_is_a_422(tmp_path: Path) -> None:
 
 def test_the_service_reads_the_tokenizer_from_its_cache_and_writes_the_same_output(
         data_dir: Path, build, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the service's tokenizer cache, attach-head loads the tokenizer once over two requests (a copy each time);
-    the outputs are those of a request that loads it itself."""
+    """With the service's tokenizer cache, attach-head loads the tokenizer once over two requests and reads it off the
+    kept one (no copy: only the miss copies it, to keep it); the outputs are those of a request that loads it
+    itself."""
     from transformers import AutoTokenizer
 
     from adapter_surgery.tokenizer_cache import TokenizerCache
@@ -649,10 +653,57 @@ def test_the_service_reads_the_tokenizer_from_its_cache_and_writes_the_same_outp
     real = AutoTokenizer.from_pretrained
     monkeypatch.setattr(AutoTokenizer, "from_pretrained",
                         lambda path, **kw: loads.append(Path(path).name) or real(path, **kw))
+    copied: list[str] = []  # what the cache deep-copies: the tokenizer once, when the miss keeps it, and no more
+    monkeypatch.setattr(lru, "copy", SimpleNamespace(
+        deepcopy=lambda obj: copied.append(type(obj).__name__) or copy.deepcopy(obj)))
     cache = TokenizerCache()
     for out in ("cached-1", "cached-2"):
         spec = AttachHeadSpec(checkpoint=src, output=out, num_labels=3)
         r = attach_head(spec, RunContext(data_dir, tokenizers=cache))
         assert tree_digest(data_dir / out) == tree_digest(data_dir / "plain")
         assert r.model_dump(exclude={"output", "seconds"}) == plain.model_dump(exclude={"output", "seconds"})
-    assert loads == [src] and plain.pad_token is not None
+    assert loads == [src] and plain.pad_token is not None and len(copied) == 1
+
+
+def test_a_config_pad_id_is_named_by_the_tokenizer_with_or_without_the_cache(data: Path) -> None:
+    """A tokenizer without a pad token and a config.json with ``pad_token_id``: that id pads, named by the
+    tokenizer's token for it (computed here with transformers); read off the service's cache (no copy), the output
+    and the result are those of a request that loads the tokenizer itself."""
+    from adapter_surgery.tokenizer_cache import TokenizerCache
+
+    src = link_tree(data / "llama-untied-tiny", data / "cfg-pad")
+    doc = config(src)
+    assert doc.get("pad_token_id") is None and AutoTokenizer.from_pretrained(str(src)).pad_token is None
+    doc["pad_token_id"] = 5
+    (src / "config.json").unlink()  # a link to the fixture's file: replaced, not written through
+    (src / "config.json").write_text(json.dumps(doc))
+    token = AutoTokenizer.from_pretrained(str(src)).convert_ids_to_tokens(5)
+    plain = run(data, "cfg-pad", "cfg-pad-plain", num_labels=2)
+    assert plain.pad_token is not None
+    assert (plain.pad_token.id, plain.pad_token.token, plain.pad_token.source) == (5, token, "config")
+    assert config(data / "cfg-pad-plain")["pad_token_id"] == 5
+    assert AutoTokenizer.from_pretrained(str(data / "cfg-pad-plain")).pad_token_id == 5
+    cache = TokenizerCache()
+    for out in ("cfg-pad-cached-1", "cfg-pad-cached-2"):  # a miss, then a hit
+        r = attach_head(AttachHeadSpec(checkpoint="cfg-pad", output=out, num_labels=2),
+                        RunContext(data, tokenizers=cache))
+        assert tree_digest(data / out) == tree_digest(data / "cfg-pad-plain")
+        assert r.model_dump(exclude={"output", "seconds"}) == plain.model_dump(exclude={"output", "seconds"})
+
+
+def test_unloadable_tokenizer_files_are_a_422_with_or_without_the_cache(data: Path) -> None:
+    """Tokenizer files transformers cannot load: the same 422 on ``checkpoint`` (no data-dir path in it) whether the
+    request loads the tokenizer itself or reads it through the service's cache, nothing written, nothing kept."""
+    from adapter_surgery.tokenizer_cache import TokenizerCache
+
+    src = link_tree(data / "llama-untied-tiny", data / "bad-tok")
+    (src / "tokenizer.json").unlink()  # a link to the fixture's file: replaced, not written through
+    (src / "tokenizer.json").write_text("{not json")
+    cache = TokenizerCache()
+    for out, ctx in (("bad-tok-plain", RunContext(data)), ("bad-tok-cached", RunContext(data, tokenizers=cache))):
+        with pytest.raises(InvalidCheckpoint) as err:
+            attach_head(AttachHeadSpec(checkpoint="bad-tok", output=out, num_labels=2), ctx)
+        assert err.value.field == "checkpoint" and "tokenizer files could not be loaded" in str(err.value)
+        assert str(data) not in str(err.value) and not (data / out).exists()
+    # nothing was kept: the next read of that directory is a miss, which calls its loader
+    assert cache.read(src, "AutoTokenizer", lambda: ["loaded again"], len) == 1

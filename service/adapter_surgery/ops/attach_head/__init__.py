@@ -39,7 +39,7 @@ from adapter_surgery.io.writer import write_checkpoint
 from adapter_surgery.ops.attach_head.initialize import create_tensors
 from adapter_surgery.ops.attach_head.keys import STALE_BUFFERS, config_mismatch, map_keys, unexpected_tensors
 from adapter_surgery.ops.attach_head.output import changed_tensors, created_changes, key_changes, write_side_files
-from adapter_surgery.ops.attach_head.pad import plan_pad
+from adapter_surgery.ops.attach_head.pad import config_token_ids, plan_pad
 from adapter_surgery.ops.attach_head.spec import (
     MAX_LABELS,
     AttachHeadOptions,
@@ -63,11 +63,11 @@ from adapter_surgery.ops.attach_head.target import (
     meta_model,
     target_class,
 )
+from adapter_surgery.ops.attach_head.tokens import tokenizer_facts
 from adapter_surgery.ops.common import FileInfo, RunContext
 from adapter_surgery.ops.runner import begin
 from adapter_surgery.paths import without_dirs
 from adapter_surgery.report import preservation_report
-from adapter_surgery.tokenizer_cache import load_tokenizer
 
 __all__ = ["MAX_LABELS", "STALE_BUFFERS", "TASK_MAPPINGS", "AttachHeadOptions", "AttachHeadResult", "AttachHeadSpec",
            "CreatedTensor", "DroppedTensor", "HeadInit", "PadToken", "ProblemType", "RenamedTensor", "Task",
@@ -113,7 +113,7 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
                       fix="Use fewer labels, or give the service more memory.")
     config = auto_config(ckpt)
     target_cls = target_class(config, spec.task)
-    tok = load_tokenizer(ckpt, cache=ctx.tokenizers)  # only read here (pad and eos ids): the cache's copy
+    tok = tokenizer_facts(ckpt, config_token_ids(config), ctx.tokenizers)  # read off the cache's, no copy
     pad = plan_pad(spec, ckpt, arch, config, tok, device)
     ctx.say(f"target {target_cls.__name__}, pad id {pad.info.id if pad.info else None}")
     config = configured(config, id2label, problem_type, pad, arch)

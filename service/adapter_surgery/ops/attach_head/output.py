@@ -13,6 +13,7 @@ from adapter_surgery.model.roles import Architecture
 from adapter_surgery.ops.attach_head.initialize import Created
 from adapter_surgery.ops.attach_head.keys import Keys
 from adapter_surgery.ops.attach_head.pad import Pad
+from adapter_surgery.ops.attach_head.tokens import TokenizerFacts
 from adapter_surgery.ops.common import ChangedTensor
 
 
@@ -50,7 +51,7 @@ def changed_tensors(keys: Keys, created: list[Created], vocab_changed: list[Chan
 
 
 def write_side_files(ckpt: Checkpoint, out: Path, arch: Architecture, model_class: str, id2label: dict[int, str],
-                     problem_type: str | None, pad: Pad, tok) -> None:
+                     problem_type: str | None, pad: Pad, tok: TokenizerFacts | None) -> None:
     for path in ckpt.other_files():  # small files, copied (never linked) since some are rewritten below
         shutil.copyfile(path, out / path.name)
     config = json.loads(json.dumps(ckpt.config))

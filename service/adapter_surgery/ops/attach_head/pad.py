@@ -14,6 +14,7 @@ from adapter_surgery.io.writer import Changes
 from adapter_surgery.model.roles import Architecture
 from adapter_surgery.ops.attach_head.spec import AttachHeadSpec, PadToken
 from adapter_surgery.ops.attach_head.target import text_config
+from adapter_surgery.ops.attach_head.tokens import TokenizerFacts
 from adapter_surgery.ops.common import ChangedTensor
 
 
@@ -36,10 +37,17 @@ def first_id(value: Any) -> int | None:
     return value if isinstance(value, int) and value >= 0 else None
 
 
-def plan_pad(spec: AttachHeadSpec, ckpt: Checkpoint, arch: Architecture, config, tok,
+def config_token_ids(config) -> set[int | None]:
+    """The ids whose tokens :func:`plan_pad` may name: the config's ``pad_token_id`` and (first) ``eos_token_id``."""
+    text = text_config(config)
+    return {first_id(getattr(text, "pad_token_id", None)), first_id(getattr(text, "eos_token_id", None))}
+
+
+def plan_pad(spec: AttachHeadSpec, ckpt: Checkpoint, arch: Architecture, config, tok: TokenizerFacts | None,
              device: torch.device) -> Pad:
     """The pad token of ``spec.pad_token``: the tokenizer's, the config's, eos, or (``add``) a new one; ``tok`` (the
-    checkpoint's tokenizer, or ``None``) and ``config`` are only read.
+    checkpoint's tokenizer's facts, with the tokens of :func:`config_token_ids`, or ``None``) and ``config`` are only
+    read.
 
     Raises:
         InvalidSpec: no pad token and no eos token to pad with.
@@ -58,8 +66,8 @@ def plan_pad(spec: AttachHeadSpec, ckpt: Checkpoint, arch: Architecture, config,
             return Pad(PadToken(token=tok.pad_token, id=tok.pad_token_id, source="tokenizer"), rows,
                        warnings=warnings)
         cfg_pad = first_id(getattr(text, "pad_token_id", None))
-        if cfg_pad is not None and cfg_pad < rows and (tok is None or cfg_pad < len(tok)):
-            token = tok.convert_ids_to_tokens(cfg_pad) if tok is not None else None
+        if cfg_pad is not None and cfg_pad < rows and (tok is None or cfg_pad < tok.size):
+            token = tok.tokens[cfg_pad] if tok is not None else None
             return Pad(PadToken(token=token, id=cfg_pad, source="config"), rows, warnings=warnings)
     eos_id, eos_tok = None, None
     if tok is not None and tok.eos_token is not None and tok.eos_token_id < rows:
@@ -69,8 +77,8 @@ def plan_pad(spec: AttachHeadSpec, ckpt: Checkpoint, arch: Architecture, config,
         eos_id = first_id(raw)
         if isinstance(raw, list) and len(raw) > 1:
             warnings.append(f"config.json lists several eos ids {raw}; the first, {eos_id}, is the pad id")
-        if eos_id is not None and tok is not None and eos_id < len(tok):
-            eos_tok = tok.convert_ids_to_tokens(eos_id)
+        if eos_id is not None and tok is not None and eos_id < tok.size:
+            eos_tok = tok.tokens[eos_id]
     if eos_id is None or eos_id >= rows:
         raise InvalidSpec("the checkpoint has no pad token and no eos token to pad with", field="pad_token",
                           fix='Send "pad_token": "add" to add a dedicated pad token.')
@@ -81,7 +89,8 @@ def plan_pad(spec: AttachHeadSpec, ckpt: Checkpoint, arch: Architecture, config,
     return Pad(PadToken(token=eos_tok, id=eos_id, source="eos"), rows, warnings=warnings)
 
 
-def _add_pad(spec: AttachHeadSpec, ckpt: Checkpoint, arch: Architecture, tok, device: torch.device) -> Pad:
+def _add_pad(spec: AttachHeadSpec, ckpt: Checkpoint, arch: Architecture, tok: TokenizerFacts | None,
+             device: torch.device) -> Pad:
     """Add ``spec.pad_token_content`` with extend-vocab's planning and initialization (mean row).
 
     Only the input embedding grows: the LM head, whose rows extend-vocab would also extend, is dropped.
