@@ -7,8 +7,9 @@ them) is planned from headers alone: every key is mapped to the checkpoint tenso
 and names are checked against the base's headers before any tensor data is read. The output is then written by
 the streaming writer: a targeted tensor is read, merged and written one at a time when the writer reaches it
 (:class:`adapter_surgery.io.writer.ComputedTensor`, a lazy source), untouched tensors are byte-copied, shards
-without a target are hard-linked, config and tokenizer files copied. Memory: a few copies of the largest targeted
-tensor in float32.
+without a target are hard-linked, config and tokenizer files copied. Plain LoRA on the CPU is folded in buffers
+reused from one tensor to the next, on one core fewer than torch's default (:mod:`adapter_surgery.ops.lora_fold`:
+the same values, bit for bit). Memory: a few copies of the largest targeted tensor in float32.
 
 Formulas (``peft/tuners/lora/layer.py``, ``variants.py``, ``dora.py``, ``trainable_tokens/layer.py``)
 ----------------------------------------------------------------------------------------------------
@@ -69,7 +70,9 @@ from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.writer import Changes, ComputedTensor, RowPatchedTensor, write_checkpoint
 from adapter_surgery.model.keys import KeyMap
 from adapter_surgery.model.roles import build_meta_model
+from adapter_surgery.ops.attach_lora.decompose import Workspace, intra_op_threads
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
+from adapter_surgery.ops.lora_fold import Delta, all_finite, fold, fold_threads
 from adapter_surgery.ops.runner import Run, begin
 from adapter_surgery.paths import resolve_under
 
@@ -552,6 +555,7 @@ class _Merger:
         self.weights = weights
         self.adapter_bytes = 0
         self.nonfinite: list[str] = []  # without safe_merge: merged tensors written with NaN/Inf (warned)
+        self.work = Workspace(0, torch.device("cpu"))  # lora_fold's buffers, sized by the largest target on its way
 
     def read(self, adapter: Adapter, key: str) -> torch.Tensor:
         before = adapter.weights.bytes_read
@@ -578,6 +582,8 @@ class _Merger:
             value = self.read(changes[0].adapter, changes[0].keys["value"]).to(dtype)
             self._check(value, target, changes[0])
             return value
+        if self.device.type == "cpu" and all(c.kind in ("lora", "embedding_lora") for c in changes):
+            return self._fold(target, changes)
         saved = changes[0].keys.get("base")
         if saved is not None:  # the adapter's own copy of the base weight (see _plan_lora)
             weight = self.read(changes[0].adapter, saved).to(self.device, dtype)
@@ -605,8 +611,27 @@ class _Merger:
         self._check(out, target, changes[-1])
         return out
 
+    def _fold(self, target: str, changes: list[_Change]) -> torch.Tensor:
+        """Plain LoRA deltas on the CPU (:func:`lora_fold.fold`: the same values as :meth:`merge`'s general path, in
+        reused buffers): the result aliases :attr:`work` until the next tensor, which the writer computes only after
+        writing this one."""
+        info = self.base.ckpt.info(target)
+        stored = self.work.take("stored", info.shape, info.torch_dtype)
+        saved = changes[0].keys.get("base")
+        if saved is not None:  # the adapter's own copy of the base weight (see _plan_lora), rounded as .to() rounds
+            stored.copy_(self.read(changes[0].adapter, saved))
+        else:
+            self.base.ckpt.read_into(target, stored)
+        deltas = [Delta(self.read(c.adapter, c.keys["A"]).to(torch.float32),
+                        self.read(c.adapter, c.keys["B"]).to(torch.float32),
+                        c.adapter.scaling(c.module) * self.weights[c.adapter.index],
+                        c.kind == "embedding_lora" or c.module in self.base.conv1d) for c in changes]
+        out = fold(stored, deltas, self.work)
+        self._check(out, target, changes[-1])
+        return out
+
     def _check(self, value: torch.Tensor, target: str, change: _Change) -> None:
-        if bool(torch.isfinite(value).all()):
+        if all_finite(value):
             return
         if not self.safe_merge:
             self.nonfinite.append(target)
@@ -650,7 +675,8 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
     ctx.say(f"{len(plan)} tensors to merge from {len(adapters)} adapter(s)")
     merger = _Merger(base, device, spec.safe_merge, weights)
     changes = Changes(replace={t: merger.source(t, cs) for t, cs in plan.items()})
-    with run.writing() as tmp:
+    threads = fold_threads() if device.type == "cpu" else torch.get_num_threads()
+    with run.writing() as tmp, intra_op_threads(threads):
         digests = write_checkpoint(ckpt, tmp, changes, ctx, cache=ctx.digests)
         for path in ckpt.other_files():
             shutil.copyfile(path, tmp / path.name)
