@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adapter_surgery.ops import lora_fold
 from adapter_surgery.ops.attach_lora.decompose import Workspace
 from adapter_surgery.ops.lora_fold import Delta, all_finite, fold, fold_threads
 
@@ -34,9 +35,12 @@ def draw(shape: tuple[int, int], r: int, dtype: torch.dtype, transposed: bool, s
     return w, Delta(a, b, scale, transposed)
 
 
+@pytest.mark.parametrize("block", [lora_fold.BLOCK, 1000, 1])  # one block, uneven blocks, a row per block
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_fold_is_bitwise_the_general_path(dtype: torch.dtype, transposed: bool) -> None:
+def test_fold_is_bitwise_the_general_path(dtype: torch.dtype, transposed: bool, block: int,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lora_fold, "BLOCK", block)
     work = Workspace(0, torch.device("cpu"))
     # a large target, then smaller and odd shapes: the reused buffers hold stale values of the one before
     for seed, (shape, r, scale) in enumerate([((384, 256), 16, 2.0), ((96, 256), 8, 0.7 * 2.0),
@@ -50,7 +54,9 @@ def test_fold_is_bitwise_the_general_path(dtype: torch.dtype, transposed: bool) 
         assert not torch.equal(expected, w)  # the delta changed something: the comparison can fail
 
 
-def test_several_deltas_sum_in_float32_before_one_cast() -> None:
+@pytest.mark.parametrize("block", [lora_fold.BLOCK, 1000])
+def test_several_deltas_sum_in_float32_before_one_cast(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lora_fold, "BLOCK", block)
     work = Workspace(0, torch.device("cpu"))
     w, d1 = draw((128, 64), 4, torch.bfloat16, False, 1, 2.0)
     _, d2 = draw((128, 64), 8, torch.bfloat16, False, 2, -0.5)

@@ -41,24 +41,59 @@ class Delta:
     transposed: bool
 
 
+#: Elements per block of the element-wise passes (1 MB of float32): the scaled delta, the widened weight and their sum
+#: stay in the core's cache from one pass to the next instead of each pass streaming the whole tensor through memory
+#: (measured on a 5632 x 2048 bf16 target, 1 thread: 23 ms of element-wise passes whole, 11 ms in such blocks).
+BLOCK = 1 << 18
+
+
 @torch.no_grad()
 def fold(stored: torch.Tensor, deltas: list[Delta], work: Workspace) -> torch.Tensor:
     """``stored + sum(deltas)`` computed in float32 and cast once to ``stored``'s dtype, written into ``stored``
     (a workspace buffer of the caller's: the result aliases it until the next call).
 
-    Memory: two float32 buffers of the largest target (the sum and one delta), reused.
+    Each ``B @ A`` is one whole GEMM (as peft computes it: a GEMM split into row blocks could take another kernel
+    path); what follows it is element-wise, so it runs in row blocks of about :data:`BLOCK` elements (the same
+    operations on every element: the same bits). Memory: one float32 buffer of the largest target (the delta), two
+    with several deltas (their float32 sum), and a block.
     """
-    widen = stored.dtype != torch.float32
-    acc = work.take("sum", stored.shape, torch.float32).copy_(stored) if widen else stored
+    if len(deltas) == 1:
+        delta = _product(deltas[0], work)
+        for rows in _blocks(stored):
+            _add_block(stored[rows], delta[rows], deltas[0].scale, work)
+        return stored
+    total = work.take("sum", stored.shape, torch.float32).copy_(stored)
     for d in deltas:
-        rows, cols = d.b.shape[0], d.a.shape[1]
-        delta = work.take("delta", (rows, cols), torch.float32)
-        torch.mm(d.b, d.a, out=delta)
-        delta.mul_(d.scale)
-        acc.add_(delta.T if d.transposed else delta)
-    if widen:
-        stored.copy_(acc)
-    return stored
+        delta = _product(d, work)
+        for rows in _blocks(stored):
+            total[rows].add_(delta[rows].mul_(d.scale))
+    return stored.copy_(total)
+
+
+def _product(d: Delta, work: Workspace) -> torch.Tensor:
+    """``B @ A`` (one GEMM, into the workspace), viewed in the weight's layout (transposed when ``d.transposed``)."""
+    delta = work.take("delta", (d.b.shape[0], d.a.shape[1]), torch.float32)
+    torch.mm(d.b, d.a, out=delta)
+    return delta.T if d.transposed else delta
+
+
+def _blocks(t: torch.Tensor) -> list[slice]:
+    """Row ranges of ``t`` of about :data:`BLOCK` elements each (at least one row)."""
+    rows = t.shape[0] if t.dim() else 1
+    per_row = max(1, t.numel() // max(1, rows))
+    step = max(1, BLOCK // per_row)
+    return [slice(i, i + step) for i in range(0, rows, step)]
+
+
+def _add_block(stored: torch.Tensor, delta: torch.Tensor, scale: float, work: Workspace) -> None:
+    """``stored = (stored.float() + delta * scale).to(stored.dtype)`` on one block, in place."""
+    delta.mul_(scale)
+    if stored.dtype == torch.float32:
+        stored.add_(delta)
+        return
+    wide = work.take("block", stored.shape, torch.float32).copy_(stored)
+    wide.add_(delta)
+    stored.copy_(wide)
 
 
 def all_finite(t: torch.Tensor) -> bool:
