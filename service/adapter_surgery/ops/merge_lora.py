@@ -9,7 +9,8 @@ the streaming writer: a targeted tensor is read, merged and written one at a tim
 (:class:`adapter_surgery.io.writer.ComputedTensor`, a lazy source), untouched tensors are byte-copied, shards
 without a target are hard-linked, config and tokenizer files copied. Plain LoRA on the CPU is folded in buffers
 reused from one tensor to the next, on one core fewer than torch's default (:mod:`adapter_surgery.ops.lora_fold`:
-the same values, bit for bit). Memory: a few copies of the largest targeted tensor in float32.
+the same values, bit for bit), each on a worker while the one before it is written
+(:mod:`adapter_surgery.ops.lookahead`). Memory: a few copies of the largest targeted tensor in float32.
 
 Formulas (``peft/tuners/lora/layer.py``, ``variants.py``, ``dora.py``, ``trainable_tokens/layer.py``)
 ----------------------------------------------------------------------------------------------------
@@ -70,8 +71,9 @@ from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.writer import Changes, ComputedTensor, RowPatchedTensor, write_checkpoint
 from adapter_surgery.model.keys import KeyMap
 from adapter_surgery.model.roles import build_meta_model
-from adapter_surgery.ops.attach_lora.decompose import Workspace, intra_op_threads
+from adapter_surgery.ops.attach_lora.decompose import Workspace
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
+from adapter_surgery.ops.lookahead import Lookahead
 from adapter_surgery.ops.lora_fold import Delta, all_finite, fold, fold_threads
 from adapter_surgery.ops.runner import Run, begin
 from adapter_surgery.paths import resolve_under
@@ -563,7 +565,9 @@ class _Merger:
         self.adapter_bytes += adapter.weights.bytes_read - before
         return t
 
-    def source(self, target: str, changes: list[_Change]):
+    def source(self, target: str, changes: list[_Change], lookahead: Lookahead):
+        """What the writer writes for ``target``: token rows patched in place, else values :meth:`merge` computes on
+        ``lookahead``'s worker while the tensor before it is written."""
         info = self.base.ckpt.info(target)
         if changes[0].kind == "token_rows":
             overrides: dict[int, torch.Tensor] = {}
@@ -572,10 +576,10 @@ class _Merger:
                 self._check(rows, target, c)
                 overrides.update({i: rows[n] for n, i in enumerate(c.ids)})
             return RowPatchedTensor(info, self.base.ckpt.path_of(target), overrides)
-        return ComputedTensor(info, lambda: self.merge(target, changes))
+        return ComputedTensor(info, lambda: lookahead.get(target))
 
     @torch.no_grad()
-    def merge(self, target: str, changes: list[_Change]) -> torch.Tensor:
+    def merge(self, target: str, changes: list[_Change], slot: int = 0) -> torch.Tensor:
         info = self.base.ckpt.info(target)
         dtype = info.torch_dtype
         if changes[0].kind == "replaced":
@@ -583,7 +587,7 @@ class _Merger:
             self._check(value, target, changes[0])
             return value
         if self.device.type == "cpu" and all(c.kind in ("lora", "embedding_lora") for c in changes):
-            return self._fold(target, changes)
+            return self._fold(target, changes, slot)
         saved = changes[0].keys.get("base")
         if saved is not None:  # the adapter's own copy of the base weight (see _plan_lora)
             weight = self.read(changes[0].adapter, saved).to(self.device, dtype)
@@ -611,12 +615,12 @@ class _Merger:
         self._check(out, target, changes[-1])
         return out
 
-    def _fold(self, target: str, changes: list[_Change]) -> torch.Tensor:
+    def _fold(self, target: str, changes: list[_Change], slot: int) -> torch.Tensor:
         """Plain LoRA deltas on the CPU (:func:`lora_fold.fold`: the same values as :meth:`merge`'s general path, in
-        reused buffers): the result aliases :attr:`work` until the next tensor, which the writer computes only after
-        writing this one."""
+        reused buffers): the result aliases :attr:`work`'s ``slot`` until the next use of that slot, which
+        :class:`Lookahead` starts only once this tensor is written."""
         info = self.base.ckpt.info(target)
-        stored = self.work.take("stored", info.shape, info.torch_dtype)
+        stored = self.work.take(f"stored{slot}", info.shape, info.torch_dtype)
         saved = changes[0].keys.get("base")
         if saved is not None:  # the adapter's own copy of the base weight (see _plan_lora), rounded as .to() rounds
             stored.copy_(self.read(changes[0].adapter, saved))
@@ -674,9 +678,10 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
     warnings += [w for a in adapters for w in _other_base_warning(a, checkpoint, ctx.data_dir)]
     ctx.say(f"{len(plan)} tensors to merge from {len(adapters)} adapter(s)")
     merger = _Merger(base, device, spec.safe_merge, weights)
-    changes = Changes(replace={t: merger.source(t, cs) for t, cs in plan.items()})
     threads = fold_threads() if device.type == "cpu" else torch.get_num_threads()
-    with run.writing() as tmp, intra_op_threads(threads):
+    lookahead = Lookahead(_write_order(ckpt, plan), lambda t, slot: merger.merge(t, plan[t], slot), threads)
+    changes = Changes(replace={t: merger.source(t, cs, lookahead) for t, cs in plan.items()})
+    with run.writing() as tmp, lookahead:
         digests = write_checkpoint(ckpt, tmp, changes, ctx, cache=ctx.digests)
         for path in ckpt.other_files():
             shutil.copyfile(path, tmp / path.name)
@@ -694,6 +699,12 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
         base_bytes_read=ckpt.bytes_read, adapter_bytes_read=merger.adapter_bytes,
         bytes_read=ckpt.bytes_read + merger.adapter_bytes, bytes_written=written, device=str(device),
         warnings=warnings, seconds=run.seconds())
+
+
+def _write_order(ckpt: Checkpoint, plan: Mapping[str, list[_Change]]) -> list[str]:
+    """The computed targets in the order the writer reaches them (shard by shard, each in its header's order)."""
+    return [n for shard, header in ckpt.shards.items() for n in header.order
+            if n in plan and ckpt.weight_map.get(n) == shard and plan[n][0].kind != "token_rows"]
 
 
 def _ignored_warning(adapter: Adapter, ignored: list[str]) -> str:
