@@ -51,8 +51,10 @@ their ``base_model_name_or_path``): merging one onto another checkpoint is refus
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
 import re
 import shutil
 from collections.abc import Mapping
@@ -550,7 +552,8 @@ def _other_base_warning(adapter: Adapter, checkpoint: Path, data_dir: Path) -> l
 
 # -- computing ------------------------------------------------------------------------------------------------
 class _Merger:
-    def __init__(self, base: _Base, device: torch.device, safe_merge: bool, weights: list[float]) -> None:
+    def __init__(self, base: _Base, device: torch.device, safe_merge: bool, weights: list[float],
+                 order: list[str]) -> None:
         self.base = base
         self.device = device
         self.safe_merge = safe_merge
@@ -558,6 +561,7 @@ class _Merger:
         self.adapter_bytes = 0
         self.nonfinite: list[str] = []  # without safe_merge: merged tensors written with NaN/Inf (warned)
         self.work = Workspace(0, torch.device("cpu"))  # lora_fold's buffers, sized by the largest target on its way
+        self.following = dict(itertools.pairwise(order))  # target -> the one computed next (read hinted ahead)
 
     def read(self, adapter: Adapter, key: str) -> torch.Tensor:
         before = adapter.weights.bytes_read
@@ -620,6 +624,7 @@ class _Merger:
         reused buffers): the result aliases :attr:`work`'s ``slot`` until the next use of that slot, which
         :class:`Lookahead` starts only once this tensor is written."""
         info = self.base.ckpt.info(target)
+        self._will_need(self.following.get(target))
         stored = self.work.take(f"stored{slot}", info.shape, info.torch_dtype)
         saved = changes[0].keys.get("base")
         if saved is not None:  # the adapter's own copy of the base weight (see _plan_lora), rounded as .to() rounds
@@ -633,6 +638,22 @@ class _Merger:
         out = fold(stored, deltas, self.work)
         self._check(out, target, changes[-1])
         return out
+
+    def _will_need(self, target: str | None) -> None:
+        """Have the kernel start reading ``target``'s base weight into the page cache (``posix_fadvise(WILLNEED)``, not
+        waited for), so that on a cold page cache its read overlaps this tensor's fold and write. A hint: where it
+        cannot be given, nothing happens."""
+        if target is None or not hasattr(os, "posix_fadvise"):
+            return
+        info = self.base.ckpt.info(target)
+        try:
+            fd = os.open(self.base.ckpt.path_of(target), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, info.begin, info.nbytes, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
 
     def _check(self, value: torch.Tensor, target: str, change: _Change) -> None:
         if all_finite(value):
@@ -677,9 +698,10 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
                                       if p.ignored]
     warnings += [w for a in adapters for w in _other_base_warning(a, checkpoint, ctx.data_dir)]
     ctx.say(f"{len(plan)} tensors to merge from {len(adapters)} adapter(s)")
-    merger = _Merger(base, device, spec.safe_merge, weights)
+    order = _write_order(ckpt, plan)
+    merger = _Merger(base, device, spec.safe_merge, weights, order)
     threads = fold_threads() if device.type == "cpu" else torch.get_num_threads()
-    lookahead = Lookahead(_write_order(ckpt, plan), lambda t, slot: merger.merge(t, plan[t], slot), threads)
+    lookahead = Lookahead(order, lambda t, slot: merger.merge(t, plan[t], slot), threads)
     changes = Changes(replace={t: merger.source(t, cs, lookahead) for t, cs in plan.items()})
     with run.writing() as tmp, lookahead:
         digests = write_checkpoint(ckpt, tmp, changes, ctx, cache=ctx.digests)
