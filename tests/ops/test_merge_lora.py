@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import warnings
 from pathlib import Path
 
@@ -257,10 +258,13 @@ def test_safe_merge_refuses_nan_and_leaves_nothing(data_dir: Path, build) -> Non
     state["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"][0, 0] = float("nan")
     save_file(state, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
     before = tree_digest(data_dir)
+    threads, intra_op = set(threading.enumerate()), torch.get_num_threads()
     with pytest.raises(InvalidSpec) as e:
         merge(data_dir, base, ["lora"], safe_merge=True)
     assert e.value.field == "adapters.0.path" and "model.layers.1.self_attn.v_proj.weight" in e.value.detail
     assert tree_digest(data_dir) == before and sorted(p.name for p in data_dir.iterdir()) == [base, "lora"]
+    # no thread of the request is left, and torch's intra-op thread count is restored (the fold runs on fewer)
+    assert set(threading.enumerate()) <= threads and torch.get_num_threads() == intra_op
     r = merge(data_dir, base, ["lora"])  # without safe_merge, as peft: the NaN is written, and said (it was silent)
     assert torch.isnan(tensors(data_dir / "merged")["model.layers.1.self_attn.v_proj.weight"]).any()
     [warning] = [w for w in r.warnings if "NaN" in w]

@@ -7,8 +7,10 @@ them) is planned from headers alone: every key is mapped to the checkpoint tenso
 and names are checked against the base's headers before any tensor data is read. The output is then written by
 the streaming writer: a targeted tensor is read, merged and written one at a time when the writer reaches it
 (:class:`adapter_surgery.io.writer.ComputedTensor`, a lazy source), untouched tensors are byte-copied, shards
-without a target are hard-linked, config and tokenizer files copied. Memory: a few copies of the largest targeted
-tensor in float32.
+without a target are hard-linked, config and tokenizer files copied. Plain LoRA on the CPU is folded in buffers
+reused from one tensor to the next, on one core fewer than torch's default (:mod:`adapter_surgery.ops.lora_fold`:
+the same values, bit for bit), each on a worker while the one before it is written
+(:mod:`adapter_surgery.ops.lookahead`). Memory: a few copies of the largest targeted tensor in float32.
 
 Formulas (``peft/tuners/lora/layer.py``, ``variants.py``, ``dora.py``, ``trainable_tokens/layer.py``)
 ----------------------------------------------------------------------------------------------------
@@ -49,8 +51,10 @@ their ``base_model_name_or_path``): merging one onto another checkpoint is refus
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
 import re
 import shutil
 from collections.abc import Mapping
@@ -69,7 +73,10 @@ from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.writer import Changes, ComputedTensor, RowPatchedTensor, write_checkpoint
 from adapter_surgery.model.keys import KeyMap
 from adapter_surgery.model.roles import build_meta_model
+from adapter_surgery.ops.attach_lora.decompose import Workspace
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
+from adapter_surgery.ops.lookahead import Lookahead
+from adapter_surgery.ops.lora_fold import Delta, all_finite, fold, fold_threads
 from adapter_surgery.ops.runner import Run, begin
 from adapter_surgery.paths import resolve_under
 
@@ -545,13 +552,16 @@ def _other_base_warning(adapter: Adapter, checkpoint: Path, data_dir: Path) -> l
 
 # -- computing ------------------------------------------------------------------------------------------------
 class _Merger:
-    def __init__(self, base: _Base, device: torch.device, safe_merge: bool, weights: list[float]) -> None:
+    def __init__(self, base: _Base, device: torch.device, safe_merge: bool, weights: list[float],
+                 order: list[str]) -> None:
         self.base = base
         self.device = device
         self.safe_merge = safe_merge
         self.weights = weights
         self.adapter_bytes = 0
         self.nonfinite: list[str] = []  # without safe_merge: merged tensors written with NaN/Inf (warned)
+        self.work = Workspace(0, torch.device("cpu"))  # lora_fold's buffers, sized by the largest target on its way
+        self.following = dict(itertools.pairwise(order))  # target -> the one computed next (read hinted ahead)
 
     def read(self, adapter: Adapter, key: str) -> torch.Tensor:
         before = adapter.weights.bytes_read
@@ -559,7 +569,9 @@ class _Merger:
         self.adapter_bytes += adapter.weights.bytes_read - before
         return t
 
-    def source(self, target: str, changes: list[_Change]):
+    def source(self, target: str, changes: list[_Change], lookahead: Lookahead):
+        """What the writer writes for ``target``: token rows patched in place, else values :meth:`merge` computes on
+        ``lookahead``'s worker while the tensor before it is written."""
         info = self.base.ckpt.info(target)
         if changes[0].kind == "token_rows":
             overrides: dict[int, torch.Tensor] = {}
@@ -568,16 +580,18 @@ class _Merger:
                 self._check(rows, target, c)
                 overrides.update({i: rows[n] for n, i in enumerate(c.ids)})
             return RowPatchedTensor(info, self.base.ckpt.path_of(target), overrides)
-        return ComputedTensor(info, lambda: self.merge(target, changes))
+        return ComputedTensor(info, lambda: lookahead.get(target))
 
     @torch.no_grad()
-    def merge(self, target: str, changes: list[_Change]) -> torch.Tensor:
+    def merge(self, target: str, changes: list[_Change], slot: int = 0) -> torch.Tensor:
         info = self.base.ckpt.info(target)
         dtype = info.torch_dtype
         if changes[0].kind == "replaced":
             value = self.read(changes[0].adapter, changes[0].keys["value"]).to(dtype)
             self._check(value, target, changes[0])
             return value
+        if self.device.type == "cpu" and all(c.kind in ("lora", "embedding_lora") for c in changes):
+            return self._fold(target, changes, slot)
         saved = changes[0].keys.get("base")
         if saved is not None:  # the adapter's own copy of the base weight (see _plan_lora)
             weight = self.read(changes[0].adapter, saved).to(self.device, dtype)
@@ -605,8 +619,44 @@ class _Merger:
         self._check(out, target, changes[-1])
         return out
 
+    def _fold(self, target: str, changes: list[_Change], slot: int) -> torch.Tensor:
+        """Plain LoRA deltas on the CPU (:func:`lora_fold.fold`: the same values as :meth:`merge`'s general path, in
+        reused buffers): the result aliases :attr:`work`'s ``slot`` until the next use of that slot, which
+        :class:`Lookahead` starts only once this tensor is written."""
+        info = self.base.ckpt.info(target)
+        self._will_need(self.following.get(target))
+        stored = self.work.take(f"stored{slot}", info.shape, info.torch_dtype)
+        saved = changes[0].keys.get("base")
+        if saved is not None:  # the adapter's own copy of the base weight (see _plan_lora), rounded as .to() rounds
+            stored.copy_(self.read(changes[0].adapter, saved))
+        else:
+            self.base.ckpt.read_into(target, stored)
+        deltas = [Delta(self.read(c.adapter, c.keys["A"]).to(torch.float32),
+                        self.read(c.adapter, c.keys["B"]).to(torch.float32),
+                        c.adapter.scaling(c.module) * self.weights[c.adapter.index],
+                        c.kind == "embedding_lora" or c.module in self.base.conv1d) for c in changes]
+        out = fold(stored, deltas, self.work)
+        self._check(out, target, changes[-1])
+        return out
+
+    def _will_need(self, target: str | None) -> None:
+        """Have the kernel start reading ``target``'s base weight into the page cache (``posix_fadvise(WILLNEED)``, not
+        waited for), so that on a cold page cache its read overlaps this tensor's fold and write. A hint: where it
+        cannot be given, nothing happens."""
+        if target is None or not hasattr(os, "posix_fadvise"):
+            return
+        info = self.base.ckpt.info(target)
+        try:
+            fd = os.open(self.base.ckpt.path_of(target), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, info.begin, info.nbytes, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
     def _check(self, value: torch.Tensor, target: str, change: _Change) -> None:
-        if bool(torch.isfinite(value).all()):
+        if all_finite(value):
             return
         if not self.safe_merge:
             self.nonfinite.append(target)
@@ -648,9 +698,12 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
                                       if p.ignored]
     warnings += [w for a in adapters for w in _other_base_warning(a, checkpoint, ctx.data_dir)]
     ctx.say(f"{len(plan)} tensors to merge from {len(adapters)} adapter(s)")
-    merger = _Merger(base, device, spec.safe_merge, weights)
-    changes = Changes(replace={t: merger.source(t, cs) for t, cs in plan.items()})
-    with run.writing() as tmp:
+    order = _write_order(ckpt, plan)
+    merger = _Merger(base, device, spec.safe_merge, weights, order)
+    threads = fold_threads() if device.type == "cpu" else torch.get_num_threads()
+    lookahead = Lookahead(order, lambda t, slot: merger.merge(t, plan[t], slot), threads)
+    changes = Changes(replace={t: merger.source(t, cs, lookahead) for t, cs in plan.items()})
+    with run.writing() as tmp, lookahead:
         digests = write_checkpoint(ckpt, tmp, changes, ctx, cache=ctx.digests)
         for path in ckpt.other_files():
             shutil.copyfile(path, tmp / path.name)
@@ -668,6 +721,12 @@ def merge_lora(spec: MergeLoraSpec, ctx: RunContext) -> MergeLoraResult:
         base_bytes_read=ckpt.bytes_read, adapter_bytes_read=merger.adapter_bytes,
         bytes_read=ckpt.bytes_read + merger.adapter_bytes, bytes_written=written, device=str(device),
         warnings=warnings, seconds=run.seconds())
+
+
+def _write_order(ckpt: Checkpoint, plan: Mapping[str, list[_Change]]) -> list[str]:
+    """The computed targets in the order the writer reaches them (shard by shard, each in its header's order)."""
+    return [n for shard, header in ckpt.shards.items() for n in header.order
+            if n in plan and ckpt.weight_map.get(n) == shard and plan[n][0].kind != "token_rows"]
 
 
 def _ignored_warning(adapter: Adapter, ignored: list[str]) -> str:
