@@ -15,22 +15,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from adapter_surgery.io.header import DTYPES
-
-
-@dataclass(frozen=True)
-class Planned:
-    """One tensor of a planned file: name, safetensors dtype, shape, and where its bytes go (absolute offsets)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
+from adapter_surgery.io.header import DTYPES, TensorInfo
 
 
 @dataclass(frozen=True)
@@ -38,7 +23,7 @@ class Layout:
     """A whole planned file: its header bytes (length prefix included), its tensors in file order, its size."""
 
     header: bytes
-    tensors: tuple[Planned, ...]
+    tensors: tuple[TensorInfo, ...]
 
     @property
     def size(self) -> int:
@@ -70,4 +55,4 @@ def layout(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, 
     raw += b" " * (-len(raw) % 8)
     start = 8 + len(raw)
     return Layout(len(raw).to_bytes(8, "little") + raw,
-                  tuple(Planned(n, d, s, start + b, start + e) for n, d, s, b, e in spans))
+                  tuple(TensorInfo(n, d, s, start + b, start + e) for n, d, s, b, e in spans))
