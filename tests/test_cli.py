@@ -40,6 +40,11 @@ def test_spec_from_stdin_and_bad_input(data_dir: Path, build, capsys: pytest.Cap
     problem = json.loads(capsys.readouterr().err)
     assert problem["status"] == 403 and problem["field"] == "checkpoint"
     assert not (data_dir / "o").exists()
+    # a mistyped --data-dir is named as such (it read "checkpoint ... does not exist")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"checkpoint": src, "output": "o", "tokens": ["<a>"]})))
+    assert main(["extend-vocab", "--spec", "-", "--data-dir", str(data_dir / "missing")]) == 2
+    problem = json.loads(capsys.readouterr().err)
+    assert problem["field"] == "--data-dir" and "is not a directory" in problem["detail"]
 
 
 def test_openapi_file_is_in_sync(capsys: pytest.CaptureFixture[str]) -> None:

@@ -85,6 +85,11 @@ def _run_operation(name: str, args: argparse.Namespace) -> int:
     except ValidationError as exc:
         _problem(validation_problem_body(exc.errors()))
         return 2
+    if not Path(args.data_dir).is_dir():
+        _problem({"title": "Invalid request", "status": 422, "field": "--data-dir",
+                  "detail": f"the data directory {args.data_dir!r} is not a directory",
+                  "fix": "Give the directory the spec's paths are relative to (default: the current directory)."})
+        return 2
     show, bar = _progress()
     try:
         result = run_operation(op, spec, RunContext(Path(args.data_dir), show))
