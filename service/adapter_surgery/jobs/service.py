@@ -515,8 +515,9 @@ class JobService:
                 cb()
 
     def _abandon(self, run: _Running) -> None:
-        """Record a job that did not stop within the grace period ``failed`` "Service stopped", and remove its
-        temporary files (beside its output: its owner is no longer live once the record is failed)."""
+        """Record a job that did not stop within the grace period ``failed`` "Service stopped" (``cancelled`` if a
+        cancel was asked for), and remove its temporary files (beside its output: its owner is no longer live once
+        the record is finished)."""
         rec = run.rec
         with run.lock:
             if run.abandoned or rec.job.state in FINISHED:
@@ -524,7 +525,13 @@ class JobService:
             run.abandoned = True
             problem = Cancelled("the job was cancelled; nothing was written to the output",
                                 fix="Submit the request again to run it.").to_problem()
-            self._finish(rec, JobState.failed, problem=_service_stopped(problem))
+            cancelled = False
+            with contextlib.suppress(Exception):
+                cancelled = self.store.cancel_requested(rec.job.id)
+            if cancelled:  # a DELETE came first: it stays a cancel, as when the job reaches its boundary
+                self._finish(rec, JobState.cancelled, problem=problem)
+            else:
+                self._finish(rec, JobState.failed, problem=_service_stopped(problem))
         log.warning("job %s failed: the service stopped before the job reached a boundary", rec.job.id,
                     extra={"job_id": rec.job.id})
         out = rec.spec.get("output")
