@@ -476,7 +476,8 @@ class Client:
 
     def cancel(self, job_id: str) -> Job:
         """``DELETE /jobs/{id}``: the job, ``cancelled`` (its work stops at the next tensor or shard boundary),
-        or unchanged if it had already finished."""
+        or unchanged if it had already finished; a job that reached no boundary within the service's wait (10 s)
+        is still ``running`` with ``cancel_requested`` true (:meth:`wait` follows it to ``cancelled``)."""
         return Job.model_validate(self._request("DELETE", f"/jobs/{job_id}").json())
 
     def wait(self, job: Job | str, progress: bool | None = True, poll: float = 0.5, timeout: float | None = None,

@@ -340,3 +340,29 @@ def test_a_job_is_listed_as_running_here_until_its_outcome_is_saved(data_dir: Pa
     r = client.post("/extend-vocab", json={"checkpoint": build("FX-B"), "output": "o", **SPEC})
     assert r.status_code == 200, r.text
     assert seen == [True]
+
+
+def test_stop_with_a_job_past_the_grace_period_fails_it_and_removes_its_temporaries(data_dir: Path, build,
+                                                                                   gate: Gate) -> None:
+    """A graceful stop (SIGTERM of ``serve``: the lifespan's ``stop_workers``) while a job is held inside a tensor
+    write beyond the grace period: its record ends ``failed`` "Service stopped" and its temporaries are removed
+    before the process exits (not left ``running`` for the next start-up to find); the job's thread, let go on
+    afterwards, changes neither."""
+    jobs = JobService(Settings(data_dir=data_dir, heartbeat_seconds=0.2))
+    src = build("FX-B")
+    before = tree_digest(data_dir / src)
+    job = jobs.submit("extend-vocab", {"checkpoint": src, "output": "deep/o", **SPEC})
+    assert gate.reached.wait(20)
+    assert temporaries(data_dir)
+    threads = list(jobs._threads)
+    jobs.stop_workers(timeout=0.5)
+    stopped = jobs.get(job.id)
+    assert stopped.state == JobState.failed and stopped.problem is not None, stopped
+    assert stopped.problem["title"] == "Service stopped" and stopped.problem["status"] == 503
+    assert temporaries(data_dir) == [] and not (data_dir / "deep" / "o").exists()
+    gate.release()
+    for t in threads:
+        t.join(30)
+    assert jobs.get(job.id) == stopped
+    assert not (data_dir / "deep" / "o").exists() and temporaries(data_dir) == []
+    assert tree_digest(data_dir / src) == before

@@ -159,3 +159,28 @@ def test_real_smollm2_against_minilm_is_refused(smollm2: Path) -> None:
     r = client.post("/verify", json={"checkpoint": "smollm2", "patched": "minilm"})
     assert r.status_code == 422 and r.json()["field"] == "patched", r.text
     assert "not derived from this base" in r.json()["detail"] and "'llama'" in r.json()["detail"]
+
+
+def test_verify_true_runs_on_the_unpublished_output_and_names_the_output(data_dir: Path, build,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``"verify": true`` runs the report before the output is published (the output does not exist yet while the
+    patched model is loaded), and its messages name the output, not the temporary path it was verified at."""
+    import adapter_surgery.report.run as report_run
+
+    src = build("FX-B")
+    real, seen = report_run.load_model, []
+
+    def load_model(path: Path, device="cpu"):  # type: ignore[no-untyped-def]
+        if path.name != src:  # the patched model: refuse it, quoting its path as transformers would
+            seen.append((path, (data_dir / "o").exists()))
+            raise OSError(f"cannot read {path}/config.json")
+        return real(path, device)
+
+    monkeypatch.setattr(report_run, "load_model", load_model)
+    result = extend_vocab(ExtendVocabSpec(checkpoint=src, output="o", tokens=["<a>"], verify=True),
+                          RunContext(data_dir))
+    ((path, published),) = seen
+    assert not published and path.parent == data_dir and ".tmp-" in path.name
+    rep = result.report
+    assert rep is not None and rep.status == "skipped"
+    assert rep.reason == "o could not be loaded with transformers (OSError: cannot read o/config.json)", rep.reason

@@ -28,6 +28,9 @@ from adapter_surgery.settings import Settings
 
 __all__ = ["MAX_RESULT_HEADER", "RESULT_HEADER", "_result_header", "app_from_env", "create_app"]
 
+#: Seconds a graceful stop waits for running jobs to reach a boundary before recording them failed "Service stopped".
+JOBS_STOP_S = 5.0
+
 
 class Health(BaseModel):
     status: str
@@ -46,7 +49,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(jobs.start)  # recover dead workers' jobs, sweep stale temporaries, start workers
         yield
-        await run_in_threadpool(jobs.stop_workers)
+        # after uvicorn's wait for requests in flight (up to 30 s): the jobs still running stop at their next boundary
+        # or are recorded failed, their temporaries removed, within JOBS_STOP_S (inside docker stop's -t 40)
+        await run_in_threadpool(jobs.stop_workers, JOBS_STOP_S)
 
     app = FastAPI(title="adapter-surgery", version=__version__, lifespan=lifespan,
                   description="Add new tokens, LoRA adapters and classification heads to pretrained checkpoints, "

@@ -97,7 +97,11 @@ def install(app: FastAPI, jobs: JobService) -> None:
 
     @app.delete("/jobs/{job_id}", response_model=Job, tags=["jobs"], operation_id="cancel_job",
                 summary="Cancel a job: a queued one never runs; a running one stops at its next tensor or shard "
-                        "boundary and its temporary files are removed; a finished one is unchanged.")
+                        "boundary and its temporary files are removed; a finished one is unchanged.",
+                description="The answer is the job once it has stopped (`cancelled`), waited for up to "
+                            f"{CANCEL_WAIT_S:g} s; a job that reaches no boundary (a tensor written, a target "
+                            "decomposed, a verify probe run) within that time is answered still `running` with "
+                            "`cancel_requested: true`, and stops at that boundary (follow it with GET /jobs/{id}).")
     async def cancel_job(job_id: JOB_ID) -> Response:
         job = await run_in_threadpool(jobs.cancel, job_id)
         if job.state not in FINISHED:

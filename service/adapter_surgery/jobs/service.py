@@ -92,6 +92,7 @@ class _Running:
         self.cancel = threading.Event()
         self.last_write = 0.0
         self.last_poll = 0.0
+        self.abandoned = False  # failed by stop_workers after its grace period: its own outcome is not recorded
 
 
 #: What the operations import on first use (the modeling base classes, the auto mappings, the meta-device builds of
@@ -376,17 +377,26 @@ class JobService:
                 self._threads.append(t)
                 t.start()
 
-    def stop_workers(self, timeout: float = 30.0) -> None:
-        """Stop taking jobs; ask the running ones to stop (each is then ``failed``, its output untouched) and wait
-        for them up to ``timeout`` seconds."""
+    def request_stop(self) -> None:
+        """Stop taking jobs and ask the running ones to stop (each ends ``failed`` "Service stopped" at its next
+        boundary, its output untouched); returns at once."""
         self._stop.set()
         for r in list(self._running.values()):
             r.cancel.set()
         with self._wake:
             self._wake.notify_all()
+
+    def stop_workers(self, timeout: float = 30.0) -> None:
+        """:meth:`request_stop`, then wait for the running jobs up to ``timeout`` seconds. A job still running then
+        (no boundary reached: one long tensor or probe) is recorded ``failed`` "Service stopped" and its temporary
+        files are removed now, before the process exits; its thread, if it ever goes on, records nothing."""
+        self.request_stop()
         deadline = time.monotonic() + timeout
         for t in list(self._threads):
             t.join(max(0.0, deadline - time.monotonic()))
+        for run in list(self._running.values()):
+            with contextlib.suppress(Exception):
+                self._abandon(run)
         if isinstance(self._store, SqliteJobStore):
             self._store.close()
             self._store = None
@@ -475,9 +485,7 @@ class JobService:
         except Cancelled as exc:
             state, problem = JobState.cancelled, exc.to_problem()
             if self._stop.is_set() and not self.store.cancel_requested(job_id):
-                state = JobState.failed
-                problem = {**problem, "title": "Service stopped", "status": 503,
-                           "detail": "the service stopped while the job ran; nothing was written to the output"}
+                state, problem = JobState.failed, _service_stopped(problem)
         except SurgeryError as exc:
             problem = exc.to_problem()
         except ValidationError as exc:
@@ -491,7 +499,8 @@ class JobService:
             beat_stop.set()
             beat.join()
         with run.lock:
-            self._finish(rec, state, result=result, problem=problem)
+            if not run.abandoned:
+                self._finish(rec, state, result=result, problem=problem)
         with self._lock:  # only now: while it is listed here, this process's recovery never takes the job for dead
             self._running.pop(job_id, None)
 
@@ -524,8 +533,34 @@ class JobService:
             with contextlib.suppress(Exception):
                 cb()
 
+    def _abandon(self, run: _Running) -> None:
+        """Record a job that did not stop within the grace period ``failed`` "Service stopped" (``cancelled`` if a
+        cancel was asked for), and remove its temporary files (beside its output: its owner is no longer live once
+        the record is finished)."""
+        rec = run.rec
+        with run.lock:
+            if run.abandoned or rec.job.state in FINISHED:
+                return
+            run.abandoned = True
+            problem = Cancelled("the job was cancelled; nothing was written to the output",
+                                fix="Submit the request again to run it.").to_problem()
+            cancelled = False
+            with contextlib.suppress(Exception):
+                cancelled = self.store.cancel_requested(rec.job.id)
+            if cancelled:  # a DELETE came first: it stays a cancel, as when the job reaches its boundary
+                self._finish(rec, JobState.cancelled, problem=problem)
+            else:
+                self._finish(rec, JobState.failed, problem=_service_stopped(problem))
+        log.warning("job %s failed: the service stopped before the job reached a boundary", rec.job.id,
+                    extra={"job_id": rec.job.id})
+        out = rec.spec.get("output")
+        if isinstance(out, str):
+            self.sweep([(self.settings.data_dir / rec.data_dir_rel / out).parent], depth=1)
+
     def _progress(self, run: _Running, ev: ProgressEvent) -> None:
         with run.lock:
+            if run.abandoned:  # recorded failed by stop_workers: its record no longer changes
+                return
             planned = ev.total != run.rec.job.progress.total  # a new plan is always written, then throttled
             run.rec.job.progress = JobProgress(fraction=ev.fraction, stage=ev.stage[:200], done=ev.done,
                                                total=ev.total, unit=ev.unit)
@@ -549,6 +584,8 @@ class JobService:
     def _heartbeat(self, run: _Running, stop: threading.Event) -> None:
         while not stop.wait(self.settings.heartbeat_seconds):
             with run.lock:
+                if run.abandoned:
+                    return
                 run.rec.heartbeat = time.time()
                 with contextlib.suppress(Exception):
                     self.store.save(run.rec)
@@ -647,6 +684,12 @@ class JobService:
         for p in removed:
             log.info("removed stale temporary %s", p)
         return removed
+
+
+def _service_stopped(problem: dict[str, Any]) -> dict[str, Any]:
+    """The problem of a job the service stopped (a cancel's, retitled: 503, the job may be submitted again)."""
+    return {**problem, "title": "Service stopped", "status": 503,
+            "detail": "the service stopped while the job ran; nothing was written to the output"}
 
 
 def _mtime(path: Path) -> float:

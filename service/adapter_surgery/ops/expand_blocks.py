@@ -64,7 +64,7 @@ from adapter_surgery.model.layers import (
 from adapter_surgery.model.roles import build_meta_model, quiet_transformers
 from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, RunContext, Seed, StrictModel
 from adapter_surgery.ops.runner import begin
-from adapter_surgery.report import PreservationReport, StepFacts, preservation_report
+from adapter_surgery.report import PreservationReport, StepFacts
 
 #: New blocks per request at most (and never more than the base has layers).
 MAX_NEW_BLOCKS = 1024
@@ -295,7 +295,7 @@ def expand_blocks(spec: ExpandBlocksSpec, ctx: RunContext) -> ExpandBlocksResult
         NotEnoughMemory: scaled_normal's largest tensor does not fit (503); DiskFull (507) when the output cannot.
     """
     run = begin(spec, ctx)
-    checkpoint, output = run.checkpoint, run.output
+    output = run.output
     device = pick_device(spec.device)
     ckpt = run.open()
     if ckpt.is_file or output.suffix == ".safetensors":
@@ -333,11 +333,10 @@ def expand_blocks(spec: ExpandBlocksSpec, ctx: RunContext) -> ExpandBlocksResult
                 shutil.copyfile(path, tmp / path.name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         files = describe_files(tmp, known=digests)
-    report = None
-    if spec.verify:
-        report = preservation_report(checkpoint, output, device=spec.device, progress=ctx.say,
-                                     layer_map=hidden_state_map(plan.sequence),
-                                     changes_output=_CHANGES_OUTPUT.get(spec.init))
+        report = None
+        if spec.verify:  # before the output is published
+            report = run.verify(tmp, device=spec.device, layer_map=hidden_state_map(plan.sequence),
+                                changes_output=_CHANGES_OUTPUT.get(spec.init))
     return ExpandBlocksResult(
         output=spec.output, new_layers=plan.new_layers, copied_from=plan.copied_from,
         num_layers_before=layers.count, num_layers_after=len(plan.sequence), layer_prefix=layers.key_prefix,

@@ -59,7 +59,7 @@ from adapter_surgery.ops.common import (
     StrictModel,
 )
 from adapter_surgery.ops.runner import begin
-from adapter_surgery.report import PreservationReport, preservation_report
+from adapter_surgery.report import PreservationReport
 from adapter_surgery.tokenizer_cache import TokenizerCache, load_tokenizer
 
 #: New rows per request at most (pad_to_multiple_of or num_new_tokens beyond this is a mistake, not a model).
@@ -186,7 +186,7 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
         InvalidSpec: the request does not fit the checkpoint (no tokenizer for ``tokens``, unknown copy source...).
     """
     run = begin(spec, ctx)
-    checkpoint, output = run.checkpoint, run.output
+    output = run.output
     device = pick_device(spec.device)
     ckpt = run.open()
     _refuse_unreadable_config(ckpt)
@@ -225,11 +225,11 @@ def extend_vocab(spec: ExtendVocabSpec, ctx: RunContext) -> ExtendVocabResult:
             files = describe_files(tmp, known=digests)
             if single_file:  # the file's final name, not the temporary one
                 files = [dataclasses.replace(f, path=output.name) for f in files]
+            report = run.verify(tmp, device=spec.device) if spec.verify else None  # before the output is published
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     plan = derived.plan
     warnings += derived.warnings
-    report = preservation_report(checkpoint, output, device=spec.device, progress=ctx.say) if spec.verify else None
     return ExtendVocabResult(
         output=spec.output, architecture_source=arch.source,
         vocab_size_before=arch.vocab_rows, vocab_size_after=plan.rows_after,

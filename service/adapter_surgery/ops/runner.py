@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from adapter_surgery.errors import SurgeryError
 from adapter_surgery.io import Checkpoint, atomic_output
@@ -25,6 +25,8 @@ from adapter_surgery.paths import resolve_under
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from adapter_surgery.report import PreservationReport
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,18 @@ class Run:
     def writing(self) -> AbstractContextManager[Path]:
         """The temporary output path to fill; renamed onto ``output`` when the block ends without an error."""
         return atomic_output(self.output, self.overwrite, owner=self.ctx.owner)
+
+    def verify(self, written: Path, **options: Any) -> PreservationReport:
+        """The preservation report (``report.preservation_report``, ``options`` passed on) of ``written``, the
+        finished temporary output of :meth:`writing`, against the input checkpoint: run inside the ``writing`` block,
+        before the output is published, so that a cancel during verify (polled between the report's steps and
+        probes) leaves nothing at the output, and an output ``overwrite`` would replace is kept. Its messages name
+        the output, not the temporary path."""
+        from adapter_surgery.report import preservation_report
+
+        assert self.checkpoint is not None, "this run has no checkpoint input"
+        return preservation_report(self.checkpoint, written, progress=self.ctx.say, check=self.ctx.check_cancelled,
+                                   patched_name=self.output.name, **options)
 
     def seconds(self) -> float:
         """Seconds since :func:`begin`, as results report them."""

@@ -35,7 +35,7 @@ from adapter_surgery.io.writer import WrittenFile
 from adapter_surgery.ops.attach_lora import Name, TokenIds
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
 from adapter_surgery.ops.runner import begin
-from adapter_surgery.report import PreservationReport, VerifyOptions, compose_layer_maps, preservation_report
+from adapter_surgery.report import PreservationReport, VerifyOptions, compose_layer_maps
 from adapter_surgery.serving import Runtime
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
             ``.safetensors`` output.
     """
     run = begin(spec, ctx)
-    checkpoint, output = run.checkpoint, run.output
+    output = run.output
     if output.suffix == ".safetensors":
         raise InvalidSpec("a surgery output is a directory (the patched base, and the adapter beside it)",
                           field="output", fix="Name the output without the .safetensors suffix.")
@@ -199,9 +199,9 @@ def surgery(spec: SurgerySpec, ctx: RunContext) -> SurgeryResult:
             if lora is not None:
                 os.replace(work / ADAPTER_DIR, tmp / ADAPTER_DIR)
             files = describe_files(tmp, known=known if patched else None)
-        report = None
-        if spec.verify and patched:
-            report = preservation_report(checkpoint, output, VerifyOptions(), progress=ctx.say, **facts.kwargs())
+            report = None
+            if spec.verify and patched:  # before the output is published
+                report = run.verify(tmp, options=VerifyOptions(), **facts.kwargs())
         done = True
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -80,7 +80,7 @@ def verify(spec: VerifySpec, ctx: RunContext) -> VerifyResult:
     check_config(patched_ckpt, "patched.config")
     options = VerifyOptions.model_validate(spec.model_dump(exclude={"checkpoint", "patched"}))
     _require_memory(base_ckpt, patched_ckpt, options, pick_device(spec.device), ctx.memory_limit_bytes)
-    report = preservation_report(base, patched, options, progress=ctx.say)
+    report = preservation_report(base, patched, options, progress=ctx.say, check=ctx.check_cancelled)
     return VerifyResult(checkpoint=spec.checkpoint, patched=spec.patched, report=report)
 
 

@@ -59,7 +59,7 @@ from pathlib import Path
 
 from adapter_surgery.config_check import check_config
 from adapter_surgery.devices import pick_device
-from adapter_surgery.errors import SurgeryError
+from adapter_surgery.errors import Cancelled, SurgeryError
 from adapter_surgery.io import Checkpoint
 from adapter_surgery.report.checks import (
     HIDDEN_RATIO_MAX,
@@ -105,8 +105,10 @@ def preservation_report(base: Path, patched: Path, options: VerifyOptions | None
                         head_init: str | None = None, device: DeviceName | None = None,
                         progress: Callable[[str], None] | None = None,
                         layer_map: list[int | None] | None = None,
-                        changes_output: str | None = None) -> PreservationReport:
-    """Compare ``patched`` with ``base`` on probe inputs (see the module docstring); never raises.
+                        changes_output: str | None = None, check: Callable[[], None] | None = None,
+                        patched_name: str | None = None) -> PreservationReport:
+    """Compare ``patched`` with ``base`` on probe inputs (see the module docstring); never raises, but for what
+    ``check`` raises.
 
     Args:
         base, patched: model directories (``config.json`` + safetensors).
@@ -115,6 +117,10 @@ def preservation_report(base: Path, patched: Path, options: VerifyOptions | None
             patched hidden state is compared with (its length is the patched layer count + 1; ``None``: none).
         changes_output: why the patched logits differ by design (e.g. scaled_normal blocks): max |Δ logits| is
             reported without a pass/fail, with this reason as a warning.
+        check: a run context's ``check_cancelled``, called between the report's steps and before each probe of
+            each model; what it raises (``Cancelled``) is raised.
+        patched_name: what the report's messages call ``patched`` (default: its own name): an operation verifies
+            its temporary output before it publishes it under its final name.
     Returns:
         A report with ``status: "ok"``, or ``"skipped"`` and the reason.
     """
@@ -124,19 +130,22 @@ def preservation_report(base: Path, patched: Path, options: VerifyOptions | None
     if updates:
         opts = opts.model_copy(update=updates)
     try:
-        report = _report(base, patched, opts, progress or (lambda _m: None), layer_map)
+        report = _report(base, patched, opts, progress or (lambda _m: None), layer_map, check or (lambda: None),
+                         patched_name or patched.name)
         if changes_output and report.status == "ok":
             report.logits_preserved = None
             report.warnings.append(f"{changes_output}: max |Δ logits| is reported without a pass/fail")
             report.passed = _verdict(report)
     except Skip as skip:
         report = PreservationReport(status="skipped", reason=str(skip), **skip.extra)
+    except Cancelled:
+        raise
     except Exception as exc:  # the report must never make a request fail
         log.warning("preservation report failed", exc_info=True)
         report = PreservationReport(status="skipped", reason=f"the report could not be computed "
                                                              f"({type(exc).__name__}: {exc})")
-    report.reason = _scrub(report.reason, base, patched)
-    report.warnings = [_scrub(w, base, patched) or w for w in report.warnings]
+    report.reason = _renamed(_scrub(report.reason, base, patched), patched, patched_name)
+    report.warnings = [_renamed(_scrub(w, base, patched) or w, patched, patched_name) or w for w in report.warnings]
     report.seconds = round(time.perf_counter() - started, 4)
     return report
 
@@ -154,9 +163,15 @@ def _scrub(text: str | None, *paths: Path) -> str | None:
     return text
 
 
+def _renamed(text: str | None, patched: Path, name: str | None) -> str | None:
+    """``text`` with ``patched``'s name replaced by ``name`` (a temporary output's by the output's)."""
+    if not text or not name or name == patched.name:
+        return text
+    return text.replace(patched.name, name)
+
 
 def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str], None],
-            layer_map: list[int | None] | None = None) -> PreservationReport:
+            layer_map: list[int | None] | None, check: Callable[[], None], patched_name: str) -> PreservationReport:
     ckpts = {}
     for role, path in (("base", base), ("patched", patched)):
         try:
@@ -188,15 +203,17 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
                     f"but only {limit / 2**30:.2f} GiB {'is' if limit == available else 'was allowed'} available "
                     f"on {dev.type}", **mem)
     probes, summary = draw_probes(ckpts["base"], tok, opts)
+    check()
     say("verify: run base")
-    b = run_model(base, probes, dev, keep=lambda _name, _prefix: False)
+    b = run_model(base, probes, dev, keep=lambda _name, _prefix: False, check=check)
     base_keys = set(ckpts["base"].weight_map)
     heads = [a for a in (ckpts["patched"].config or {}).get("architectures") or [] if isinstance(a, str)]
     classifier = any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in heads)
     # inserted blocks (layer_map given) are copies of base blocks under new layer numbers, not a new head
     copied = {_any_layer(k) for k in base_keys} if layer_map is not None else set()
+    check()
     say("verify: run patched")
-    p = run_model(patched, probes, dev,
+    p = run_model(patched, probes, dev, check=check, name=patched_name,
                   keep=lambda name, prefix: classifier and strip_prefix(name, prefix) not in base_keys
                   and name not in base_keys and f"{prefix}.{name}" not in base_keys
                   and not {_any_layer(name), _any_layer(f"{prefix}.{name}")} & copied)

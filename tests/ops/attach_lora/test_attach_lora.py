@@ -904,3 +904,35 @@ def test_an_invalid_regex_names_its_field(data_dir: Path, build, kw: dict, field
     assert exc.value.status == 422 and exc.value.field == field
     assert exc.value.detail.startswith(f"{field} is not a valid regular expression")
     assert not (data_dir / "bad-regex").exists()
+
+
+@pytest.mark.parametrize("kw", [{"init_lora_weights": "pissa"}, {"init_lora_weights": "pissa_niter_2"},
+                                {"init_lora_weights": "olora"}, {"use_dora": True}],
+                         ids=["pissa", "pissa_niter", "olora", "dora"])
+def test_a_cancel_stops_the_decomposition_at_the_next_target(data_dir: Path, build, monkeypatch, kw: dict) -> None:
+    """The run context's cancel check is polled between targets while peft builds the adapters (each reads and
+    decomposes its base weight, a second or more per target on a large model): a cancel during the first target
+    stops the run before the second, nothing is left at the output, no residual writer or hashing thread is left
+    running and the input is untouched."""
+    from adapter_surgery.errors import Cancelled
+    from adapter_surgery.ops.attach_lora.decompose import Materializer
+
+    src = build("FX-B")
+    before, threads = tree_digest(data_dir / src), set(threading.enumerate())
+    entered: list[str] = []
+    finished: list[str] = []
+    real = Materializer.create
+
+    def create(self, key, *a, **k):
+        entered.append(key)
+        real(self, key, *a, **k)
+        finished.append(key)
+
+    monkeypatch.setattr(Materializer, "create", create)
+    ctx = RunContext(data_dir, should_cancel=lambda: bool(finished))
+    spec = AttachLoraSpec(checkpoint=src, output="deep/out", r=4, target_modules=["q_proj", "v_proj"], **kw)
+    with pytest.raises(Cancelled):
+        attach_lora(spec, ctx)
+    assert len(finished) == 1 and len(entered) == 2  # of the 4 targets: stopped at the start of the second
+    assert set(threading.enumerate()) <= threads  # none of its threads left
+    assert tree_digest(data_dir / src) == before and sorted(p.name for p in data_dir.iterdir()) == [src]

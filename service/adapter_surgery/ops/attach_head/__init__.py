@@ -67,7 +67,6 @@ from adapter_surgery.ops.attach_head.tokens import tokenizer_facts
 from adapter_surgery.ops.common import FileInfo, RunContext
 from adapter_surgery.ops.runner import begin
 from adapter_surgery.paths import without_dirs
-from adapter_surgery.report import preservation_report
 
 __all__ = ["MAX_LABELS", "STALE_BUFFERS", "TASK_MAPPINGS", "AttachHeadOptions", "AttachHeadResult", "AttachHeadSpec",
            "CreatedTensor", "DroppedTensor", "HeadInit", "PadToken", "ProblemType", "RenamedTensor", "Task",
@@ -91,7 +90,7 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
             ``.safetensors`` output.
     """
     run = begin(spec, ctx)
-    checkpoint, output = run.checkpoint, run.output
+    output = run.output
     id2label = check_labels(spec)
     problem_type = check_problem_type(spec, len(id2label))
     if output.suffix == ".safetensors":
@@ -129,10 +128,10 @@ def attach_head(spec: AttachHeadSpec, ctx: RunContext) -> AttachHeadResult:
         digests = write_checkpoint(ckpt, tmp, changes, ctx, cache=ctx.digests)
         write_side_files(ckpt, tmp, arch, target_cls.__name__, id2label, problem_type, pad, tok)
         files = describe_files(tmp, known=digests)
-    report = None
-    if spec.verify:
-        ctx.say("preservation report")
-        report = preservation_report(checkpoint, output, head_init=spec.init, device=spec.device, progress=ctx.say)
+        report = None
+        if spec.verify:  # before the output is published
+            ctx.say("preservation report")
+            report = run.verify(tmp, head_init=spec.init, device=spec.device)
     return AttachHeadResult(
         output=spec.output, task=spec.task, model_class=target_cls.__name__, base_model_class=arch.model_class,
         num_labels=len(id2label), id2label=id2label, problem_type=problem_type, pad_token=pad.info,

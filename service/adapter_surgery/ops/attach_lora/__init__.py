@@ -199,7 +199,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
                 parameters = direct.trainable_parameters(layers)
                 save_adapter_config(tmp, saved_config, base_path, task_type, type(model), decompose)
             else:
-                materializer = Materializer(ckpt, targets, device, init, spill)
+                materializer = Materializer(ckpt, targets, device, init, spill, check=ctx.check_cancelled)
                 tuner = _inject(model, config, materializer)
                 state = adapter_state_dict(tuner, ckpt, arch, dtype)
                 saved_config, modules = tuner.peft_config[bridge.ADAPTER_NAME], describe_targets(tuner, targets)
@@ -211,6 +211,7 @@ def attach_lora(spec: AttachLoraSpec, ctx: RunContext) -> AttachLoraResult:
             if spill is not None:
                 residual = residual_base(ckpt, spill, base_path)
             files = [f for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) for f in describe_files(tmp / name, known)]
+            ctx.check_cancelled()  # the last boundary before the output is published
     residual_note = [residual.note] if residual is not None else []
     warnings_out = [*notes, *plan_notes, *peft_warnings(caught), *residual_note, *serving_notes]
     return AttachLoraResult(

@@ -58,12 +58,15 @@ class Materializer:
     Data-free inits get a zero-storage stand-in (right shape, dtype and device; peft reads only those). Others get
     the weight read from the checkpoint onto ``device``; a changed weight (PiSSA, OLoRA) goes to ``spill``. PiSSA
     runs here (:func:`pissa`, peft's ``pissa_init`` operation for operation) in buffers reused from one target to
-    the next (:class:`Workspace`), each residual written while the next target decomposes.
+    the next (:class:`Workspace`), each residual written while the next target decomposes. ``check`` (the run
+    context's ``check_cancelled``) is called before each target, so that a cancel stops the run at the next target
+    (it raises ``Cancelled`` there, and the caller removes what was written).
     """
 
     def __init__(self, ckpt: Checkpoint, targets: list[Target], device: torch.device, init: str,
-                 spill: Residuals | None) -> None:
+                 spill: Residuals | None, check: Callable[[], None] | None = None) -> None:
         self.ckpt = ckpt
+        self.check = check
         self.targets = {t.name: t for t in targets}
         self.device = device
         self.init = init
@@ -79,6 +82,8 @@ class Materializer:
     def create(self, key: str, base: nn.Module, config, create: Callable[[object], nn.Module]) -> None:
         """:data:`peft_bridge.CreateHook`: give ``base`` its weight, let peft build the adapter, spill the
         residual, take the weight back."""
+        if self.check is not None:
+            self.check()
         target = self.targets.get(key)
         if target is None:  # the planning pass and peft disagree: refuse rather than guess
             raise InvalidSpec(f"peft targeted {key}, which the request check did not expect", field="target_modules",
