@@ -317,6 +317,12 @@ def _mismatch(adapter: Adapter, what: str, fix: str = "Merge the adapter into th
                        fix=fix)
 
 
+def plan_against_base(adapter: Adapter, ckpt: Checkpoint, run: Run) -> None:
+    """Check ``adapter``'s modules and shapes against checkpoint ``ckpt`` (headers and a meta-device model only), as
+    a merge does: ``InvalidSpec``/``InvalidCheckpoint`` naming the first mismatch."""
+    _plan_adapter(adapter, _open_base(ckpt, run))
+
+
 def _token_ids(adapter: Adapter, module: str) -> list[int]:
     """The token ids whose rows ``module``'s ``trainable_tokens_delta`` holds (adapter_config's
     ``trainable_token_indices``: a list for the input embedding, or module name -> ids)."""
