@@ -13,7 +13,6 @@ import dataclasses
 import itertools
 import json
 import math
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field
 
 from adapter_surgery import resources
 from adapter_surgery.chat_template import MAX_CHAT_TEMPLATE_CHARS, render_sample
@@ -60,6 +59,7 @@ from adapter_surgery.ops.common import (
 )
 from adapter_surgery.ops.runner import begin
 from adapter_surgery.report import PreservationReport, preservation_report
+from adapter_surgery.spec import TokenText
 from adapter_surgery.tokenizer_cache import TokenizerCache, load_tokenizer
 
 #: New rows per request at most (pad_to_multiple_of or num_new_tokens beyond this is a mistake, not a model).
@@ -68,22 +68,6 @@ MAX_NEW_ROWS = 1 << 20
 MAX_NEW_BYTES = 4 << 30
 
 
-#: Unicode category Cc (U+0000-U+001F, U+007F-U+009F) but tab, newline and carriage return.
-CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
-def _token_text(text: str) -> str:
-    """Refuse token texts that would silently break tokenization."""
-    if not text.strip():
-        raise ValueError("a whitespace-only token would match every such run of whitespace in every text, "
-                         "replacing the pieces the model was trained on by one untrained token")
-    bad = CONTROL.search(text)
-    if bad is not None:
-        raise ValueError(f"the token holds the control character U+{ord(bad.group()):04X}")
-    return text
-
-
-TokenText = Annotated[str, StringConstraints(min_length=1, max_length=1000), AfterValidator(_token_text)]
 RowStrategy = Literal["mean", "subword_mean", "hewitt", "normal", "zeros"]
 
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, StringConstraints
 from adapter_surgery.errors import InvalidSpec
 from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, Seed, StrictModel
 from adapter_surgery.report import PreservationReport
-from adapter_surgery.spec import DeviceName
+from adapter_surgery.spec import DeviceName, TokenText
 
 Task = Literal["sequence_classification", "token_classification"]
 HeadInit = Literal["kaiming_normal", "kaiming_uniform", "xavier_uniform", "xavier_normal", "normal", "zeros"]
@@ -48,7 +48,8 @@ class AttachHeadOptions(StrictModel):
                                                                "transformers infers it from the labels.")
     init: HeadInit = Field("kaiming_normal", description="Init of the head's weight matrix; biases are zero.")
     pad_token: PadPolicy = Field("auto", description="Where pad_token_id comes from: auto, eos, add.")
-    pad_token_content: str = Field("<pad>", min_length=1, max_length=1000, description="The token 'add' adds.")
+    pad_token_content: TokenText = Field("<pad>", description="The token 'add' adds (not whitespace-only, no "
+                                                              "control characters).")
     seed: Seed = Field(0, description="Seeds the head; the same seed gives byte-identical output.")
     device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
     verify: bool = Field(False, description="Add the preservation report (base vs output) to the result.")
