@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from adapter_surgery.config_check import transformers_config_error
 from adapter_surgery.errors import InvalidCheckpoint
 from adapter_surgery.io import Checkpoint
 from adapter_surgery.lru import CopyingLRU
@@ -80,6 +81,9 @@ def load_tokenizer(ckpt: Checkpoint, *, lenient: bool = False, cache: TokenizerC
     except Exception as exc:  # transformers raises many kinds for broken tokenizer files
         if lenient:
             return None
+        refused = transformers_config_error(exc)  # AutoTokenizer reads config.json too
+        if refused is not None:
+            raise refused from None
         raise InvalidCheckpoint(f"the tokenizer files could not be loaded ({type(exc).__name__}: "
                                 f"{without_dirs(str(exc), ckpt.directory)})",
                                 field="checkpoint", fix="Re-save the tokenizer with save_pretrained.") from None

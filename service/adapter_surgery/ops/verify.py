@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from adapter_surgery import resources
-from adapter_surgery.config_check import check_config
+from adapter_surgery.config_check import check_config, check_numbers
 from adapter_surgery.devices import pick_device
 from adapter_surgery.errors import InvalidSpec, NotEnoughMemory
 from adapter_surgery.io import Checkpoint
@@ -70,6 +70,7 @@ def verify(spec: VerifySpec, ctx: RunContext) -> VerifyResult:
     patched, patched_ckpt = open_input(ctx, spec.patched, "patched")
     pick_device(spec.device)
     check_config(base_ckpt)
+    check_numbers(patched_ckpt, "patched.config")  # a value that is no number is named, not taken for another model
     if base_ckpt.config is not None and patched_ckpt.config is not None:
         reason = not_derived(base_ckpt, patched_ckpt, load_tokenizer(base_ckpt, lenient=True),
                              load_tokenizer(patched_ckpt, lenient=True))
