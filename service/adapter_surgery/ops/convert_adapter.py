@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 
 from adapter_surgery.errors import InvalidSpec, SurgeryError
 from adapter_surgery.io import describe_files
@@ -46,7 +46,7 @@ class ConvertAdapterSpec(ConvertAdapterOptions):
     adapter: str = Field(description="The trained PiSSA/OLoRA adapter directory, relative to the data directory.")
     initial_adapter: str = Field(description="The same adapter as attach-lora wrote it, before training.")
     output: str = Field(description="Directory of the converted adapter, relative to the data directory.")
-    overwrite: bool = Field(False, description="Replace an existing output (atomically).")
+    overwrite: StrictBool = Field(False, description="Replace an existing output (atomically).")
 
 
 class ConvertAdapterResult(BaseModel):

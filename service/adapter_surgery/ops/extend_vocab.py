@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool, StrictInt
 
 from adapter_surgery import resources
 from adapter_surgery.chat_template import MAX_CHAT_TEMPLATE_CHARS, render_sample
@@ -75,7 +75,8 @@ class CopyInit(StrictModel):
     """Copy the row(s) of an existing token."""
 
     strategy: Literal["copy"]
-    source: str | int = Field(description="An existing token's text, or a row id (for checkpoints without tokenizer).")
+    source: str | StrictInt = Field(description="An existing token's text, or a row id (for checkpoints without "
+                                                "tokenizer).")
 
 
 InitSpec = Annotated[
@@ -85,7 +86,7 @@ InitSpec = Annotated[
 
 class TokenSpec(StrictModel):
     content: TokenText = Field(description="The token's text (not whitespace-only, no control characters).")
-    special: bool = Field(False, description="Add as a special token (never split, skipped when decoding).")
+    special: StrictBool = Field(False, description="Add as a special token (never split, skipped when decoding).")
     description: str | None = Field(None, max_length=10_000,
                                     description="Text whose subword pieces define the row for subword_mean.")
     init: InitSpec | None = Field(None, description="Overrides the request's init for this token.")
@@ -96,16 +97,17 @@ class ExtendVocabOptions(StrictModel):
 
     tokens: list[TokenText | TokenSpec] = Field(default_factory=list, max_length=MAX_NEW_ROWS,
                                                 description="Tokens to add, in id order.")
-    num_new_tokens: int | None = Field(None, ge=0, le=MAX_NEW_ROWS,
+    num_new_tokens: StrictInt | None = Field(None, ge=0, le=MAX_NEW_ROWS,
                                        description="Rows to add to a checkpoint without tokenizer (instead of tokens).")
     init: InitSpec = "mean"
-    pad_to_multiple_of: int | None = Field(None, ge=1, le=65536,
+    pad_to_multiple_of: StrictInt | None = Field(None, ge=1, le=65536,
                                            description="Round the row count up to a multiple of this (<= 65536).")
-    reinit_existing: bool = Field(False, description="Re-initialize existing tokens whose rows are all zero.")
-    untie: bool = Field(False, description="Write the output head as its own tensor and set tie_word_embeddings false.")
+    reinit_existing: StrictBool = Field(False, description="Re-initialize existing tokens whose rows are all zero.")
+    untie: StrictBool = Field(False, description="Write the output head as its own tensor and set "
+                                                "tie_word_embeddings false.")
     seed: Seed = Field(0, description="Seeds the random strategies; the same seed gives byte-identical output.")
     device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
-    verify: bool = Field(False, description="Add the preservation report (base vs output) to the result.")
+    verify: StrictBool = Field(False, description="Add the preservation report (base vs output) to the result.")
     chat_template: str | None = Field(
         None, min_length=1, max_length=MAX_CHAT_TEMPLATE_CHARS,
         description="A chat template (Jinja, as tokenizer.chat_template) saved with the tokenizer, e.g. one that uses "

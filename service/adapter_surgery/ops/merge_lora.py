@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 
 from adapter_surgery import patterns, resources
 from adapter_surgery.devices import DeviceName, pick_device
@@ -100,7 +100,7 @@ class AdapterRef(StrictModel):
 class MergeLoraOptions(StrictModel):
     adapters: Annotated[list[AdapterRef], Field(min_length=1, max_length=MAX_ADAPTERS)] = Field(
         description="peft LoRA adapters to fold in (1..16), summed with their weights.")
-    safe_merge: bool = Field(False, description="Refuse (422) when a merged tensor holds NaN or Inf, as peft's "
+    safe_merge: StrictBool = Field(False, description="Refuse (422) when a merged tensor holds NaN or Inf, as peft's "
                                                 "merge(safe_merge=True) does.")
     device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
 

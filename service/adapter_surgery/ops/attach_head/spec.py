@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StringConstraints
 
 from adapter_surgery.errors import InvalidSpec
 from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, Seed, StrictModel
@@ -39,7 +39,7 @@ class AttachHeadOptions(StrictModel):
     """
 
     task: Task = Field("sequence_classification", description="Which transformers head class to target.")
-    num_labels: int | None = Field(None, ge=1, le=MAX_LABELS, description="Number of labels (or give id2label); "
+    num_labels: StrictInt | None = Field(None, ge=1, le=MAX_LABELS, description="Number of labels (or give id2label); "
                                                                           "at most 1,000,000.")
     id2label: Annotated[dict[int, Label], Field(max_length=MAX_LABELS)] | Annotated[
         list[Label], Field(max_length=MAX_LABELS)] | None = Field(
@@ -52,7 +52,7 @@ class AttachHeadOptions(StrictModel):
                                                               "control characters).")
     seed: Seed = Field(0, description="Seeds the head; the same seed gives byte-identical output.")
     device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
-    verify: bool = Field(False, description="Add the preservation report (base vs output) to the result.")
+    verify: StrictBool = Field(False, description="Add the preservation report (base vs output) to the result.")
 
 
 class AttachHeadSpec(PathFields, AttachHeadOptions):
