@@ -103,9 +103,9 @@ def _require_memory(base: Checkpoint, patched: Checkpoint, opts: VerifyOptions, 
     else:
         field = "num_probes" if opts.num_probes > 1 else "probe_length"
         fix = (f"Lower num_probes or probe_length: {opts.num_probes} x {opts.probe_length} probe tokens need "
-               f"{resources.gib(needed - weights)} GiB of activations; about {fits} tokens fit.")
+               f"{resources.size(needed - weights)} of activations; about {fits} tokens fit.")
     raise NotEnoughMemory(
-        f"the report needs about {resources.gib(needed)} GiB in float32 (the larger model plus the probes' "
-        f"activations) but only {resources.gib(available)} GiB is available on {dev.type} to the service",
+        f"the report needs about {resources.size(needed)} in float32 (the larger model plus the probes' "
+        f"activations) but only {resources.size(available)} is available on {dev.type} to the service",
         field=field, fix=fix)
 
