@@ -300,7 +300,7 @@ def test_problems_from_the_service_are_typed(client: Client, server: Server) -> 
         client.attach_lora({"checkpoint": "llama-untied-tiny", "output": "p-l", "r": "four"})
     assert served.value.field == local.value.field == "r"
     assert served.value.problem["errors"] == local.value.problem["errors"]
-    assert local.value.problem["errors"][0]["type"] == "int_parsing"
+    assert local.value.problem["errors"][0]["type"] == "int_type"  # strict: a string is no integer
 
     with pytest.raises(InvalidRequest) as checked:  # refused by the operation, not the schema
         client.attach_lora({"checkpoint": "llama-untied-tiny", "output": "p-l", "target_modules": ["nothing_like"]})

@@ -64,6 +64,10 @@ DEFECTS = [
      ["num_hidden_layers 1", "model.layers.0 to model.layers.1 (2 layers)"]),
     ("gpt2-tied-tiny", {"n_layer": 1}, "config.n_layer", ["n_layer 1", "transformer.h.0 to transformer.h.1"]),
     ("llama-untied-tiny", {"vocab_size": 100}, "config.vocab_size", ["vocab_size 100", "has 128 rows"]),
+    # Not a number: extend-vocab blamed the tokenizer files ("Re-save the tokenizer"), verify the derivation.
+    ("llama-untied-tiny", {"num_hidden_layers": "two"}, "config.num_hidden_layers",
+     ["num_hidden_layers 'two'", "not a number"]),
+    ("gpt2-tied-tiny", {"n_embd": True}, "config.n_embd", ["n_embd True", "not a number"]),
 ]
 
 
@@ -223,3 +227,31 @@ def test_expand_blocks_refuses_a_config_declaring_fewer_layers_over_http(data: P
     assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json", r.text
     assert r.json()["field"] == "config.num_hidden_layers" and "num_hidden_layers 2" in r.json()["fix"]
     assert not (data / "one-layer-out").exists() and tree_digest(data / src) == before
+
+
+@pytest.mark.parametrize("op", [op for op in OPERATIONS if "checkpoint" in OPERATIONS[op].spec.model_fields
+                                and op not in ("verify", "merge-lora")])
+@pytest.mark.parametrize("changes", [{"vocab_size": None}, {"hidden_size": None}], ids=["vocab_size", "hidden_size"])
+def test_a_field_transformers_refuses_is_named_as_config_json_s(data: Path, op: str, changes: dict) -> None:
+    """``"vocab_size": null`` (a type transformers' config class refuses, legitimate for other fields such as GPT-2's
+    ``n_inner``): extend-vocab answered "the tokenizer files could not be loaded", fix "Re-save the tokenizer";
+    attach-lora and attach-head named ``checkpoint``. Each names the config field now, as the checks above do."""
+    key = next(iter(changes))
+    src = with_config(data, "llama-untied-tiny", f"null-{key}", **changes)
+    before = tree_digest(data / src)
+    spec = OPERATIONS[op].spec.model_validate(request(op, src))
+    with pytest.raises(InvalidCheckpoint) as err:
+        OPERATIONS[op].run(spec, RunContext(data))
+    assert err.value.field == f"config.{key}", (err.value.field, err.value.detail)
+    assert f"config.json declares {key} None" in err.value.detail and "tokenizer" not in err.value.detail
+    assert err.value.fix and "config.json" in err.value.fix and "tokenizer" not in err.value.fix
+    assert tree_digest(data / src) == before and not (data / f"{src}-out").exists()
+
+
+def test_verify_names_the_patched_config_before_comparing_the_two(data: Path) -> None:
+    """``"num_hidden_layers": "two"`` in the patched config was a 422 "not derived from this base: layer count"."""
+    src = with_config(data, "llama-untied-tiny", "verify-two", num_hidden_layers="two")
+    spec = OPERATIONS["verify"].spec.model_validate({"checkpoint": "llama-untied-tiny", "patched": src})
+    with pytest.raises(InvalidCheckpoint) as err:
+        OPERATIONS["verify"].run(spec, RunContext(data))
+    assert err.value.field == "patched.config.num_hidden_layers" and "not a number" in err.value.detail

@@ -5,6 +5,9 @@ refused (422, ``field`` naming the config field, e.g. ``config.num_hidden_layers
 weights hold). Checked from the raw JSON and the headers only (no ``transformers``: its config classes already
 allocate per declared layer):
 
+- **types**: those numbers must be numbers (``"num_hidden_layers": "two"`` is named here, not left to the first
+  ``transformers`` class that reads the config: its tokenizer, say); a field ``transformers``' config classes refuse
+  otherwise (``"vocab_size": null``) is named the same way wherever they read it (:func:`transformers_config_error`);
 - **ceilings** (:data:`CEILINGS`): layer, width, head, expert, vocabulary and position counts beyond any model
   (``num_hidden_layers: 1000000000`` would build a billion modules on the meta device), in every sub-config;
 - **layers**: the text config's ``num_hidden_layers`` (``n_layer``, ``num_layers``) may not exceed the layers the
@@ -110,6 +113,7 @@ def check_config(ckpt: Checkpoint, where: str = "config") -> None:
     config = ckpt.config
     if config is None:
         return
+    check_numbers(ckpt, where)  # first: a value that is no number is named, not compared
     text, text_path = text_config(config)
     shapes = ckpt.shapes()
     _check_layers(config, text, text_path, shapes, where)  # first: their fix says what the weights hold
@@ -117,13 +121,50 @@ def check_config(ckpt: Checkpoint, where: str = "config") -> None:
     _check_experts(text, text_path, config, shapes, where)
     for path, key, value in _walk(config, ""):
         ceiling = CEILINGS.get(key)
-        if ceiling is None or isinstance(value, bool) or not isinstance(value, int | float):
+        if ceiling is None or value is None:
             continue
         if not (math.isfinite(value) and 0 <= value <= ceiling):
             raise InvalidCheckpoint(
                 f"config.json declares {path}{key} {value}, outside 0..{ceiling} (no model is that large)",
                 field=f"{where}.{path}{key}", fix=f"Send the config.json that belongs to these weights; "
                                                   f"{key} is at most {ceiling}.")
+
+
+def check_numbers(ckpt: Checkpoint, where: str = "config") -> None:
+    """Refuse a sizing number of ``config.json`` (:data:`CEILINGS`, in every sub-config) that is no number (``"two"``,
+    ``true``); part of :func:`check_config`, which verify runs on its patched checkpoint only
+    after comparing the two (a config that is another model's is named as such). ``null`` passes (GPT-2's
+    ``n_inner``): ``transformers`` refuses it where it must not be (:func:`transformers_config_error`)."""
+    config = ckpt.config
+    if config is None:
+        return
+    for path, key, value in _walk(config, ""):
+        ceiling = CEILINGS.get(key)
+        if ceiling is None or value is None:  # null: legitimate for some (GPT-2's n_inner); transformers judges
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidCheckpoint(
+                f"config.json declares {path}{key} {value!r}, not a number", field=f"{where}.{path}{key}",
+                fix=f"Send the config.json that belongs to these weights; {key} is a whole number.")
+
+
+#: How transformers' config classes (huggingface_hub's strict dataclasses) name a field of the wrong type.
+CONFIG_FIELD_ERROR = re.compile(r"Validation error for field '([^']+)'")
+
+
+def transformers_config_error(exc: BaseException, where: str = "config") -> InvalidCheckpoint | None:
+    """``exc``, raised by ``transformers`` while reading ``config.json`` (a config, tokenizer or model built from
+    it), as the 422 naming the config field it refuses (``"vocab_size": null``, ``"num_hidden_layers": "two"``), as
+    :func:`check_config` names a field; None when ``exc`` is not about one field of config.json."""
+    found = CONFIG_FIELD_ERROR.search(str(exc))
+    if found is None:
+        return None
+    key = found.group(1)
+    reason = str(exc).strip().splitlines()[-1].strip()
+    value = reason.rsplit("(value: ", 1)[-1].rstrip(")") if "(value: " in reason else "a value"
+    return InvalidCheckpoint(f"config.json declares {key} {value}, which transformers refuses ({reason})",
+                             field=f"{where}.{key}",
+                             fix=f"Send the config.json that belongs to these weights; correct its {key}.")
 
 
 def _field(where: str, text_path: str, key: str, in_text: bool) -> str:

@@ -133,12 +133,21 @@ def require(needed: int, *, field: str, what: str, fix: str, available: int | No
     free = available_memory() if available is None else available
     if needed + BASELINE_BYTES > free:
         raise NotEnoughMemory(
-            f"{what} needs about {gib(needed)} GiB of memory but only {gib(free)} GiB is available to the service "
+            f"{what} needs about {size(needed)} of memory but only {size(free)} is available to the service "
             f"(its memory limit, not the host's)", field=field, fix=fix)
 
 
 def gib(n: int) -> str:
     return f"{n / 2**30:.2f}"
+
+
+def size(n: int) -> str:
+    """``n`` bytes with a unit that shows them: GiB (2 decimals) from 1 GiB, else MiB or KiB (1 decimal), else
+    bytes (``0.00 GiB`` said nothing about a small estimate)."""
+    for shift, unit, digits in ((30, "GiB", 2), (20, "MiB", 1), (10, "KiB", 1)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.{digits}f} {unit}"
+    return f"{n} bytes"
 
 
 # -- estimates -------------------------------------------------------------------------------------------------

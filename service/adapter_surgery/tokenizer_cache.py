@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from adapter_surgery.config_check import transformers_config_error
 from adapter_surgery.errors import InvalidCheckpoint
 from adapter_surgery.io import Checkpoint
 from adapter_surgery.lru import CopyingLRU
@@ -106,6 +107,9 @@ def _through_cache(ckpt: Checkpoint, lenient: bool, cache: TokenizerCache | None
             with quiet_transformers():
                 return cls.from_pretrained(str(ckpt.directory), local_files_only=True)
         except Exception as exc:  # transformers raises many kinds for broken tokenizer files
+            refused = transformers_config_error(exc)  # AutoTokenizer reads config.json too
+            if refused is not None:
+                raise refused from None
             raise InvalidCheckpoint(f"the tokenizer files could not be loaded ({type(exc).__name__}: "
                                     f"{without_dirs(str(exc), ckpt.directory)})",
                                     field="checkpoint", fix="Re-save the tokenizer with save_pretrained.") from None

@@ -71,3 +71,17 @@ def test_truncated_and_non_json(tmp_path: Path) -> None:
     (tmp_path / "b.safetensors").write_bytes(struct.pack("<Q", 4) + b"{no}")
     with pytest.raises(InvalidCheckpoint, match="not valid UTF-8 JSON"):
         read_header(tmp_path / "b.safetensors")
+
+
+def test_a_header_over_the_limit_says_the_limit_is_the_reason(tmp_path: Path, monkeypatch) -> None:
+    """A header of 105,908,492 bytes in a file long enough said only "but the file has 106270220 bytes after the
+    length", as if the file were short."""
+    from adapter_surgery.io import header
+
+    monkeypatch.setattr(header, "MAX_HEADER_BYTES", 1000)
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", 2000) + b" " * 4000)
+    with pytest.raises(InvalidCheckpoint) as err:
+        read_header(path)
+    assert "declares a header of 2000 bytes" in err.value.detail and "limit of 1000 bytes" in err.value.detail
+    assert "after the length" not in err.value.detail

@@ -707,3 +707,18 @@ def test_unloadable_tokenizer_files_are_a_422_with_or_without_the_cache(data: Pa
         assert str(data) not in str(err.value) and not (data / out).exists()
     # nothing was kept: the next read of that directory is a miss, which calls its loader
     assert cache.read(src, "AutoTokenizer", lambda: ["loaded again"], len) == 1
+
+
+def test_a_bad_pad_token_content_names_that_field(data: Path) -> None:
+    """A whitespace-only pad_token_content was refused naming `content` (extend-vocab's TokenSpec field), in
+    /surgery too; the request field is pad_token_content (steps.<i>.pad_token_content in a plan)."""
+    client = TestClient(create_app(Settings(data_dir=data)), raise_server_exceptions=False)
+    head = {"task": "token_classification", "num_labels": 2, "pad_token": "add"}
+    for content in ("   ", "a\x01"):
+        r = client.post("/attach-head", json={"checkpoint": "llama-untied-tiny", "output": "pad-out", **head,
+                                              "pad_token_content": content})
+        assert r.status_code == 422 and r.json()["field"] == "pad_token_content", r.text
+        r = client.post("/surgery", json={"checkpoint": "llama-untied-tiny", "output": "pad-out", "steps": [
+            {"op": "attach-head", **head, "pad_token_content": content}]})
+        assert r.status_code == 422 and r.json()["field"] == "steps.0.pad_token_content", r.text
+    assert not (data / "pad-out").exists()

@@ -144,3 +144,34 @@ def test_an_output_overlapping_the_base_is_refused_even_with_overwrite(data_dir:
         convert(data_dir, base=base, output=output.replace("BASE", base), overwrite=True)
     assert e.value.field == "output" and "overlaps the input checkpoint" in e.value.detail
     assert tree_digest(data_dir) == before
+
+
+def _wide_llama(data_dir: Path) -> str:
+    """A llama of the fixtures' layout but 64 wide (FX-B is 32 wide)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(data_dir / "llama-wide")
+    return "llama-wide"
+
+
+def test_a_base_whose_shapes_do_not_fit_the_adapter_is_refused(data_dir: Path, build) -> None:
+    """A 64-wide adapter with a 32-wide base was converted with a 200 (peft then failed with `size mismatch`); the
+    shapes are read from the base's headers, and the 422 names `base`."""
+    wide = _wide_llama(data_dir)
+    narrow = build("FX-B")
+    attach(data_dir, wide, "init", target_modules=["q_proj"], init_lora_weights="pissa", r=4)
+    shutil.copytree(data_dir / "init", data_dir / "trained", ignore=shutil.ignore_patterns("base"))
+    train(data_dir / "trained", scale=0.02)
+    with pytest.raises(InvalidSpec) as e:
+        convert(data_dir, base=narrow)
+    assert e.value.field == "base" and "q_proj" in e.value.detail and "[32, 32]" in e.value.detail, e.value.detail
+    assert "llama-untied-tiny" in e.value.detail
+    gpt2 = build("FX-A")
+    with pytest.raises(InvalidSpec) as e:
+        convert(data_dir, base=gpt2)
+    assert e.value.field == "base" and "q_proj" in e.value.detail, e.value.detail
+    assert not (data_dir / "converted").exists()
+    assert convert(data_dir, base=wide).converted_modules == 2  # the real base still converts

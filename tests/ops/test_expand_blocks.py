@@ -332,3 +332,23 @@ def test_post_ln_encoder_refused_with_nothing_written(data_dir: Path, build) -> 
     assert err.value.field == "checkpoint" and "post-LN" in err.value.detail
     assert "attention.output.dense" in err.value.detail and "pre-LN" in err.value.fix
     assert not (data_dir / "out").exists() and tree_digest(data_dir / src) == before
+
+
+def test_a_full_disk_shows_small_sizes_and_the_margin(data_dir: Path, build, monkeypatch) -> None:
+    """On a tiny model the 507 said "needs about 0.00 GiB ... has 0.00 GiB free", and not that a safety margin
+    (DISK_MARGIN) is kept free beyond the estimate."""
+    import importlib
+    from collections import namedtuple
+
+    from adapter_surgery.errors import DiskFull
+
+    module = importlib.import_module("adapter_surgery.ops.expand_blocks")
+
+    build("FX-B")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(module.shutil, "disk_usage", lambda _p: usage(1 << 40, 0, 1 << 20))
+    with pytest.raises(DiskFull) as err:
+        run(data_dir, checkpoint="llama-untied-tiny", output="out", num_blocks=1)
+    assert "0.00" not in err.value.detail and "KiB" in err.value.detail and "1.0 MiB free" in err.value.detail
+    assert "64.0 MiB" in err.value.detail and "margin" in err.value.detail
+    assert not (data_dir / "out").exists()

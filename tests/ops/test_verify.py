@@ -184,3 +184,28 @@ def test_verify_true_runs_on_the_unpublished_output_and_names_the_output(data_di
     rep = result.report
     assert rep is not None and rep.status == "skipped"
     assert rep.reason == "o could not be loaded with transformers (OSError: cannot read o/config.json)", rep.reason
+
+
+def test_an_expand_blocks_output_names_its_own_verify(data: Path) -> None:
+    """verify of an expand-blocks output said "not derived from this base: layer count 2 ... 4" with the fix "Send
+    as checkpoint the base ...", which it was: which layers were inserted is only known to the expand-blocks
+    request, whose ``verify: true`` compares each hidden state with the base's at the same depth."""
+    from adapter_surgery.ops.expand_blocks import ExpandBlocksSpec, expand_blocks
+
+    expand_blocks(ExpandBlocksSpec(checkpoint="llama-untied-tiny", output="deeper", num_blocks=2), RunContext(data))
+    with pytest.raises(InvalidSpec) as err:
+        verify(VerifySpec(checkpoint="llama-untied-tiny", patched="deeper"), RunContext(data))
+    assert err.value.field == "patched" and "2 layers" in err.value.detail and "4" in err.value.detail
+    assert '"verify": true' in (err.value.fix or "") and "expand-blocks" in (err.value.fix or "")
+
+
+def test_an_adapter_directory_is_refused_naming_patched(data: Path) -> None:
+    """An adapter directory as patched answered 200 with a report "skipped" (no config.json)."""
+    from adapter_surgery.ops.attach_lora import AttachLoraSpec, attach_lora
+
+    attach_lora(AttachLoraSpec(checkpoint="llama-untied-tiny", output="an-adapter", r=2), RunContext(data))
+    for checkpoint, patched, field in (("llama-untied-tiny", "an-adapter", "patched"),
+                                       ("an-adapter", "llama-untied-tiny", "checkpoint")):
+        with pytest.raises(InvalidSpec) as err:
+            verify(VerifySpec(checkpoint=checkpoint, patched=patched), RunContext(data))
+        assert err.value.field == field and "adapter" in err.value.detail and "merge-lora" in (err.value.fix or "")

@@ -106,7 +106,10 @@ def read_header(path: Path) -> ShardHeader:
         if len(head) < 8:
             raise _bad(path, f"is {size} bytes long, shorter than the 8-byte header length")
         (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or n > size - 8:
+        if n > MAX_HEADER_BYTES:
+            raise _bad(path, f"declares a header of {n} bytes, over the limit of {MAX_HEADER_BYTES} bytes (the "
+                             "safetensors reference implementation's own limit)")
+        if n > size - 8:
             raise _bad(path, f"declares a header of {n} bytes, but the file has {size - 8} bytes after the length")
         raw = fh.read(n)
     try:

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from adapter_surgery.config_check import check_config, text_config
+from adapter_surgery.config_check import check_config, text_config, transformers_config_error
 from adapter_surgery.errors import InvalidCheckpoint
 from adapter_surgery.io.checkpoint import Checkpoint
 from adapter_surgery.lru import CopyingLRU
@@ -217,7 +217,8 @@ def build_meta_model(ckpt: Checkpoint) -> tuple[nn.Module | None, str | None]:
     """Build the checkpoint's ``transformers`` model on the ``meta`` device; ``(None, why)`` if impossible.
 
     Raises:
-        InvalidCheckpoint: config.json contradicts the weights (checked first: :func:`check_config`).
+        InvalidCheckpoint: config.json contradicts the weights (checked first: :func:`check_config`), or
+            ``transformers`` refuses one of its fields (:func:`transformers_config_error`).
     """
     import transformers
 
@@ -238,6 +239,9 @@ def build_meta_model(ckpt: Checkpoint) -> tuple[nn.Module | None, str | None]:
                         continue
         return None, f"no transformers class for model_type {config.model_type!r}"
     except Exception as exc:  # transformers raises many kinds for unknown or broken configs
+        refused = transformers_config_error(exc)
+        if refused is not None:  # a field of config.json is wrong: the checkpoint's fault, not an unknown model
+            raise refused from None
         return None, f"{type(exc).__name__}: {exc}"
 
 

@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 
-from adapter_surgery.errors import InvalidSpec
+from adapter_surgery.errors import InvalidSpec, SurgeryError
 from adapter_surgery.io import describe_files
 from adapter_surgery.ops.common import FileInfo, RunContext, StrictModel
-from adapter_surgery.ops.merge_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, open_adapter
-from adapter_surgery.ops.runner import begin_output
+from adapter_surgery.ops.merge_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, open_adapter, plan_against_base
+from adapter_surgery.ops.runner import Run, begin_output, open_input
 from adapter_surgery.paths import resolve_under
 
 
@@ -46,7 +46,7 @@ class ConvertAdapterSpec(ConvertAdapterOptions):
     adapter: str = Field(description="The trained PiSSA/OLoRA adapter directory, relative to the data directory.")
     initial_adapter: str = Field(description="The same adapter as attach-lora wrote it, before training.")
     output: str = Field(description="Directory of the converted adapter, relative to the data directory.")
-    overwrite: bool = Field(False, description="Replace an existing output (atomically).")
+    overwrite: StrictBool = Field(False, description="Replace an existing output (atomically).")
 
 
 class ConvertAdapterResult(BaseModel):
@@ -68,7 +68,8 @@ def convert_adapter(spec: ConvertAdapterSpec, ctx: RunContext) -> ConvertAdapter
 
     Raises:
         NotFound, PathOutsideDataDir, OutputExists: path problems.
-        InvalidSpec: the two adapters do not belong together (other targets, shapes, r, alpha, rsLoRA; field
+        InvalidSpec: ``base`` whose modules or shapes do not fit the adapter (headers only; field ``base``),
+            the two adapters do not belong together (other targets, shapes, r, alpha, rsLoRA; field
             ``initial_adapter``), a DoRA adapter, rsLoRA with rank/alpha patterns (as peft), the initial adapter's
             config still says pissa/olora (peft's own refusal).
     """
@@ -88,6 +89,8 @@ def convert_adapter(spec: ConvertAdapterSpec, ctx: RunContext) -> ConvertAdapter
     run = begin_output(ctx, spec.output, spec.overwrite, inputs, started)
     config = _check_pair(trained, initial)
     _check_same_base(trained, initial, ctx.data_dir)
+    if base is not None:
+        _check_base_fits(trained, spec.adapter, base, run)
     pairs = _lora_pairs(trained)
     warnings: list[str] = []
     if base is None:
@@ -152,6 +155,22 @@ def _check_same_base(trained: Adapter, initial: Adapter, data_dir: Path) -> None
                           "their base_model_name_or_path)", field="initial_adapter",
                           fix="Give the adapter attach-lora wrote for the trained adapter's base (the one whose "
                               "residual base the trained adapter names) as initial_adapter.")
+
+
+def _check_base_fits(trained: Adapter, name: str, base: str, run: Run) -> None:
+    """Refuse a ``base`` the converted adapter would not load onto: every module and shape of the trained adapter is
+    checked against the base's headers (as merge-lora checks them; no weights are read), field ``base``."""
+    _, ckpt = open_input(run.ctx, base, "base")
+    try:
+        plan_against_base(trained, ckpt, run)
+    except SurgeryError as exc:
+        what = exc.detail.removeprefix(f"adapter {trained.path.name!r} does not fit the checkpoint: ")
+        exc.detail = f"base {base!r} does not fit adapter {name!r}: {what}"
+        exc.field = "base"
+        exc.fix = ("Give the checkpoint the adapter was made from (the original base of its residual base), or leave "
+                   "base out.")
+        exc.args = (exc.detail,)
+        raise
 
 
 def _lora_pairs(adapter: Adapter) -> list[str]:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool, StrictInt
 
 from adapter_surgery import errors, resources
 from adapter_surgery.config_check import MAX_LAYERS
@@ -75,13 +75,13 @@ ZERO_CHUNK = 8 << 20
 #: Disk headroom kept free besides the output's estimate.
 DISK_MARGIN = 64 << 20
 
-LayerIndex = Annotated[int, Field(ge=0, le=MAX_LAYERS - 1)]
+LayerIndex = Annotated[StrictInt, Field(ge=0, le=MAX_LAYERS - 1)]
 
 
 class ExpandBlocksOptions(StrictModel):
     """How many blocks, where, and how they start (everything but the paths)."""
 
-    num_blocks: int | None = Field(
+    num_blocks: StrictInt | None = Field(
         None, ge=1, le=MAX_NEW_BLOCKS,
         description="k, the new blocks (1 .. the base's layer count, at most 1024). Required with \"interleave\"; "
                     "with a list of positions it may be left out (else it must equal the list's length).")
@@ -95,7 +95,7 @@ class ExpandBlocksOptions(StrictModel):
                             "(initializer_range / sqrt(2·num_layers_after))^2), GPT-2). Their biases are 0.")
     seed: Seed = Field(0, description="Seeds scaled_normal; the same seed gives byte-identical output.")
     device: DeviceName = Field("auto", description="Where scaled_normal values are drawn: auto, cpu, cuda.")
-    verify: bool = Field(False, description="Add the preservation report (base vs output) to the result.")
+    verify: StrictBool = Field(False, description="Add the preservation report (base vs output) to the result.")
 
 
 class ExpandBlocksSpec(PathFields, ExpandBlocksOptions):
@@ -425,6 +425,7 @@ def _check_resources(spec: ExpandBlocksOptions, ckpt: Checkpoint, plan: _Plan, o
     free = shutil.disk_usage(existing).free
     if needed + DISK_MARGIN > free:
         full = getattr(errors, "DiskFull", InvalidSpec)  # 507 where the service defines it
-        raise full(f"the output needs about {resources.gib(needed)} GiB (rewritten shards and new blocks) but its "
-                   f"filesystem has {resources.gib(free)} GiB free", field="output",
+        raise full(f"the output needs about {resources.size(needed)} (rewritten shards and new blocks) plus a "
+                   f"margin of {resources.size(DISK_MARGIN)} kept free, but its filesystem has {resources.size(free)} "
+                   "free", field="output",
                    fix="Free space where the output goes, or insert fewer blocks.")

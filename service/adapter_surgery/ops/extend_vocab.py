@@ -13,7 +13,6 @@ import dataclasses
 import itertools
 import json
 import math
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StrictBool, StrictInt
 
 from adapter_surgery import resources
 from adapter_surgery.chat_template import MAX_CHAT_TEMPLATE_CHARS, render_sample
@@ -60,6 +59,7 @@ from adapter_surgery.ops.common import (
 )
 from adapter_surgery.ops.runner import begin
 from adapter_surgery.report import PreservationReport
+from adapter_surgery.spec import TokenText
 from adapter_surgery.tokenizer_cache import TokenizerCache, load_tokenizer
 
 #: New rows per request at most (pad_to_multiple_of or num_new_tokens beyond this is a mistake, not a model).
@@ -68,22 +68,6 @@ MAX_NEW_ROWS = 1 << 20
 MAX_NEW_BYTES = 4 << 30
 
 
-#: Unicode category Cc (U+0000-U+001F, U+007F-U+009F) but tab, newline and carriage return.
-CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
-def _token_text(text: str) -> str:
-    """Refuse token texts that would silently break tokenization."""
-    if not text.strip():
-        raise ValueError("a whitespace-only token would match every such run of whitespace in every text, "
-                         "replacing the pieces the model was trained on by one untrained token")
-    bad = CONTROL.search(text)
-    if bad is not None:
-        raise ValueError(f"the token holds the control character U+{ord(bad.group()):04X}")
-    return text
-
-
-TokenText = Annotated[str, StringConstraints(min_length=1, max_length=1000), AfterValidator(_token_text)]
 RowStrategy = Literal["mean", "subword_mean", "hewitt", "normal", "zeros"]
 
 
@@ -91,7 +75,8 @@ class CopyInit(StrictModel):
     """Copy the row(s) of an existing token."""
 
     strategy: Literal["copy"]
-    source: str | int = Field(description="An existing token's text, or a row id (for checkpoints without tokenizer).")
+    source: str | StrictInt = Field(description="An existing token's text, or a row id (for checkpoints without "
+                                                "tokenizer).")
 
 
 InitSpec = Annotated[
@@ -101,7 +86,7 @@ InitSpec = Annotated[
 
 class TokenSpec(StrictModel):
     content: TokenText = Field(description="The token's text (not whitespace-only, no control characters).")
-    special: bool = Field(False, description="Add as a special token (never split, skipped when decoding).")
+    special: StrictBool = Field(False, description="Add as a special token (never split, skipped when decoding).")
     description: str | None = Field(None, max_length=10_000,
                                     description="Text whose subword pieces define the row for subword_mean.")
     init: InitSpec | None = Field(None, description="Overrides the request's init for this token.")
@@ -112,16 +97,17 @@ class ExtendVocabOptions(StrictModel):
 
     tokens: list[TokenText | TokenSpec] = Field(default_factory=list, max_length=MAX_NEW_ROWS,
                                                 description="Tokens to add, in id order.")
-    num_new_tokens: int | None = Field(None, ge=0, le=MAX_NEW_ROWS,
+    num_new_tokens: StrictInt | None = Field(None, ge=0, le=MAX_NEW_ROWS,
                                        description="Rows to add to a checkpoint without tokenizer (instead of tokens).")
     init: InitSpec = "mean"
-    pad_to_multiple_of: int | None = Field(None, ge=1, le=65536,
+    pad_to_multiple_of: StrictInt | None = Field(None, ge=1, le=65536,
                                            description="Round the row count up to a multiple of this (<= 65536).")
-    reinit_existing: bool = Field(False, description="Re-initialize existing tokens whose rows are all zero.")
-    untie: bool = Field(False, description="Write the output head as its own tensor and set tie_word_embeddings false.")
+    reinit_existing: StrictBool = Field(False, description="Re-initialize existing tokens whose rows are all zero.")
+    untie: StrictBool = Field(False, description="Write the output head as its own tensor and set "
+                                                "tie_word_embeddings false.")
     seed: Seed = Field(0, description="Seeds the random strategies; the same seed gives byte-identical output.")
     device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
-    verify: bool = Field(False, description="Add the preservation report (base vs output) to the result.")
+    verify: StrictBool = Field(False, description="Add the preservation report (base vs output) to the result.")
     chat_template: str | None = Field(
         None, min_length=1, max_length=MAX_CHAT_TEMPLATE_CHARS,
         description="A chat template (Jinja, as tokenizer.chat_template) saved with the tokenizer, e.g. one that uses "

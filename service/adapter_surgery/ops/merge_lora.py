@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 
 from adapter_surgery import patterns, resources
 from adapter_surgery.devices import DeviceName, pick_device
@@ -107,7 +107,7 @@ class AdapterRef(StrictModel):
 class MergeLoraOptions(StrictModel):
     adapters: Annotated[list[AdapterRef], Field(min_length=1, max_length=MAX_ADAPTERS)] = Field(
         description="peft LoRA adapters to fold in (1..16), summed with their weights.")
-    safe_merge: bool = Field(False, description="Refuse (422) when a merged tensor holds NaN or Inf, as peft's "
+    safe_merge: StrictBool = Field(False, description="Refuse (422) when a merged tensor holds NaN or Inf, as peft's "
                                                 "merge(safe_merge=True) does.")
     device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
 
@@ -322,6 +322,12 @@ def _mismatch(adapter: Adapter, what: str, fix: str = "Merge the adapter into th
                                                       "(its base_model_name_or_path).") -> InvalidSpec:
     return InvalidSpec(f"adapter {adapter.path.name!r} does not fit the checkpoint: {what}", field=adapter.field,
                        fix=fix)
+
+
+def plan_against_base(adapter: Adapter, ckpt: Checkpoint, run: Run) -> None:
+    """Check ``adapter``'s modules and shapes against checkpoint ``ckpt`` (headers and a meta-device model only), as
+    a merge does: ``InvalidSpec``/``InvalidCheckpoint`` naming the first mismatch."""
+    _plan_adapter(adapter, _open_base(ckpt, run))
 
 
 def _token_ids(adapter: Adapter, module: str) -> list[int]:

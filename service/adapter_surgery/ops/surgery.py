@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, create_model, field_validator
+from pydantic import BaseModel, Field, StrictBool, create_model, field_validator
 
 from adapter_surgery.config_check import check_config
 from adapter_surgery.errors import InvalidSpec, SurgeryError
@@ -76,7 +76,7 @@ def step_models(operations: Mapping[str, Operation]) -> list[type[BaseModel]]:
 class SurgeryOptions(StrictModel):
     steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS,  # noqa: F821 (Step: set by bind_steps)
                               description="Operations in order; attach-lora applies to the final base.")
-    verify: bool = Field(False, description="Add the preservation report (base vs final patched base).")
+    verify: StrictBool = Field(False, description="Add the preservation report (base vs final patched base).")
     serving: Runtime | None = Field(None, description="As in attach-lora, for the adapter step (unless it names "
                                                       "its own): an adapter this runtime cannot load is refused.")
 

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from adapter_surgery import resources
-from adapter_surgery.config_check import check_config
+from adapter_surgery.config_check import LAYER_KEYS, check_config, check_numbers, text_config
 from adapter_surgery.devices import pick_device
 from adapter_surgery.errors import InvalidSpec, NotEnoughMemory
 from adapter_surgery.io import Checkpoint
@@ -68,12 +68,16 @@ def verify(spec: VerifySpec, ctx: RunContext) -> VerifyResult:
     """
     base, base_ckpt = open_input(ctx, spec.checkpoint, "checkpoint")
     patched, patched_ckpt = open_input(ctx, spec.patched, "patched")
+    for field, value, ckpt in (("checkpoint", spec.checkpoint, base_ckpt), ("patched", spec.patched, patched_ckpt)):
+        _refuse_adapter(field, value, ckpt)
     pick_device(spec.device)
     check_config(base_ckpt)
+    check_numbers(patched_ckpt, "patched.config")  # a value that is no number is named, not taken for another model
     if base_ckpt.config is not None and patched_ckpt.config is not None:
         reason = not_derived(base_ckpt, patched_ckpt, load_tokenizer(base_ckpt, lenient=True),
                              load_tokenizer(patched_ckpt, lenient=True))
         if reason is not None:
+            _refuse_inserted_layers(base_ckpt, patched_ckpt, reason)
             raise InvalidSpec(f"the patched checkpoint is not derived from this base: {reason}", field="patched",
                               fix="Send as checkpoint the base the patched checkpoint was made from (the checkpoint "
                                   "of its extend-vocab, attach-head or surgery request).")
@@ -82,6 +86,35 @@ def verify(spec: VerifySpec, ctx: RunContext) -> VerifyResult:
     _require_memory(base_ckpt, patched_ckpt, options, pick_device(spec.device), ctx.memory_limit_bytes)
     report = preservation_report(base, patched, options, progress=ctx.say, check=ctx.check_cancelled)
     return VerifyResult(checkpoint=spec.checkpoint, patched=spec.patched, report=report)
+
+
+def _refuse_adapter(field: str, value: str, ckpt: Checkpoint) -> None:
+    """An adapter directory (``adapter_config.json``) is no checkpoint to compare: a 422 naming ``field`` (the
+    report would only be skipped for want of a config.json)."""
+    if not ckpt.is_file and (ckpt.directory / "adapter_config.json").is_file():
+        raise InvalidSpec(f"{field} {value!r} is a peft adapter (adapter_config.json), not a model checkpoint; "
+                          "verify compares two checkpoints", field=field,
+                          fix="Merge the adapter into its base first (POST /merge-lora) and verify the merged "
+                              "checkpoint, or send \"verify\": true with the attach-lora request.")
+
+
+def _layer_count(ckpt: Checkpoint) -> int | None:
+    text, _ = text_config(ckpt.config or {})
+    return next((v for cfg in (text, ckpt.config or {}) for k in LAYER_KEYS
+                 if isinstance(v := cfg.get(k), int) and not isinstance(v, bool)), None)
+
+
+def _refuse_inserted_layers(base: Checkpoint, patched: Checkpoint, reason: str) -> None:
+    """A patched checkpoint with more layers than the base (an expand-blocks output): which layers were inserted is
+    known only to the expand-blocks request (its step facts map each hidden state to the base's), so the 422 says
+    where to get the report rather than naming another base."""
+    before, after = _layer_count(base), _layer_count(patched)
+    if before is None or after is None or after <= before or "layer count" not in reason:
+        return
+    raise InvalidSpec(f"the patched checkpoint has {after} layers, the base {before} layers: layers were inserted "
+                      "(an expand-blocks output?), and which ones cannot be told from the two checkpoints",
+                      field="patched", fix='Send "verify": true with the expand-blocks (or surgery) request: its '
+                                           "report compares each hidden state with the base's at the same depth.")
 
 
 def _require_memory(base: Checkpoint, patched: Checkpoint, opts: VerifyOptions, dev: torch.device,
@@ -102,9 +135,9 @@ def _require_memory(base: Checkpoint, patched: Checkpoint, opts: VerifyOptions, 
     else:
         field = "num_probes" if opts.num_probes > 1 else "probe_length"
         fix = (f"Lower num_probes or probe_length: {opts.num_probes} x {opts.probe_length} probe tokens need "
-               f"{resources.gib(needed - weights)} GiB of activations; about {fits} tokens fit.")
+               f"{resources.size(needed - weights)} of activations; about {fits} tokens fit.")
     raise NotEnoughMemory(
-        f"the report needs about {resources.gib(needed)} GiB in float32 (the larger model plus the probes' "
-        f"activations) but only {resources.gib(available)} GiB is available on {dev.type} to the service",
+        f"the report needs about {resources.size(needed)} in float32 (the larger model plus the probes' "
+        f"activations) but only {resources.size(available)} is available on {dev.type} to the service",
         field=field, fix=fix)
 

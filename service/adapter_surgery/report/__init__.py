@@ -57,6 +57,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from adapter_surgery import resources
 from adapter_surgery.config_check import check_config
 from adapter_surgery.devices import pick_device
 from adapter_surgery.errors import Cancelled, SurgeryError
@@ -199,8 +200,8 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
     limit = available if opts.memory_limit_bytes is None else min(available, opts.memory_limit_bytes)
     mem = {"memory_needed_bytes": needed, "memory_available_bytes": limit, "device": str(dev)}
     if needed > limit:
-        raise Skip(f"the models need about {needed / 2**30:.2f} GiB in float32 (the larger one plus activations) "
-                    f"but only {limit / 2**30:.2f} GiB {'is' if limit == available else 'was allowed'} available "
+        raise Skip(f"the models need about {resources.size(needed)} in float32 (the larger one plus activations) "
+                    f"but only {resources.size(limit)} {'is' if limit == available else 'was allowed'} available "
                     f"on {dev.type}", **mem)
     probes, summary = draw_probes(ckpts["base"], tok, opts)
     check()

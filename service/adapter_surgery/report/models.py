@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from adapter_surgery.spec import DeviceName, StrictModel
 
@@ -16,18 +16,18 @@ WeightInitName = Literal["kaiming_normal", "kaiming_uniform", "xavier_uniform", 
 class VerifyOptions(StrictModel):
     """How to probe (everything but the paths)."""
 
-    num_probes: int = Field(4, ge=1, le=64, description="Random probe sequences drawn from the old vocabulary.")
-    probe_length: int = Field(16, ge=2, le=1024, description="Tokens per probe (capped at the model's maximum "
+    num_probes: StrictInt = Field(4, ge=1, le=64, description="Random probe sequences drawn from the old vocabulary.")
+    probe_length: StrictInt = Field(16, ge=2, le=1024, description="Tokens per probe (capped at the model's maximum "
                                                              "positions).")
-    seed: int = Field(0, ge=0, le=2**63 - 1,
+    seed: StrictInt = Field(0, ge=0, le=2**63 - 1,
                       description="Seeds the probe draw; the same seed gives the same probes.")
     text: str | None = Field(None, max_length=20_000, description="An extra probe: this text, tokenized by the "
                                                                   "base tokenizer.")
     head_init: WeightInitName | None = Field(None, description="The init of a new head's weights, to compare their "
                                                                "std with its formula; without it only the std is "
                                                                "reported.")
-    memory_limit_bytes: int | None = Field(None, ge=0, description="Skip the report when the estimate exceeds this "
-                                                                   "(default: the memory available).")
+    memory_limit_bytes: StrictInt | None = Field(None, ge=0, description="Skip the report when the estimate exceeds "
+                                                                         "this (default: the memory available).")
     device: DeviceName = Field("auto", description="Where the models run: auto (GPU when present), cpu, cuda.")
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StringConstraints
 
 from adapter_surgery.errors import InvalidSpec
 from adapter_surgery.ops.common import ChangedTensor, FileInfo, PathFields, Seed, StrictModel
 from adapter_surgery.report import PreservationReport
-from adapter_surgery.spec import DeviceName
+from adapter_surgery.spec import DeviceName, TokenText
 
 Task = Literal["sequence_classification", "token_classification"]
 HeadInit = Literal["kaiming_normal", "kaiming_uniform", "xavier_uniform", "xavier_normal", "normal", "zeros"]
@@ -39,7 +39,7 @@ class AttachHeadOptions(StrictModel):
     """
 
     task: Task = Field("sequence_classification", description="Which transformers head class to target.")
-    num_labels: int | None = Field(None, ge=1, le=MAX_LABELS, description="Number of labels (or give id2label); "
+    num_labels: StrictInt | None = Field(None, ge=1, le=MAX_LABELS, description="Number of labels (or give id2label); "
                                                                           "at most 1,000,000.")
     id2label: Annotated[dict[int, Label], Field(max_length=MAX_LABELS)] | Annotated[
         list[Label], Field(max_length=MAX_LABELS)] | None = Field(
@@ -48,10 +48,11 @@ class AttachHeadOptions(StrictModel):
                                                                "transformers infers it from the labels.")
     init: HeadInit = Field("kaiming_normal", description="Init of the head's weight matrix; biases are zero.")
     pad_token: PadPolicy = Field("auto", description="Where pad_token_id comes from: auto, eos, add.")
-    pad_token_content: str = Field("<pad>", min_length=1, max_length=1000, description="The token 'add' adds.")
+    pad_token_content: TokenText = Field("<pad>", description="The token 'add' adds (not whitespace-only, no "
+                                                              "control characters).")
     seed: Seed = Field(0, description="Seeds the head; the same seed gives byte-identical output.")
     device: DeviceName = Field("auto", description="Where the arithmetic runs: auto (GPU when present), cpu, cuda.")
-    verify: bool = Field(False, description="Add the preservation report (base vs output) to the result.")
+    verify: StrictBool = Field(False, description="Add the preservation report (base vs output) to the result.")
 
 
 class AttachHeadSpec(PathFields, AttachHeadOptions):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from adapter_surgery.config_check import transformers_config_error
 from adapter_surgery.errors import InvalidCheckpoint, InvalidSpec
 from adapter_surgery.io import Checkpoint
 from adapter_surgery.model.roles import Architecture, quiet_transformers
@@ -31,6 +32,9 @@ def auto_config(ckpt: Checkpoint):  # -> PretrainedConfig
         with quiet_transformers():
             return transformers.AutoConfig.from_pretrained(str(ckpt.root), local_files_only=True)
     except Exception as exc:  # transformers raises many kinds for broken configs
+        refused = transformers_config_error(exc)
+        if refused is not None:
+            raise refused from None
         raise InvalidCheckpoint(f"config.json cannot be loaded ({type(exc).__name__}: "
                                 f"{without_dirs(str(exc), ckpt.directory)})", field="checkpoint",
                                 fix="Send a config.json that transformers can load.") from None

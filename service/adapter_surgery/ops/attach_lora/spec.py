@@ -6,7 +6,7 @@ import re
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, Field, StringConstraints, field_validator
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StringConstraints, field_validator
 
 from adapter_surgery import patterns
 from adapter_surgery.devices import DeviceName
@@ -42,15 +42,15 @@ MAX_LAYERS = 1024
 MAX_TOKEN_IDS = 1 << 20
 Name = Annotated[str, StringConstraints(max_length=1000)]
 Names = Annotated[list[Name], Field(max_length=MAX_NAMES)] | Name
-LayerIndex = Annotated[int, Field(ge=0, lt=MAX_LAYERS)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=1 << 26)]], Field(max_length=MAX_TOKEN_IDS)]
+LayerIndex = Annotated[StrictInt, Field(ge=0, lt=MAX_LAYERS)]
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0, lt=1 << 26)]], Field(max_length=MAX_TOKEN_IDS)]
 
 
 class AttachLoraOptions(StrictModel):
     """The adapter (everything but the paths). Field names and defaults are ``peft.LoraConfig``'s."""
 
-    r: int = Field(8, le=MAX_RANK, description="LoRA rank: A is (r, in_features), B is (out_features, r). 1 <= r <= "
-                                               "min(in, out) of every target (and <= 65536).")
+    r: StrictInt = Field(8, le=MAX_RANK, description="LoRA rank: A is (r, in_features), B is (out_features, r). 1 <= "
+                                                     "r <= min(in, out) of every target (and <= 65536).")
     lora_alpha: float = Field(8, gt=0, allow_inf_nan=False,
                               description="Scaling numerator: s = lora_alpha / r (or / sqrt(r) with use_rslora); > 0.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
@@ -63,14 +63,16 @@ class AttachLoraOptions(StrictModel):
         None, description="Only these layer indices (0..1023).")
     layers_pattern: Names | None = Field(None, description="Name of the layer list for layers_to_transform "
                                                            "(e.g. 'layers'); None: any.")
-    rank_pattern: dict[Name, Annotated[int, Field(le=MAX_RANK)]] = Field(
+    rank_pattern: dict[Name, Annotated[StrictInt, Field(le=MAX_RANK)]] = Field(
         default_factory=dict, max_length=MAX_NAMES, description="Regex of a module name -> its rank (1..65536).")
     alpha_pattern: dict[Name, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
         default_factory=dict, max_length=MAX_NAMES, description="Regex of a module name -> its lora_alpha (> 0).")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained (and saved).")
-    use_rslora: bool = Field(False, description="Rank-stabilized scaling lora_alpha / sqrt(r) (Kalajdzievski 2023).")
-    use_dora: bool = Field(False, description="Weight-decomposed LoRA (Liu et al. 2024): reads the targeted weights.")
-    init_lora_weights: bool | str = Field(
+    use_rslora: StrictBool = Field(False, description="Rank-stabilized scaling lora_alpha / sqrt(r) (Kalajdzievski "
+                                                     "2023).")
+    use_dora: StrictBool = Field(False, description="Weight-decomposed LoRA (Liu et al. 2024): reads the targeted "
+                                                   "weights.")
+    init_lora_weights: StrictBool | str = Field(
         True, description="true (Kaiming-uniform A, zero B), 'gaussian', 'orthogonal' (even r): headers only. "
                           "'pissa', 'pissa_niter_N' (1 <= N <= 64), 'olora': read the targeted weights and also "
                           "write a residual base into <output>/base.")
@@ -79,7 +81,7 @@ class AttachLoraOptions(StrictModel):
     trainable_token_indices: TokenIds | dict[Name, TokenIds] | None = Field(
         None, description="Token ids whose embedding rows are trained (e.g. the ids /extend-vocab added); a dict "
                           "maps embedding module names to ids.")
-    ensure_weight_tying: bool | None = Field(
+    ensure_weight_tying: StrictBool | None = Field(
         None, description="Keep tied embedding/head copies tied (peft's ensure_weight_tying). None: on when the "
                           "model ties them and modules_to_save names one of them.")
     seed: Seed = Field(0, description="torch.manual_seed before peft initializes; same seed, identical files.")
@@ -92,7 +94,7 @@ class AttachLoraOptions(StrictModel):
                           "modules_to_save, biases, trainable_token_indices, a rank above max_lora_rank, per-module "
                           "scalings) is refused with the option that makes it loadable. None: such adapters are "
                           "written, and the result's warnings name the runtimes that could not load them.")
-    max_lora_rank: int | None = Field(
+    max_lora_rank: StrictInt | None = Field(
         None, ge=1, le=MAX_RANK, description="The serving runtime's rank limit (vLLM's --max-lora-rank: 1, 8, 16, 32, "
                                              f"64, 128, 256, 320 or 512). None: vLLM's default, "
                                              f"{VLLM_DEFAULT_MAX_LORA_RANK}.")
