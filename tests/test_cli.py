@@ -119,6 +119,8 @@ def test_an_unreachable_job_store_is_one_problem_not_a_traceback(command: str, t
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("ADAPTER_SURGERY_QUEUE_URL", f"redis://127.0.0.1:{free_port()}/0")  # nothing listens
+    # serve points the root logger at this test's captured stderr: later tests' records would meet a closed stream
+    monkeypatch.setattr("adapter_surgery.logs.configure_logging", lambda *a, **k: None)
     argv = [command, "--data-dir", str(tmp_path)] + (["--port", str(free_port())] if command == "serve" else [])
     assert main(argv) == 1
     err = capsys.readouterr().err
