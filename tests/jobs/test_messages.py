@@ -36,3 +36,14 @@ def test_messages_name_the_request_s_relative_paths(client: TestClient, data_dir
     text = r.json()["detail"] + r.json().get("fix", "")
     assert all(w in text for w in words), text
     assert str(data_dir) not in text and str(data_dir.resolve()) not in text
+
+
+def test_an_adapter_is_named_by_its_relative_path(client: TestClient, data_dir: Path, build) -> None:
+    """merge-lora and convert-adapter named an adapter at ads/plain 'plain'."""
+    build("FX-A")
+    r = client.post("/attach-lora", json={"checkpoint": "llama-untied-tiny", "output": "ads/plain", "r": 2})
+    assert r.status_code == 200, r.text
+    r = client.post("/merge-lora", json={"checkpoint": "gpt2-tied-tiny", "output": "merged",
+                                         "adapters": [{"path": "ads/plain"}]})
+    assert r.status_code == 422 and r.json()["field"] == "adapters.0.path", r.text
+    assert "adapter 'ads/plain' does not fit" in r.json()["detail"] and str(data_dir) not in r.json()["detail"]
