@@ -78,7 +78,7 @@ def make_work_dir(path: Path, owner: str | None) -> None:
 
 
 def _exists(path: Path) -> OutputExists:
-    return OutputExists(f"output {path.name!r} already exists", field="output",
+    return OutputExists(f"output {str(path)!r} already exists", field="output",
                         fix='Choose another output path, or send "overwrite": true to replace it.')
 
 
@@ -92,11 +92,11 @@ def check_output_path(output: Path, checkpoint: Path, overwrite: bool, field: st
     """
     out, src = output.resolve(), checkpoint.resolve()
     if out == src or src in out.parents or out in src.parents:
-        raise InvalidSpec(f"output {output.name!r} overlaps the input checkpoint {checkpoint.name!r}",
+        raise InvalidSpec(f"output {str(output)!r} overlaps the input checkpoint {str(checkpoint)!r}",
                           field=field, fix="Choose an output path outside the checkpoint; the input is never modified.")
     blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise InvalidSpec(f"output {output.name!r} would be inside {blocker.name!r}, which is a file", field=field,
+        raise InvalidSpec(f"output {str(output)!r} would be inside {str(blocker)!r}, which is a file", field=field,
                           fix="Choose an output path whose parent directories are directories.")
     if output.exists() and not overwrite:
         raise _exists(output)
@@ -135,7 +135,7 @@ def atomic_output(dest: Path, overwrite: bool = False, owner: str | None = None)
         if overwrite and dest.exists():
             if dest.is_dir() != tmp.is_dir():
                 kind = "a directory" if dest.is_dir() else "a file"
-                raise InvalidSpec(f"output {dest.name!r} is {kind}; overwrite replaces only an output of the same "
+                raise InvalidSpec(f"output {str(dest)!r} is {kind}; overwrite replaces only an output of the same "
                                   "kind", field="output", fix="Choose another output path.")
             old = dest.parent / f".{dest.name}.old-{tag}"
             os.replace(dest, old)

@@ -76,12 +76,12 @@ class Checkpoint:
                 names a missing shard or maps a tensor to a shard that lacks it.
         """
         if not path.exists():
-            raise NotFound(f"checkpoint {path.name!r} does not exist", field="checkpoint",
+            raise NotFound(f"checkpoint {str(path)!r} does not exist", field="checkpoint",
                            fix="Give a model directory or a .safetensors file under the data directory.")
         if path.is_file():
             return cls._open_file(path)
         if not path.is_dir():
-            raise InvalidCheckpoint(f"checkpoint {path.name!r} is neither a regular file nor a directory",
+            raise InvalidCheckpoint(f"checkpoint {str(path)!r} is neither a regular file nor a directory",
                                     field="checkpoint", fix="Give a model directory or a .safetensors file.")
         return cls._open_dir(path)
 

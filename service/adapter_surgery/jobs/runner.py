@@ -1,4 +1,5 @@
-"""Run one operation the same way everywhere (job worker, CLI): a full disk becomes a ``DiskFull`` problem."""
+"""Run one operation the same way everywhere (job worker, CLI): a full disk becomes a ``DiskFull`` problem, and a
+problem names paths relative to the data directory (the core names them in full)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import errno
 
 from pydantic import BaseModel
 
-from adapter_surgery.errors import DiskFull
+from adapter_surgery.errors import DiskFull, SurgeryError
 from adapter_surgery.ops import Operation
 from adapter_surgery.ops.common import PathFields, RunContext
+from adapter_surgery.paths import without_dirs
 
 #: ``OSError`` numbers that mean "no room for the output": no space, over quota, over the file-size limit.
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -19,6 +21,11 @@ def run_operation(op: Operation, spec: PathFields, ctx: RunContext) -> BaseModel
     operation's ``atomic_output`` has already removed what it wrote)."""
     try:
         return op.run(spec, ctx)
+    except SurgeryError as exc:  # paths the core names in full, relative to the data directory as requested
+        exc.detail = without_dirs(exc.detail, ctx.data_dir)
+        exc.fix = None if exc.fix is None else without_dirs(exc.fix, ctx.data_dir)
+        exc.args = (exc.detail,)
+        raise
     except OSError as exc:
         if exc.errno not in DISK_FULL:
             raise

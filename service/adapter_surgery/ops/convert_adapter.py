@@ -150,7 +150,7 @@ def _check_same_base(trained: Adapter, initial: Adapter, data_dir: Path) -> None
     tb, ib = _named_base(trained, data_dir), _named_base(initial, data_dir)
     if tb is not None and ib is not None and tb != ib:
         rel = data_dir.resolve()
-        raise InvalidSpec(f"{initial.path.name!r} is not the initial state of {trained.path.name!r}: they were made "
+        raise InvalidSpec(f"{str(initial.path)!r} is not the initial state of {str(trained.path)!r}: they were made "
                           f"against other bases ({str(ib.relative_to(rel))!r} and {str(tb.relative_to(rel))!r}, "
                           "their base_model_name_or_path)", field="initial_adapter",
                           fix="Give the adapter attach-lora wrote for the trained adapter's base (the one whose "
@@ -164,7 +164,7 @@ def _check_base_fits(trained: Adapter, name: str, base: str, run: Run) -> None:
     try:
         plan_against_base(trained, ckpt, run)
     except SurgeryError as exc:
-        what = exc.detail.removeprefix(f"adapter {trained.path.name!r} does not fit the checkpoint: ")
+        what = exc.detail.removeprefix(f"adapter {str(trained.path)!r} does not fit the checkpoint: ")
         exc.detail = f"base {base!r} does not fit adapter {name!r}: {what}"
         exc.field = "base"
         exc.fix = ("Give the checkpoint the adapter was made from (the original base of its residual base), or leave "
@@ -178,7 +178,7 @@ def _lora_pairs(adapter: Adapter) -> list[str]:
     modules = sorted(k.removesuffix(".lora_A.weight") for k in keys if k.endswith(".lora_A.weight"))
     for m in modules:
         if f"{m}.lora_B.weight" not in keys:
-            raise InvalidSpec(f"adapter {adapter.path.name!r}: {m} has lora_A but no lora_B", field=adapter.field,
+            raise InvalidSpec(f"adapter {str(adapter.path)!r}: {m} has lora_A but no lora_B", field=adapter.field,
                               fix="Give a complete adapter.")
     return modules
 
@@ -188,17 +188,17 @@ def _check_pair(trained: Adapter, initial: Adapter) -> dict[str, object]:
     ct, ci = trained.config, initial.config
 
     def refuse(what: str) -> InvalidSpec:
-        return InvalidSpec(f"{initial.path.name!r} is not the initial state of {trained.path.name!r}: {what}",
+        return InvalidSpec(f"{str(initial.path)!r} is not the initial state of {str(trained.path)!r}: {what}",
                            field="initial_adapter", fix="Give the adapter attach-lora wrote (before training) as "
                                                         "initial_adapter and its trained copy as adapter.")
 
     for a in (trained, initial):
         if a.config.get("use_dora") or any(k.endswith("lora_magnitude_vector") for k in a.weights.weight_map):
-            raise InvalidSpec(f"adapter {a.path.name!r} uses DoRA; its magnitude is relative to the residual base, so "
+            raise InvalidSpec(f"adapter {str(a.path)!r} uses DoRA; its magnitude is relative to the residual base, so "
                               "it has no plain-LoRA equivalent on the original base", field=a.field,
                               fix="Merge it onto its residual base instead (POST /merge-lora).")
         if any("lora_embedding" in k for k in a.weights.weight_map):
-            raise InvalidSpec(f"adapter {a.path.name!r} has embedding LoRA weights, which PiSSA/OLoRA do not make",
+            raise InvalidSpec(f"adapter {str(a.path)!r} has embedding LoRA weights, which PiSSA/OLoRA do not make",
                               field=a.field, fix="Give a PiSSA/OLoRA adapter of Linear/Conv1D modules.")
     if str(ci.get("init_lora_weights")).lower().startswith(("pissa", "olora", "corda", "lora_ga")):
         raise refuse("its init_lora_weights is still the decomposition (peft refuses this too: loading it would "
@@ -209,7 +209,7 @@ def _check_pair(trained: Adapter, initial: Adapter) -> dict[str, object]:
                           fix="Merge the adapter onto its residual base instead (POST /merge-lora).")
     r, alpha = ct.get("r"), ct.get("lora_alpha")
     if not (isinstance(r, int) and 1 <= r <= 1 << 16 and isinstance(alpha, (int, float)) and math.isfinite(alpha)):
-        raise InvalidSpec(f"adapter {trained.path.name!r} has r={r!r}, lora_alpha={alpha!r} (a rank 1..65536 and a "
+        raise InvalidSpec(f"adapter {str(trained.path)!r} has r={r!r}, lora_alpha={alpha!r} (a rank 1..65536 and a "
                           "finite number expected)", field="adapter", fix="Check adapter_config.json.")
     patterns = [ct.get("rank_pattern") or {}, ct.get("alpha_pattern") or {}]
     if not all(isinstance(p, dict) and all(isinstance(v, (int, float)) for v in p.values()) for p in patterns):

@@ -175,12 +175,12 @@ class Adapter:
         except re.error as exc:
             raise self._bad_regex("rank_pattern/alpha_pattern", exc) from None
         if not (isinstance(r, int) and r >= 1 and isinstance(alpha, (int, float)) and math.isfinite(alpha)):
-            raise InvalidSpec(f"adapter {self.path.name!r}: r={r!r}, lora_alpha={alpha!r} for {module} are not a "
+            raise InvalidSpec(f"adapter {str(self.path)!r}: r={r!r}, lora_alpha={alpha!r} for {module} are not a "
                               "rank >= 1 and a finite number", field=self.field, fix="Check adapter_config.json.")
         return r, float(alpha)
 
     def _bad_regex(self, fields: str, exc: re.error) -> InvalidSpec:
-        return InvalidSpec(f"adapter {self.path.name!r}: {ADAPTER_CONFIG}'s {fields} holds an invalid regular "
+        return InvalidSpec(f"adapter {str(self.path)!r}: {ADAPTER_CONFIG}'s {fields} holds an invalid regular "
                            f"expression ({exc}); peft could not load it", field=self.field,
                            fix="Correct the pattern in adapter_config.json (or list module names).")
 
@@ -320,7 +320,7 @@ def _open_base(ckpt: Checkpoint, run: Run) -> _Base:
 
 def _mismatch(adapter: Adapter, what: str, fix: str = "Merge the adapter into the checkpoint it was trained on "
                                                       "(its base_model_name_or_path).") -> InvalidSpec:
-    return InvalidSpec(f"adapter {adapter.path.name!r} does not fit the checkpoint: {what}", field=adapter.field,
+    return InvalidSpec(f"adapter {str(adapter.path)!r} does not fit the checkpoint: {what}", field=adapter.field,
                        fix=fix)
 
 
@@ -340,7 +340,7 @@ def _token_ids(adapter: Adapter, module: str) -> list[int]:
     elif isinstance(tti, dict):
         ids = next((v for k, v in tti.items() if module == k or module.endswith(f".{k}")), None)
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise InvalidSpec(f"adapter {adapter.path.name!r} saves trainable token rows for {module} but its "
+        raise InvalidSpec(f"adapter {str(adapter.path)!r} saves trainable token rows for {module} but its "
                           "trainable_token_indices names no ids for it", field=adapter.field,
                           fix="Check adapter_config.json's trainable_token_indices.")
     return list(ids)
@@ -404,7 +404,7 @@ def _plan_adapter(adapter: Adapter, base: _Base) -> _AdapterPlan:
     if groups and not any(adapter.targets(m) for m in groups):  # peft's load raises NoMatchingPeftModuleError
         fields = [f for f in ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules")
                   if getattr(adapter.lora_config, f, None)]
-        raise InvalidSpec(f"adapter {adapter.path.name!r}: its {ADAPTER_CONFIG} ({', '.join(fields)}) selects none of "
+        raise InvalidSpec(f"adapter {str(adapter.path)!r}: its {ADAPTER_CONFIG} ({', '.join(fields)}) selects none of "
                           f"the {len(groups)} LoRA modules its weights hold, e.g. {next(iter(groups))}; peft refuses "
                           "to load it", field=adapter.field,
                           fix="Correct target_modules / layers_to_transform / layers_pattern / exclude_modules.")
@@ -464,7 +464,7 @@ def _plan_lora(adapter: Adapter, base: _Base, module: str, keys: dict[str, str],
     if "m" in keys and not use_dora:  # peft builds a plain LoRA layer: the magnitude is an unexpected key
         ignored.append(keys["m"])
     elif use_dora and "m" not in keys:
-        raise InvalidSpec(f"adapter {adapter.path.name!r} has use_dora=true but no lora_magnitude_vector for "
+        raise InvalidSpec(f"adapter {str(adapter.path)!r} has use_dora=true but no lora_magnitude_vector for "
                           f"{module}", field=adapter.field,
                           fix="Give the adapter as peft saved it (DoRA saves a magnitude per targeted module), or "
                               "set use_dora to false in adapter_config.json if it is plain LoRA.")
@@ -496,7 +496,7 @@ def _combine(per_adapter: list[dict[str, _Change]], weights: list[float]) -> dic
     for changes, weight in zip(per_adapter, weights, strict=True):
         for target, change in changes.items():
             if change.kind in ("replaced", "token_rows") and weight != 1:
-                raise InvalidSpec(f"adapter {change.adapter.path.name!r} replaces {target} ({change.kind}); a weight "
+                raise InvalidSpec(f"adapter {str(change.adapter.path)!r} replaces {target} ({change.kind}); a weight "
                                   f"({weight}) cannot scale a replaced tensor", field=f"adapters.{change.adapter.index}"
                                   ".weight", fix="Send weight 1 for this adapter, or merge it in its own request.")
             out.setdefault(target, []).append(change)
@@ -532,7 +532,7 @@ def _check_residual_base(adapter: Adapter, checkpoint: Path, data_dir: Path) -> 
         return
     if target == residual.resolve() and checkpoint.resolve() != target:
         rel = residual.resolve().relative_to(data_dir.resolve())
-        raise InvalidSpec(f"adapter {adapter.path.name!r} is a PiSSA/OLoRA adapter made against its residual base "
+        raise InvalidSpec(f"adapter {str(adapter.path)!r} is a PiSSA/OLoRA adapter made against its residual base "
                           f"{str(rel)!r}; merged onto another checkpoint it would count the decomposed part twice",
                           field=adapter.field, fix=f"Send \"checkpoint\": {str(rel)!r}, or convert the adapter to "
                                                    "plain LoRA first (POST /convert-adapter).")
@@ -667,7 +667,7 @@ class _Merger:
         if not self.safe_merge:
             self.nonfinite.append(target)
             return
-        raise InvalidSpec(f"merging adapter {change.adapter.path.name!r} gives NaN or Inf in {target}",
+        raise InvalidSpec(f"merging adapter {str(change.adapter.path)!r} gives NaN or Inf in {target}",
                               field=change.adapter.field,
                               fix="The adapter seems broken (check its lora_A/lora_B for NaN/Inf or huge values); "
                                   "or send a smaller weight.")
