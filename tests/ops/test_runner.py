@@ -71,3 +71,28 @@ def test_open_input_names_its_field(data: Path) -> None:
     with pytest.raises(NotFound) as e:
         open_input(RunContext(data), "nothing", "patched")
     assert e.value.field == "patched"
+
+
+@pytest.mark.parametrize(("entries", "replaceable"), [
+    ({}, True),  # an empty directory
+    ({"config.json": "{}", "model.safetensors": "x"}, True),  # a checkpoint
+    ({"adapter_config.json": "{}", "base/model.safetensors": "x"}, True),  # an adapter (PiSSA: with its base)
+    ({"model.safetensors": "x"}, True),  # bare weights
+    ({"notes.txt": "x", "run-1/config.json": "{}", "run-2/config.json": "{}"}, False),  # a folder of models
+    ({"README.md": "x"}, False),
+], ids=["empty", "checkpoint", "adapter", "weights", "folder-of-models", "other-files"])
+def test_overwrite_replaces_an_output_never_a_folder_of_other_things(data: Path, entries: dict[str, str],
+                                                                      replaceable: bool) -> None:
+    """``"output": "models", "overwrite": true`` (meant: models/run-3) replaced a whole folder of models (200)."""
+    for name, text in entries.items():
+        (data / "out" / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / "out" / name).write_text(text)
+    (data / "out").mkdir(exist_ok=True)
+    if replaceable:
+        assert begin(spec(overwrite=True), RunContext(data)).overwrite is True
+        return
+    with pytest.raises(InvalidSpec) as e:
+        begin(spec(overwrite=True), RunContext(data))
+    assert e.value.field == "output" and "holds no checkpoint or adapter" in e.value.detail
+    with pytest.raises(OutputExists):  # without overwrite: the usual 409
+        begin(spec(), RunContext(data))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -100,6 +101,21 @@ def check_output_path(output: Path, checkpoint: Path, overwrite: bool, field: st
                           fix="Choose an output path whose parent directories are directories.")
     if output.exists() and not overwrite:
         raise _exists(output)
+    if overwrite and not _replaceable(output):
+        raise InvalidSpec(f"output {str(output)!r} is a directory that holds no checkpoint or adapter; overwrite "
+                          "replaces a previous output, never a directory of other files", field=field,
+                          fix="Name the output directory itself (e.g. models/run-2), or empty that directory first.")
+
+
+def _replaceable(output: Path) -> bool:
+    """Whether ``overwrite`` may replace ``output``: absent, a file, an empty directory, or a directory holding a
+    checkpoint or adapter at its top (``config.json``, ``adapter_config.json`` or a ``.safetensors`` file). A
+    mistyped output naming a parent folder (``models`` for ``models/run-2``) would otherwise lose every model in
+    it."""
+    if not output.is_dir() or output.is_symlink():
+        return True
+    names = [p.name for p in itertools.islice(output.iterdir(), 10_000)]
+    return not names or any(n in ("config.json", "adapter_config.json") or n.endswith(".safetensors") for n in names)
 
 
 @contextmanager
