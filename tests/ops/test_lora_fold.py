@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adapter_surgery.ops import lora_fold
-from adapter_surgery.ops.attach_lora.decompose import Workspace
+from adapter_surgery.ops.compute import Workspace
 from adapter_surgery.ops.lora_fold import Delta, all_finite, fold, fold_threads
 
 

@@ -18,7 +18,7 @@ from types import TracebackType
 
 import torch
 
-from adapter_surgery.ops.attach_lora.decompose import intra_op_threads
+from adapter_surgery.ops.compute import intra_op_threads
 
 #: ``compute(name, slot)``: the tensor's values, in buffers of ``slot`` (0 or 1) if it reuses any.
 Compute = Callable[[str, int], torch.Tensor]

@@ -5,8 +5,8 @@ Why a module of its own: merge-lora spent ~10x its copy floor here (1B, 2 cores:
 arithmetic is cheap (an r=16 GEMM is 32 flops per weight); the time went to what surrounded it: a fresh float32
 tensor per step (W widened, B A, the scaled delta, the sum, the cast back; each faulted in page by page and given
 back to the OS on free), mixed-dtype kernels, and ``isfinite(...).all()`` (an unvectorized bf16 kernel and a bool
-tensor, as slow as the whole merge). Here every temporary lives in a :class:`~adapter_surgery.ops.attach_lora.
-decompose.Workspace` slot allocated once for the largest target, and each step is one vectorized same-dtype pass.
+tensor, as slow as the whole merge). Here every temporary lives in a :class:`~adapter_surgery.ops.compute.Workspace`
+slot allocated once for the largest target, and each step is one vectorized same-dtype pass.
 
 The values are peft's, operation for operation (``peft/tuners/lora/layer.py``: ``Linear.get_delta_weight`` is
 ``transpose(B @ A, fan_in_fan_out) * scaling`` in float32, ``merge`` adds it to the weight, which rounds once to the
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapter_surgery.ops.attach_lora.decompose import Workspace
+from adapter_surgery.ops.compute import Workspace
 
 
 @dataclass(frozen=True)

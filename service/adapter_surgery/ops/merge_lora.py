@@ -73,8 +73,8 @@ from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.writer import Changes, ComputedTensor, RowPatchedTensor, write_checkpoint
 from adapter_surgery.model.keys import KeyMap
 from adapter_surgery.model.roles import build_meta_model
-from adapter_surgery.ops.attach_lora.decompose import Workspace
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
+from adapter_surgery.ops.compute import Workspace
 from adapter_surgery.ops.lookahead import Lookahead
 from adapter_surgery.ops.lora_fold import Delta, all_finite, fold, fold_threads
 from adapter_surgery.ops.runner import Run, begin

@@ -88,7 +88,7 @@ from adapter_surgery.io import describe_files
 from adapter_surgery.ops.attach_head import without_dirs
 from adapter_surgery.ops.attach_lora import direct, servable
 from adapter_surgery.ops.attach_lora import peft_bridge as bridge
-from adapter_surgery.ops.attach_lora.decompose import Materializer, intra_op_threads, seeded_rng
+from adapter_surgery.ops.attach_lora.decompose import Materializer, seeded_rng
 from adapter_surgery.ops.attach_lora.output import (
     Residuals,
     adapter_state_dict,
@@ -131,6 +131,7 @@ from adapter_surgery.ops.attach_lora.targets import (
     task_type_of,
 )
 from adapter_surgery.ops.common import FileInfo, RunContext
+from adapter_surgery.ops.compute import intra_op_threads
 from adapter_surgery.ops.runner import begin
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "DATA_FREE_INITS", "MAX_LAYERS", "MAX_NAMES", "MAX_PISSA_NITER",
