@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
 from adapter_surgery.jobs import FINISHED, JobService
 from adapter_surgery.jobs.service import TEMP_NAME
 
@@ -20,6 +22,7 @@ class Gate:
     def __init__(self) -> None:
         self.open = threading.Event()
         self.reached = threading.Event()
+        self.calls = 0  # calls of the step :func:`hold_call` holds
 
     def release(self) -> None:
         self.open.set()
@@ -45,6 +48,22 @@ def release_when_cancelled(jobs: JobService, job_id: str, gate: Gate) -> threadi
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
+
+
+def hold_call(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, nth: int = 1) -> Gate:
+    """Patch ``owner.name`` so that its ``nth`` call sets ``gate.reached`` and waits for the gate to open before it
+    runs (a slow step of a job — a large SVD, a model run, a long loop — held deterministically)."""
+    gate, real = Gate(), getattr(owner, name)
+
+    def held(*args: object, **kwargs: object) -> object:
+        gate.calls += 1
+        if gate.calls == nth:
+            gate.reached.set()
+            assert gate.open.wait(60), "the test never let the job go on"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, held)
+    return gate
 
 
 def temporaries(root: Path) -> list[Path]:

@@ -4,7 +4,6 @@ answer is the cancelled job; a job that does not reach a boundary within ``CANCE
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -16,27 +15,9 @@ from adapter_surgery.jobs import JobService
 from adapter_surgery.ops.attach_lora import decompose
 from adapter_surgery.settings import Settings
 from tests.conftest import tree_digest
-from tests.jobs.helpers import finished, temporaries, until
+from tests.jobs.helpers import finished, hold_call, release_when_cancelled, temporaries, until
 
 LORA = {"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": "pissa"}
-
-
-def _hold_first_decomposition(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
-    """The first target's PiSSA holds until ``go_on`` is set (a large target's SVD, deterministically)."""
-    reached, go_on = threading.Event(), threading.Event()
-    real = decompose.pissa
-    calls = 0
-
-    def pissa(*args: object, **kwargs: object) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            reached.set()
-            assert go_on.wait(60), "the test never let the job go on"
-        real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(decompose, "pissa", pissa)
-    return reached, go_on
 
 
 def _client(data_dir: Path) -> tuple[TestClient, JobService]:
@@ -50,19 +31,14 @@ def test_delete_during_pissa_answers_the_cancelled_job(data_dir: Path, build,
     client, jobs = _client(data_dir)
     src = build("FX-B")
     before = tree_digest(data_dir / src)
-    reached, go_on = _hold_first_decomposition(monkeypatch)
+    gate = hold_call(monkeypatch, decompose, "pissa")  # the first target's SVD holds
     r = client.post("/attach-lora", json={"checkpoint": src, "output": "o", **LORA},
                     headers={"Prefer": "respond-async"})
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
-    assert reached.wait(60)
+    assert gate.reached.wait(60)
     assert temporaries(data_dir)  # the residual base is being written
-
-    def release() -> None:
-        until(lambda: jobs.store.cancel_requested(job_id))
-        go_on.set()
-
-    threading.Thread(target=release, daemon=True).start()
+    release_when_cancelled(jobs, job_id, gate)
     d = client.delete(f"/jobs/{job_id}")
     assert d.status_code == 200 and d.json()["state"] == "cancelled", d.text
     assert d.json()["problem"]["status"] == 409 and d.json()["cancel_requested"] is True
@@ -76,14 +52,14 @@ def test_delete_answers_a_job_still_stopping_after_the_bound(data_dir: Path, bui
     client, jobs = _client(data_dir)
     monkeypatch.setattr(job_routes, "CANCEL_WAIT_S", 0.3)
     src = build("FX-B")
-    reached, go_on = _hold_first_decomposition(monkeypatch)
+    gate = hold_call(monkeypatch, decompose, "pissa")
     job_id = client.post("/attach-lora", json={"checkpoint": src, "output": "o", **LORA},
                          headers={"Prefer": "respond-async"}).json()["id"]
-    assert reached.wait(60)
+    assert gate.reached.wait(60)
     d = client.delete(f"/jobs/{job_id}")  # the job holds in its first target past the bound
     assert d.status_code == 200, d.text
     assert d.json()["state"] == "running" and d.json()["cancel_requested"] is True
-    go_on.set()
+    gate.release()
     until(lambda: finished(jobs, job_id))
     assert jobs.get(job_id).state.value == "cancelled"
     assert not (data_dir / "o").exists() and temporaries(data_dir) == []

@@ -4,7 +4,6 @@ progress."""
 from __future__ import annotations
 
 import importlib
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from adapter_surgery.api.app import create_app
 from adapter_surgery.jobs import JobService
 from adapter_surgery.settings import Settings
 from tests.conftest import tree_digest
-from tests.jobs.helpers import temporaries, until
+from tests.jobs.helpers import hold_call, release_when_cancelled, temporaries, until
 
 extend_vocab = importlib.import_module("adapter_surgery.ops.extend_vocab")  # the package exports the function
 N_TOKENS = 5000
@@ -27,39 +26,24 @@ def test_cancel_during_token_planning(data_dir: Path, build, monkeypatch: pytest
     jobs: JobService = client.app.state.jobs  # type: ignore[attr-defined]
     src = build("FX-B")
     before = tree_digest(data_dir / src)
-    reached, go_on = threading.Event(), threading.Event()
-    calls = 0
-    real = extend_vocab._source_for  # called once per new token, in the planning loop
-
-    def source_for(*args: object, **kwargs: object) -> object:
-        nonlocal calls
-        calls += 1
-        if calls == HOLD_AT:  # hold the job in its planning loop until the cancel was asked for
-            reached.set()
-            assert go_on.wait(60), "the test never let the job go on"
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(extend_vocab, "_source_for", source_for)
+    # called once per new token, in the planning loop: hold the job there until the cancel was asked for
+    gate = hold_call(monkeypatch, extend_vocab, "_source_for", nth=HOLD_AT)  # past the first progress step
     tokens = [f"<planned-{i}>" for i in range(N_TOKENS)]
     r = client.post("/extend-vocab", json={"checkpoint": src, "output": "o", "tokens": tokens},
                     headers={"Prefer": "respond-async"})
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
-    assert reached.wait(60)
+    assert gate.reached.wait(60)
     # progress moved during the planning phase (the heartbeat writes the latest numbers)
     p = until(lambda: (q := client.get(f"/jobs/{job_id}").json()["progress"])["done"] > 0 and q)
     assert isinstance(p, dict) and p["unit"] == "tokens" and 0 < p["fraction"] < 1
     assert p["stage"].startswith("planning tokens"), p
 
-    def release() -> None:
-        until(lambda: jobs.store.cancel_requested(job_id))
-        go_on.set()
-
-    threading.Thread(target=release, daemon=True).start()
+    release_when_cancelled(jobs, job_id, gate)
     d = client.delete(f"/jobs/{job_id}")
     assert d.status_code == 200 and d.json()["state"] == "cancelled", d.text
     assert d.json()["problem"]["status"] == 409
-    assert calls < 2 * extend_vocab.PLAN_STEP + 1  # stopped at the next boundary, not after all the tokens
+    assert gate.calls < 2 * extend_vocab.PLAN_STEP + 1  # stopped at the next boundary, not after all the tokens
     assert not (data_dir / "o").exists() and temporaries(data_dir) == []
     assert tree_digest(data_dir / src) == before
     jobs.stop_workers()

@@ -5,7 +5,6 @@ that disconnects) leaves nothing at the output, and an output that ``overwrite``
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 
 import pytest
@@ -17,27 +16,9 @@ from adapter_surgery.api.jobs import await_job
 from adapter_surgery.jobs import JobService, JobState
 from adapter_surgery.settings import Settings
 from tests.conftest import tree_digest
-from tests.jobs.helpers import temporaries, until
+from tests.jobs.helpers import hold_call, release_when_cancelled, temporaries
 
 SPEC = {"tokens": ["<a>", "<b>"], "verify": True}
-
-
-def _hold_patched_run(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
-    """The report holds before it runs the patched model (stage ``verify: run patched``) until ``go_on`` is set."""
-    reached, go_on = threading.Event(), threading.Event()
-    real = report_lib.run_model
-    calls = 0
-
-    def run_model(*args: object, **kwargs: object) -> object:
-        nonlocal calls
-        calls += 1
-        if calls == 2:  # the base runs first, then the patched model
-            reached.set()
-            assert go_on.wait(60), "the test never let the job go on"
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(report_lib, "run_model", run_model)
-    return reached, go_on
 
 
 @pytest.mark.parametrize("how", ["delete", "disconnect", "overwrite"])
@@ -53,15 +34,10 @@ def test_cancel_during_verify_leaves_nothing(data_dir: Path, build, monkeypatch:
         r = client.post("/extend-vocab", json={"checkpoint": src, "output": "o", "tokens": ["<old>"]})
         assert r.status_code == 200, r.text
         previous = tree_digest(data_dir / "o")
-    reached, go_on = _hold_patched_run(monkeypatch)
+    gate = hold_call(monkeypatch, report_lib, "run_model", nth=2)  # the base runs first, then the patched model
     job = jobs.submit("extend-vocab", {"checkpoint": src, "output": "o", "overwrite": overwrite, **SPEC})
-    assert reached.wait(60)
-
-    def release() -> None:
-        until(lambda: jobs.store.cancel_requested(job.id))
-        go_on.set()
-
-    threading.Thread(target=release, daemon=True).start()
+    assert gate.reached.wait(60)
+    release_when_cancelled(jobs, job.id, gate)
     if how == "disconnect":
         class Gone:
             async def is_disconnected(self) -> bool:
