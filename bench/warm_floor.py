@@ -13,7 +13,6 @@ average. On a shared machine, judge by the medians and the CPU seconds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,39 +23,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from checkpoints import build
 from run import changed_files, floor
-from workloads import select
+from warm_median import arguments, prepared
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("size")
-    ap.add_argument("variant", help="op:variant of bench/workloads.py, e.g. attach-head:seq-cls-3")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-    (variant,) = select(args.variant)
-    base = build(args.size)
-    data = base.parent
-
-    from adapter_surgery.io.writer import DigestCache
-    from adapter_surgery.model.roles import ArchitectureCache
-    from adapter_surgery.ops import OPERATIONS
-    from adapter_surgery.ops.common import RunContext
-    from adapter_surgery.tokenizer_cache import TokenizerCache
-
-    op = OPERATIONS[variant.op]
+    args = arguments("attach-head:seq-cls-3")
     out = f"out-warm-floor-{os.getpid()}"
+    variant, data, op, spec, context = prepared(args, out)
+    base = data / "base"
     scratch = data / f"floor-scratch-{os.getpid()}"
-    spec = op.spec.model_validate(variant.spec(out, args.device))
-    caches = {"digests": DigestCache(), "architectures": ArchitectureCache(), "tokenizers": TokenizerCache()}
 
     def once() -> tuple[float, float, float, int]:
         shutil.rmtree(data / out, ignore_errors=True)
         os.sync()
         c0, t0 = os.times(), time.perf_counter()
-        op.run(spec, RunContext(data, **caches))
+        op.run(spec, context())
         wall, c1 = time.perf_counter() - t0, os.times()
         os.sync()
         fl = floor(changed_files(data / out, base), scratch)

@@ -21,7 +21,9 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -29,14 +31,21 @@ from checkpoints import build
 from workloads import select
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(example: str, profile: bool = False) -> argparse.Namespace:
+    """The command line both warm scripts take: size, op:variant, --reps, --device (and --profile here)."""
+    ap = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.split("\n")[0])
     ap.add_argument("size")
-    ap.add_argument("variant", help="op:variant of bench/workloads.py, e.g. extend-vocab:hewitt")
+    ap.add_argument("variant", help=f"op:variant of bench/workloads.py, e.g. {example}")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--profile", action="store_true")
-    args = ap.parse_args()
+    if profile:
+        ap.add_argument("--profile", action="store_true")
+    return ap.parse_args()
+
+
+def prepared(args: argparse.Namespace, out: str) -> tuple[Any, Path, Any, Any, Callable[[], Any]]:
+    """The variant, its checkpoint's data directory, the operation, its spec writing to ``out``, and a factory of
+    run contexts that share one digest, architecture and tokenizer cache (as the service keeps them)."""
     (variant,) = select(args.variant)
     data = build(args.size).parent
 
@@ -47,13 +56,19 @@ def main() -> None:
     from adapter_surgery.tokenizer_cache import TokenizerCache
 
     op = OPERATIONS[variant.op]
-    out = f"out-warm-median-{os.getpid()}"
     spec = op.spec.model_validate(variant.spec(out, args.device))
-    digests, architectures, tokenizers = DigestCache(), ArchitectureCache(), TokenizerCache()
+    caches = {"digests": DigestCache(), "architectures": ArchitectureCache(), "tokenizers": TokenizerCache()}
+    return variant, data, op, spec, lambda: RunContext(data, **caches)
+
+
+def main() -> None:
+    args = arguments("extend-vocab:hewitt", profile=True)
+    out = f"out-warm-median-{os.getpid()}"
+    variant, data, op, spec, context = prepared(args, out)
 
     def once() -> tuple[float, float]:
         shutil.rmtree(data / out, ignore_errors=True)
-        ctx = RunContext(data, digests=digests, architectures=architectures, tokenizers=tokenizers)
+        ctx = context()
         c0, t0 = os.times(), time.perf_counter()
         op.run(spec, ctx)
         wall, c1 = time.perf_counter() - t0, os.times()
@@ -65,7 +80,7 @@ def main() -> None:
             shutil.rmtree(data / out, ignore_errors=True)
             prof = cProfile.Profile()
             prof.enable()
-            op.run(spec, RunContext(data, digests=digests, architectures=architectures, tokenizers=tokenizers))
+            op.run(spec, context())
             prof.disable()
             stats = pstats.Stats(prof)
             stats.sort_stats("cumulative").print_stats(40)
