@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -40,6 +41,21 @@ def link_tree(src: Path, dest: Path) -> Path:
         except OSError:
             shutil.copyfile(p, dest / p.name)
     return dest
+
+
+def full_disk_at_pwrite(monkeypatch: pytest.MonkeyPatch, nth: int) -> list[int]:
+    """``os.pwrite`` raises ENOSPC at its ``nth`` call (a disk that fills mid-write); returns the offsets of the calls
+    made so far (the list grows as they come)."""
+    real, calls = os.pwrite, []
+
+    def pwrite(fd: int, data, at: int) -> int:  # type: ignore[no-untyped-def]
+        calls.append(at)
+        if len(calls) == nth:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, at)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    return calls
 
 
 def config(model_dir: Path) -> dict:

@@ -18,6 +18,7 @@ import adapter_surgery.io.planned as planned
 from adapter_surgery.io.header import TORCH_TO_SAFETENSORS
 from adapter_surgery.io.layout import layout
 from adapter_surgery.io.planned import PlannedFile
+from tests.conftest import full_disk_at_pwrite
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -69,15 +70,7 @@ def test_a_full_disk_on_the_worker_leaves_nothing(tmp_path: Path, monkeypatch: p
     the caller (at a later put, or at finish), the file is removed, its descriptor closed, the worker ended."""
     tensors = _tensors()
     plan = _plan(tensors)
-    real, calls = os.pwrite, []
-
-    def pwrite(fd: int, data, at: int) -> int:
-        calls.append(at)
-        if len(calls) == failing:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, at)
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    calls = full_disk_at_pwrite(monkeypatch, failing)
     threads, fds = set(threading.enumerate()), _open_fds()
     with pytest.raises(OSError) as caught, PlannedFile(tmp_path / "out", plan, set()) as out:
         for t in plan.tensors:

@@ -38,7 +38,7 @@ from adapter_surgery.ops.attach_lora.output import Residuals as _Residuals
 from adapter_surgery.ops.common import RunContext
 from adapter_surgery.ops.extend_vocab import ExtendVocabSpec, extend_vocab
 from adapter_surgery.settings import Settings
-from tests.conftest import tree_digest
+from tests.conftest import full_disk_at_pwrite, tree_digest
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 60, 90, 7]])  # valid for every fixture (vocab >= 100)
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -525,15 +525,7 @@ def test_a_full_disk_while_residuals_are_written_leaves_nothing(data_dir: Path, 
     is left in the data directory."""
     src = build("FX-A")
     before, threads = tree_digest(data_dir / src), set(threading.enumerate())
-    real_pwrite, calls = os.pwrite, []
-
-    def pwrite(fd: int, data, at: int) -> int:
-        calls.append(at)
-        if len(calls) == failing_write:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwrite(fd, data, at)
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    calls = full_disk_at_pwrite(monkeypatch, failing_write)
     with pytest.raises(OSError) as caught:
         run(data_dir, src, r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=init)
     assert caught.value.errno == errno.ENOSPC and len(calls) == failing_write
