@@ -137,9 +137,6 @@ def require(needed: int, *, field: str, what: str, fix: str, available: int | No
             f"(its memory limit, not the host's)", field=field, fix=fix)
 
 
-def gib(n: int) -> str:
-    return f"{n / 2**30:.2f}"
-
 
 def size(n: int) -> str:
     """``n`` bytes with a unit that shows them: GiB (2 decimals) from 1 GiB, else MiB or KiB (1 decimal), else

@@ -103,12 +103,11 @@ async def _run_json(op: Operation, body: bytes, settings: Settings, jobs: JobSer
         spec = op.spec.model_validate_json(body)
     except ValidationError as exc:
         return problems.validation_problem(list(exc.errors()))
-    spec = _with_default_device(spec, settings)
+    fields = _with_default_device(spec, settings).model_dump(mode="json", exclude_unset=True)
     if job_routes.wants_async(request):
-        return job_routes.accepted(await job_routes.submit(jobs, op.name, spec.model_dump(mode="json",
-                                                                                          exclude_unset=True)))
+        return job_routes.accepted(await job_routes.submit(jobs, op.name, fields))
     await run_in_threadpool(jobs.require_worker)
-    job = await job_routes.submit(jobs, op.name, spec.model_dump(mode="json", exclude_unset=True))
+    job = await job_routes.submit(jobs, op.name, fields)
     job = await job_routes.await_job(jobs, job.id, request)
     if job.state == JobState.succeeded:
         return JSONResponse(job.result)

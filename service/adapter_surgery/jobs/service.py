@@ -334,14 +334,19 @@ class JobService:
             return False, "the job workers were stopped"
         if not self.embedded:
             try:
-                live = self.store.live_workers()
+                missing = self._no_worker()
             except Exception as exc:
                 return False, f"job store unreachable: {type(exc).__name__}: {exc}"
-            if not live:
-                return False, ("no adapter-surgery worker is running (none sent a heartbeat in the last "
-                               f"{HEARTBEAT_MISSES * self.settings.heartbeat_seconds:g} s); start one with "
-                               "'adapter-surgery worker'")
+            if missing is not None:
+                return False, f"{missing}; start one with 'adapter-surgery worker'"
         return True, "ok"
+
+    def _no_worker(self) -> str | None:
+        """(Redis queue) why no worker can take a job now, or None while one sent a heartbeat recently."""
+        if self.store.live_workers():
+            return None
+        return ("no adapter-surgery worker is running (none sent a heartbeat in the last "
+                f"{HEARTBEAT_MISSES * self.settings.heartbeat_seconds:g} s)")
 
     def require_worker(self) -> None:
         """Before a request that waits for its job (no ``Prefer: respond-async``): with a Redis queue and no live
@@ -354,12 +359,11 @@ class JobService:
         if self.embedded:
             return
         with store_errors(self.store.where, self.store.data_dir):
-            live = self.store.live_workers()
-        if not live:
-            raise NoWorker(f"no adapter-surgery worker is running (none sent a heartbeat in the last "
-                           f"{HEARTBEAT_MISSES * self.settings.heartbeat_seconds:g} s), so the request would wait "
-                           "for ever", fix="Start one with 'adapter-surgery worker' (same ADAPTER_SURGERY_QUEUE_URL "
-                           "and data directory), or send Prefer: respond-async to queue the job until one runs.")
+            missing = self._no_worker()
+        if missing is not None:
+            raise NoWorker(f"{missing}, so the request would wait for ever",
+                           fix="Start one with 'adapter-surgery worker' (same ADAPTER_SURGERY_QUEUE_URL and data "
+                               "directory), or send Prefer: respond-async to queue the job until one runs.")
 
     def beat(self) -> None:
         """Register this process as a live worker for ``HEARTBEAT_MISSES`` heartbeat intervals."""
@@ -553,6 +557,10 @@ class JobService:
                 self._finish(rec, JobState.failed, problem=_service_stopped(problem))
         log.warning("job %s failed: the service stopped before the job reached a boundary", rec.job.id,
                     extra={"job_id": rec.job.id})
+        self._sweep_beside_output(rec)
+
+    def _sweep_beside_output(self, rec: JobRecord) -> None:
+        """Remove the temporaries a job left beside its output (its owner is gone or the job was given up)."""
         out = rec.spec.get("output")
         if isinstance(out, str):
             self.sweep([(self.settings.data_dir / rec.data_dir_rel / out).parent], depth=1)
@@ -626,10 +634,7 @@ class JobService:
             failed.append(rec.job.id)
             log.warning("job %s failed: its worker %s died", rec.job.id, worker, extra={"job_id": rec.job.id})
             if sweep_outputs:
-                out = rec.spec.get("output")
-                if isinstance(out, str):
-                    parent = (self.settings.data_dir / rec.data_dir_rel / out).parent
-                    self.sweep([parent], depth=1)
+                self._sweep_beside_output(rec)
         return failed
 
     def _owner_live(self, record: dict[str, Any] | None, mtime: float) -> bool:

@@ -28,8 +28,9 @@ from pydantic import BaseModel, Field, StrictBool
 
 from adapter_surgery.errors import InvalidSpec, SurgeryError
 from adapter_surgery.io import describe_files
+from adapter_surgery.ops.attach_lora.spec import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from adapter_surgery.ops.common import FileInfo, RunContext, StrictModel
-from adapter_surgery.ops.merge_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, open_adapter, plan_against_base
+from adapter_surgery.ops.merge_lora import Adapter, open_adapter, plan_against_base
 from adapter_surgery.ops.runner import Run, begin_output, open_input
 from adapter_surgery.paths import resolve_under
 

@@ -73,6 +73,7 @@ from adapter_surgery.io.atomic import check_output_path
 from adapter_surgery.io.writer import Changes, ComputedTensor, RowPatchedTensor, write_checkpoint
 from adapter_surgery.model.keys import KeyMap
 from adapter_surgery.model.roles import build_meta_model
+from adapter_surgery.ops.attach_lora.spec import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from adapter_surgery.ops.common import FileInfo, PathFields, RunContext, StrictModel
 from adapter_surgery.ops.compute import Workspace
 from adapter_surgery.ops.lookahead import Lookahead
@@ -80,8 +81,6 @@ from adapter_surgery.ops.lora_fold import Delta, all_finite, fold, fold_threads
 from adapter_surgery.ops.runner import Run, begin
 from adapter_surgery.paths import resolve_under
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."
 #: Adapters per request at most; |weight| at most.
 MAX_ADAPTERS = 16

@@ -18,6 +18,7 @@ from adapter_surgery.config_check import LAYER_KEYS, check_config, check_numbers
 from adapter_surgery.devices import pick_device
 from adapter_surgery.errors import InvalidSpec, NotEnoughMemory
 from adapter_surgery.io import Checkpoint
+from adapter_surgery.ops.attach_lora.spec import ADAPTER_CONFIG
 from adapter_surgery.ops.common import RunContext
 from adapter_surgery.ops.runner import open_input
 from adapter_surgery.report import PreservationReport, VerifyOptions, not_derived, preservation_report
@@ -91,7 +92,7 @@ def verify(spec: VerifySpec, ctx: RunContext) -> VerifyResult:
 def _refuse_adapter(field: str, value: str, ckpt: Checkpoint) -> None:
     """An adapter directory (``adapter_config.json``) is no checkpoint to compare: a 422 naming ``field`` (the
     report would only be skipped for want of a config.json)."""
-    if not ckpt.is_file and (ckpt.directory / "adapter_config.json").is_file():
+    if not ckpt.is_file and (ckpt.directory / ADAPTER_CONFIG).is_file():
         raise InvalidSpec(f"{field} {value!r} is a peft adapter (adapter_config.json), not a model checkpoint; "
                           "verify compares two checkpoints", field=field,
                           fix="Merge the adapter into its base first (POST /merge-lora) and verify the merged "
