@@ -131,8 +131,7 @@ def preservation_report(base: Path, patched: Path, options: VerifyOptions | None
     if updates:
         opts = opts.model_copy(update=updates)
     try:
-        report = _report(base, patched, opts, progress or (lambda _m: None), layer_map, check or (lambda: None),
-                         patched_name or patched.name)
+        report = _report(base, patched, opts, progress or (lambda _m: None), layer_map, check or (lambda: None))
         if changes_output and report.status == "ok":
             report.logits_preserved = None
             report.warnings.append(f"{changes_output}: max |Δ logits| is reported without a pass/fail")
@@ -172,7 +171,7 @@ def _renamed(text: str | None, patched: Path, name: str | None) -> str | None:
 
 
 def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str], None],
-            layer_map: list[int | None] | None, check: Callable[[], None], patched_name: str) -> PreservationReport:
+            layer_map: list[int | None] | None, check: Callable[[], None]) -> PreservationReport:
     ckpts = {}
     for role, path in (("base", base), ("patched", patched)):
         try:
@@ -214,7 +213,7 @@ def _report(base: Path, patched: Path, opts: VerifyOptions, say: Callable[[str],
     copied = {_any_layer(k) for k in base_keys} if layer_map is not None else set()
     check()
     say("verify: run patched")
-    p = run_model(patched, probes, dev, check=check, name=patched_name,
+    p = run_model(patched, probes, dev, check=check,
                   keep=lambda name, prefix: classifier and strip_prefix(name, prefix) not in base_keys
                   and name not in base_keys and f"{prefix}.{name}" not in base_keys
                   and not {_any_layer(name), _any_layer(f"{prefix}.{name}")} & copied)

@@ -63,17 +63,16 @@ def _kind(model: torch.nn.Module) -> Literal["lm", "classifier", "backbone"]:
 
 @torch.no_grad()
 def run_model(path: Path, probes: list[torch.Tensor], device: torch.device,
-              keep: Callable[[str, str], bool], check: Callable[[], None] | None = None,
-              name: str | None = None) -> ModelRun:
+              keep: Callable[[str, str], bool], check: Callable[[], None] | None = None) -> ModelRun:
     """Run the model at ``path`` on each probe; keep (float32 copies of) the tensors ``keep(name, prefix)`` picks.
 
     ``check`` (a run context's ``check_cancelled``) is called after the model is loaded and before each probe: what
-    it raises (``Cancelled``) ends the run. ``name``: what messages call the model (default: ``path``'s name)."""
+    it raises (``Cancelled``) ends the run."""
     check = check or (lambda: None)
     try:
         model, info = load_model(path, device)
     except Exception as exc:
-        raise Skip(f"{name or path.name} could not be loaded with transformers ({type(exc).__name__}: {exc})") from None
+        raise Skip(f"{path.name} could not be loaded with transformers ({type(exc).__name__}: {exc})") from None
     problems = []
     for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         found = sorted(str(k) for k in (info.get(key) or []))
