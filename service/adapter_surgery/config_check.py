@@ -180,6 +180,13 @@ def _find(text: dict[str, Any], config: dict[str, Any], keys: tuple[str, ...]) -
     return None if found is None else (found[0], found[1], False)
 
 
+def declared_layers(config: dict[str, Any]) -> int | None:
+    """The layer count ``config`` declares (text config first, as :func:`check_config` reads it), or None."""
+    text, _ = text_config(config)
+    found = _find(text, config, LAYER_KEYS)
+    return None if found is None else found[1]
+
+
 def _check_layers(config: dict[str, Any], text: dict[str, Any], text_path: str,
                   shapes: dict[str, tuple[int, ...]], where: str) -> None:
     found = _find(text, config, LAYER_KEYS)

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from adapter_surgery import resources
-from adapter_surgery.config_check import LAYER_KEYS, check_config, check_numbers, text_config
+from adapter_surgery.config_check import check_config, check_numbers, declared_layers
 from adapter_surgery.devices import pick_device
 from adapter_surgery.errors import InvalidSpec, NotEnoughMemory
 from adapter_surgery.io import Checkpoint
@@ -99,17 +99,11 @@ def _refuse_adapter(field: str, value: str, ckpt: Checkpoint) -> None:
                               "checkpoint, or send \"verify\": true with the attach-lora request.")
 
 
-def _layer_count(ckpt: Checkpoint) -> int | None:
-    text, _ = text_config(ckpt.config or {})
-    return next((v for cfg in (text, ckpt.config or {}) for k in LAYER_KEYS
-                 if isinstance(v := cfg.get(k), int) and not isinstance(v, bool)), None)
-
-
 def _refuse_inserted_layers(base: Checkpoint, patched: Checkpoint, reason: str) -> None:
     """A patched checkpoint with more layers than the base (an expand-blocks output): which layers were inserted is
     known only to the expand-blocks request (its step facts map each hidden state to the base's), so the 422 says
     where to get the report rather than naming another base."""
-    before, after = _layer_count(base), _layer_count(patched)
+    before, after = declared_layers(base.config or {}), declared_layers(patched.config or {})
     if before is None or after is None or after <= before or "layer count" not in reason:
         return
     raise InvalidSpec(f"the patched checkpoint has {after} layers, the base {before} layers: layers were inserted "
