@@ -41,6 +41,12 @@ class SurgeryError(Exception):
         self.field = field
         self.fix = fix
 
+    def reword(self, detail: str, *, fix: str | None, field: str | None = None) -> None:
+        """Replace what the problem says (``str(exc)`` kept in step), and its ``field`` when one is given."""
+        self.detail, self.fix, self.args = detail, fix, (detail,)
+        if field is not None:
+            self.field = field
+
     def to_problem(self) -> dict[str, object]:
         problem: dict[str, object] = {
             "type": f"https://adapter-surgery.dev/problems/{type(self).__name__}",

@@ -166,11 +166,9 @@ def _check_base_fits(trained: Adapter, name: str, base: str, run: Run) -> None:
         plan_against_base(trained, ckpt, run)
     except SurgeryError as exc:
         what = exc.detail.removeprefix(f"adapter {str(trained.path)!r} does not fit the checkpoint: ")
-        exc.detail = f"base {base!r} does not fit adapter {name!r}: {what}"
-        exc.field = "base"
-        exc.fix = ("Give the checkpoint the adapter was made from (the original base of its residual base), or leave "
-                   "base out.")
-        exc.args = (exc.detail,)
+        exc.reword(f"base {base!r} does not fit adapter {name!r}: {what}", field="base",
+                   fix="Give the checkpoint the adapter was made from (the original base of its residual base), or "
+                       "leave base out.")
         raise
 
 
