@@ -22,8 +22,8 @@ def run_operation(op: Operation, spec: PathFields, ctx: RunContext) -> BaseModel
     try:
         return op.run(spec, ctx)
     except SurgeryError as exc:  # paths the core names in full, relative to the data directory as requested
-        exc.reword(without_dirs(exc.detail, ctx.data_dir), fix=None if exc.fix is None else without_dirs(exc.fix,
-                                                                                                      ctx.data_dir))
+        fix = None if exc.fix is None else without_dirs(exc.fix, ctx.data_dir)
+        exc.reword(without_dirs(exc.detail, ctx.data_dir), fix=fix)
         raise
     except OSError as exc:
         if exc.errno not in DISK_FULL:
