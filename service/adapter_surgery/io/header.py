@@ -171,3 +171,11 @@ def _bad(path: Path, what: str, tensor: str | None = None) -> InvalidCheckpoint:
         field="checkpoint",
         fix="Re-save the checkpoint with safetensors (e.g. save_pretrained) or restore the file from its source.",
     )
+
+
+def encode_header(doc: dict[str, object]) -> bytes:
+    """The bytes before a safetensors file's data: the 8-byte little-endian length, then the JSON header padded with
+    spaces to a multiple of 8, compact and not ASCII-escaped, as the safetensors reference implementation writes it."""
+    raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw

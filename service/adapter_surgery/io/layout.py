@@ -11,11 +11,10 @@ order, which nothing here needs): ``tests/io/test_layout.py`` checks the bytes a
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
-from adapter_surgery.io.header import DTYPES, TensorInfo
+from adapter_surgery.io.header import DTYPES, TensorInfo, encode_header
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,7 @@ def layout(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, 
         doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         spans.append((name, dtype, tuple(shape), offset, offset + nbytes))
         offset += nbytes
-    raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    start = 8 + len(raw)
-    return Layout(len(raw).to_bytes(8, "little") + raw,
+    header = encode_header(doc)
+    start = len(header)
+    return Layout(header,
                   tuple(TensorInfo(n, d, s, start + b, start + e) for n, d, s, b, e in spans))

@@ -24,7 +24,7 @@ import torch
 
 from adapter_surgery.errors import InvalidSpec
 from adapter_surgery.io.checkpoint import INDEX_NAME, Checkpoint
-from adapter_surgery.io.header import DTYPES, TORCH_TO_SAFETENSORS, ShardHeader, TensorInfo
+from adapter_surgery.io.header import DTYPES, TORCH_TO_SAFETENSORS, ShardHeader, TensorInfo, encode_header
 
 Progress = Callable[[str], None]
 
@@ -482,12 +482,11 @@ def _write_shard(path: Path, entries: list[tuple[str, TensorSource]], metadata: 
             raise InvalidSpec(f"tensor {name!r} has unknown dtype {src.dtype!r}")
         header[name] = {"dtype": src.dtype, "shape": list(src.shape), "data_offsets": [offset, offset + src.nbytes]}
         offset += src.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+    head = encode_header(header)
     with path.open("wb", buffering=0) as fh:
         fd = fh.fileno()
-        _write_all(fd, len(raw).to_bytes(8, "little") + raw)
-        end = 8 + len(raw)
+        _write_all(fd, head)
+        end = len(head)
         if follower is not None:
             follower.advance(end)
         for name, src in entries:
