@@ -63,6 +63,13 @@ def _import_torch_stack() -> None:
 
 
 def _run_operation(name: str, args: argparse.Namespace) -> int:
+    try:  # before the imports: an unreadable spec is answered at once
+        raw = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _problem({"title": "Invalid request", "status": 422, "field": "--spec",
+                  "detail": f"the spec {args.spec!r} cannot be read ({exc})",
+                  "fix": "Give a readable UTF-8 JSON file, or - to read the spec from standard input."})
+        return 2
     # here, not at the top: --help, the remote path and the other commands do without torch (seconds of imports)
     _import_torch_stack()
     from pydantic import ValidationError
@@ -73,13 +80,6 @@ def _run_operation(name: str, args: argparse.Namespace) -> int:
     from adapter_surgery.ops.common import RunContext
 
     op = OPERATIONS[name]
-    try:
-        raw = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        _problem({"title": "Invalid request", "status": 422, "field": "--spec",
-                  "detail": f"the spec {args.spec!r} cannot be read ({exc})",
-                  "fix": "Give a readable UTF-8 JSON file, or - to read the spec from standard input."})
-        return 2
     try:
         spec = op.spec.model_validate_json(raw)
     except ValidationError as exc:
